@@ -1,0 +1,62 @@
+# etfkern: `make demo` and `make test` do all set-up themselves on a fresh clone.
+#   PYTHON=python3 make test   use an interpreter that already has torch (e.g. the GPU machine), no venv
+#   VENV=path                  where the venv lives (default .venv); an existing one is reused
+#   PYTEST_ARGS=...            extra pytest arguments
+SHELL := /bin/bash
+VENV ?= .venv
+PYTEST_ARGS ?=
+ifeq ($(origin PYTHON), undefined)
+  PY := $(VENV)/bin/python
+  STAMP_DIR := $(VENV)
+else
+  PY := $(PYTHON)
+  STAMP_DIR := build
+endif
+DEPS_STAMP := $(STAMP_DIR)/.etfkern-deps
+BUILD_STAMP := $(STAMP_DIR)/.etfkern-build
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null) setup.py pyproject.toml
+
+.PHONY: all demo test test-fast bench gpu-check build deps info clean
+all: test
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=70" wheel
+
+# Installs only what is missing, so an interpreter with torch preinstalled and no registry works too.
+$(DEPS_STAMP): requirements-dev.txt | $(if $(filter undefined,$(origin PYTHON)),$(VENV)/bin/python)
+	@mkdir -p $(STAMP_DIR)
+	$(PY) tools/install_deps.py requirements-dev.txt
+	@touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-4} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+deps: $(DEPS_STAMP)
+build: $(BUILD_STAMP)
+
+info: build
+	$(PY) -m etfkern info
+
+demo: build
+	$(PY) -m etfkern demo
+
+test: build
+	$(PY) -m etfkern info
+	$(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider tests $(PYTEST_ARGS)
+
+test-fast: build
+	$(PY) -m pytest -q -x -m "not slow and not distributed" tests $(PYTEST_ARGS)
+
+bench: build
+	$(PY) bench/run_all.py
+
+# One go on a GPU machine: build (with CUDA), test everything, benchmark; results land in bench/results/.
+gpu-check: build
+	$(PY) -m etfkern info
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build dist *.egg-info etfkern/*.so .pytest_cache

@@ -1,0 +1,45 @@
+// etfkern._C module: non-op helpers only (pybind11). Every op kernel registers itself with
+// TORCH_LIBRARY_IMPL(etfkern, CPU|CUDA) in its own family file under csrc/cpu or csrc/cuda; the schemas
+// live in etfkern/_ops.py.
+#include <torch/extension.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef ETFKERN_COMPILER
+#define ETFKERN_COMPILER "unknown"
+#endif
+#ifndef ETFKERN_CUDA_ARCHS
+#define ETFKERN_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["compiler"] = ETFKERN_COMPILER;
+#ifdef ETFKERN_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = ETFKERN_CUDA_ARCHS;
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+  info["openmp_max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["openmp_max_threads"] = 1;
+#endif
+  info["torch_abi"] = TORCH_VERSION;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "etfkern compiled kernels (ops register through TORCH_LIBRARY_IMPL; this module holds helpers)";
+  m.def("build_info", &build_info, "Compiler, CUDA, CUDA archs and OpenMP of this build.");
+}

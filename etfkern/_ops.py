@@ -1,0 +1,53 @@
+"""torch.library schemas and fake (meta) kernels for every etfkern op.
+
+Each op ``etfkern::<name>`` defined here gets
+  * its schema and fake kernel (shapes/dtypes only, so torch.compile can trace through it),
+  * a CPU and a CUDA kernel that route through :mod:`etfkern._backend` (reference | cpu | triton | cuda),
+  * with ``native=True``, a twin ``etfkern::<name>_native`` with the same schema: the op the compiled library
+    implements in C++/CUDA with ``TORCH_LIBRARY_IMPL(etfkern, CPU|CUDA)``; the router calls it when present.
+Autograd (``torch.library.register_autograd``) and the public functions live in the family files
+(``banks.py``, ``spherical.py``, ``collapse.py``, ``optim/``), next to the backends they register.
+
+Schemas take positional arguments only (no ``*``): the router forwards them untouched.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from etfkern import _backend
+
+LIB = torch.library.Library("etfkern", "DEF")
+
+
+def define(name: str, schema: str, fake: Callable, *, native: bool = False) -> Callable:
+    """Define ``etfkern::<name><schema>`` with its fake kernel and routed CPU/CUDA kernels; return the op."""
+    LIB.define(name + schema)
+    torch.library.register_fake(f"etfkern::{name}", fake, lib=LIB)
+    routed = _backend.router(name)
+    LIB.impl(name, routed, "CPU")
+    LIB.impl(name, routed, "CUDA")
+    if native:
+        LIB.define(f"{name}_native{schema}")
+    return getattr(torch.ops.etfkern, name).default
+
+
+# ==========================================================================================================
+# banks: bank_stats (tiled pairwise |cos| statistics), optimisation steps for ebv_bank / sparse_etf
+# ==========================================================================================================
+
+
+# ==========================================================================================================
+# spherical: fused spherical logits + cross-entropy, nearest()
+# ==========================================================================================================
+
+
+# ==========================================================================================================
+# collapse: streaming class statistics, pair kernels, NC4 mismatch
+# ==========================================================================================================
+
+
+# ==========================================================================================================
+# msam: fused Momentum-SAM optimizer steps
+# ==========================================================================================================

@@ -1,0 +1,102 @@
+"""Packaging, loader and backend-selection contract (issue: foundation)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import etfkern
+from etfkern import _backend
+from etfkern.cli import main as cli_main
+
+
+def test_import_never_creates_top_level_triton_kernels():
+    code = ("import sys, etfkern, etfkern.triton_kernels as tk; "
+            "assert 'triton_kernels' not in sys.modules, sorted(m for m in sys.modules if 'triton_kernels' in m); "
+            "print(tk.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "etfkern.triton_kernels"
+
+
+def test_compiled_library_loaded_and_reports_build():
+    # The test command builds the extension; a silent fallback here would hide a broken build.
+    assert etfkern._C is not None, etfkern._C_ERROR
+    info = etfkern.build_info()
+    for key in ("compiler", "cuda", "cuda_archs", "openmp", "torch"):
+        assert key in info
+    assert info["openmp"] is True
+    assert info["cuda"] == (torch.version.cuda is not None and info["cuda"])
+
+
+def test_import_works_without_compiled_library_and_triton(tmp_path):
+    # Simulate a failed build and a missing triton: the package must import, warn once, and fall back.
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name in ('etfkern._C', 'triton') or name.startswith('triton.'):\n"
+        "            raise ImportError('blocked for test: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n")
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import etfkern\n"
+            "from etfkern import _backend\n"
+            "assert etfkern._C is None and 'blocked' in etfkern._C_ERROR\n"
+            "a = _backend.availability('cpu')\n"
+            "assert a['cpu'] is None and a['reference'] is None and 'triton' in a['triton']\n"
+            "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    assert "compiled kernels unavailable" in out.stderr
+
+
+def test_backend_env_and_override(monkeypatch):
+    monkeypatch.setenv("ETFKERN_BACKEND", "reference")
+    assert _backend.requested() == "reference"
+    with etfkern.use_backend("cpu"):
+        assert _backend.requested() == "cpu"
+    assert _backend.requested() == "reference"
+    monkeypatch.setenv("ETFKERN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="ETFKERN_BACKEND"):
+        _backend.requested()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with etfkern.use_backend("fastest"):
+            pass
+
+
+def test_unavailable_backend_raises_clear_error():
+    _backend.register("_test_only_op", "reference", lambda x: x)
+    with etfkern.use_backend("cuda"):
+        with pytest.raises(etfkern.BackendUnavailableError, match="cuda.*CUDA tensors only"):
+            _backend.choose("_test_only_op", "cpu")
+    with etfkern.use_backend("cpu"):
+        with pytest.raises(etfkern.BackendUnavailableError, match="no CPU kernel"):
+            _backend.choose("_test_only_op", "cpu")
+    assert _backend.choose("_test_only_op", "cpu") == "reference"  # auto falls back to the reference
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    why = _backend.why_unavailable("triton", "cpu")
+    assert why is not None and "TRITON_INTERPRET" in why
+
+
+def test_info_command(capsys):
+    assert cli_main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["build"]["etfkern"] == etfkern.__version__
+    assert report["backends"]["cpu"]["cpu"] is None
+    assert cli_main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "backends for cpu tensors" in text and "reference" in text
+
+
+def test_cli_without_command_is_usage_error(capsys):
+    assert cli_main([]) == 2
