@@ -27,7 +27,26 @@ except Exception as _exc:  # noqa: BLE001 - ImportError, OSError (ABI), undefine
 from etfkern import _ops  # noqa: E402,F401  (schemas first: the family modules register against them)
 from etfkern._backend import BackendUnavailableError, use_backend  # noqa: E402
 
-__all__ = ["__version__", "BackendUnavailableError", "use_backend", "build_info"]
+# ---- family modules (each registers its backends and autograd on import) ----------------------------------
+# banks
+
+# spherical
+
+# collapse
+
+# msam (etfkern.optim)
+
+# ------------------------------------------------------------------------------------------------------------
+
+__all__ = [
+    "__version__", "BackendUnavailableError", "use_backend", "build_info",
+    # banks
+
+    # spherical
+
+    # collapse
+
+]
 
 
 def build_info() -> dict:
