@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import multiprocessing as mp
 import os
 import platform
 import re
-import resource
-import statistics
 import subprocess
-import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from etfkern._measure import peak_mib, sync, time_ms  # noqa: F401  (re-exported for the bench scripts)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -59,53 +57,6 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     except Exception:  # noqa: BLE001
         env["triton"] = None
     return env
-
-
-def sync(device: str | torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ms(fn: Callable[[], Any], device: str | torch.device = "cpu", *, warmup: int = 1, rep: int = 5) -> float:
-    """Median wall time of fn() in ms: triton.testing.do_bench on GPU, perf_counter on CPU."""
-    if torch.device(device).type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _rss_child(fn, queue):  # runs in a forked child
-    with open("/proc/self/statm") as f:
-        start_kib = int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
-    fn()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put((peak_kib - start_kib) / 1024.0)
-
-
-def peak_mib(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float:
-    """Extra peak memory of one fn() call in MiB: CUDA allocator peak over the live set on GPU; on CPU the
-    peak-RSS growth of a forked child running fn() once (includes allocator slack; compare in one run)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_rss_child, args=(fn, queue))
-    proc.start()
-    proc.join()
-    return queue.get(timeout=5) if proc.exitcode == 0 else float("nan")
 
 
 def write_results(family: str, rows: list[dict[str, Any]], device: str | torch.device = "cpu",

@@ -75,6 +75,149 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from etfkern.demo import DemoConfig
+
+    d = DemoConfig()
+    p.add_argument("--out", default=d.out, help=f"output folder for metrics.json and metrics.png (default {d.out})")
+    p.add_argument("--classes", type=int, default=d.classes, help=f"number of classes (default {d.classes})")
+    p.add_argument("--dim", type=int, default=d.dim, help=f"EBV dimension (default {d.dim})")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--samples-per-class", type=int, default=d.samples_per_class)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--rho", type=float, default=d.rho, help="MSAM perturbation radius")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quick", action="store_true", help="a small run (500 classes, 2 epochs) for smoke tests")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@command("demo", "end-to-end run: EBV bank, EBVHead + MSAM training, collapse metrics per epoch, fused vs eager loss",
+         arguments=_demo_arguments)
+def cmd_demo(args: argparse.Namespace) -> int:
+    from etfkern.demo import DemoConfig, run_demo
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    for name in ("classes", "dim", "epochs", "samples_per_class", "batch_size"):
+        if getattr(args, name) < (2 if name == "classes" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    cfg = DemoConfig(classes=args.classes, dim=args.dim, epochs=args.epochs, samples_per_class=args.samples_per_class,
+                     batch_size=args.batch_size, lr=args.lr, rho=args.rho, seed=args.seed, device=device, out=args.out)
+    if args.quick:
+        cfg.classes, cfg.epochs, cfg.batch_size = min(cfg.classes, 500), min(cfg.epochs, 2), min(cfg.batch_size, 256)
+    run_demo(cfg, progress=not args.no_progress and sys.stderr.isatty())
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _load_tensor(path: str, what: str) -> torch.Tensor:
+    """A tensor from .pt/.pth (tensor or single-tensor dict), .npy, or .safetensors (single tensor)."""
+    import os
+
+    if not os.path.exists(path):
+        raise UsageError(f"{what} file not found: {path}")
+    try:
+        if path.endswith(".npy"):
+            import numpy as np
+
+            return torch.from_numpy(np.load(path, mmap_mode="r")[...].copy())
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a usage error
+        raise UsageError(f"cannot read {what} file {path}: {exc}") from exc
+    if isinstance(obj, dict):
+        if len(obj) != 1:
+            raise UsageError(f"{what} file {path} holds {len(obj)} tensors ({sorted(obj)}); expected one")
+        obj = next(iter(obj.values()))
+    if not isinstance(obj, torch.Tensor):
+        raise UsageError(f"{what} file {path} does not hold a tensor")
+    return obj
+
+
+def _collapse_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", required=True, help="(N, d) features: .pt, .npy or .safetensors")
+    p.add_argument("--labels", required=True, help="(N,) integer labels: .pt, .npy or .safetensors")
+    p.add_argument("--num-classes", type=int, default=None, help="C (default: max label + 1)")
+    p.add_argument("--weights", default=None, help="optional (C, d) classifier for NC3 / UNC3 / NC4")
+    p.add_argument("--global-mean", choices=["class", "sample"], default="class")
+    p.add_argument("--batch-size", type=int, default=65536, help="rows streamed per update")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON")
+
+
+@command("collapse", "neural-collapse metrics (NC1..NC4, CDNV, GNC2, UNC3) from saved features and labels",
+         arguments=_collapse_arguments)
+def cmd_collapse(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from etfkern.collapse import CollapseMeter, ncc_mismatch
+
+    feats = _load_tensor(args.features, "features")
+    labels = _load_tensor(args.labels, "labels")
+    if feats.dim() != 2:
+        raise UsageError(f"--features must be (N, d), got shape {tuple(feats.shape)}")
+    if labels.dim() != 1 or labels.shape[0] != feats.shape[0] or labels.is_floating_point():
+        raise UsageError(f"--labels must be ({feats.shape[0]},) integers, got {tuple(labels.shape)} {labels.dtype}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    labels = labels.long()
+    num_classes = args.num_classes or (int(labels.max()) + 1 if labels.numel() else 0)
+    if num_classes < 2:
+        raise UsageError(f"--num-classes must be at least 2, got {num_classes}")
+    weights = _load_tensor(args.weights, "weights") if args.weights else None
+    if weights is not None and tuple(weights.shape) != (num_classes, feats.shape[1]):
+        raise UsageError(f"--weights must be ({num_classes}, {feats.shape[1]}), got {tuple(weights.shape)}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meter = CollapseMeter(num_classes, feats.shape[1], global_mean=args.global_mean, device=device)
+    try:
+        for i in tqdm(range(0, feats.shape[0], args.batch_size), desc="streaming", unit="batch",
+                      disable=not sys.stderr.isatty()):
+            meter.update(feats[i:i + args.batch_size].to(device), labels[i:i + args.batch_size].to(device))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    w = weights.to(device) if weights is not None else None
+    metrics = meter.compute(weights=w)
+    if w is not None:
+        metrics["ncc_mismatch"] = ncc_mismatch(feats.to(device), meter.means, w)
+    for key, value in metrics.items():
+        print(f"{key:<20} {value:.6g}" if isinstance(value, float) else f"{key:<20} {value}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("parts", nargs="*", help="families to run (default: all), e.g. spherical_ce msam")
+    p.add_argument("--quick", action="store_true", help="small shapes (CPU minutes)")
+    p.add_argument("--device", default=None, help="cpu or cuda")
+
+
+@command("bench", "run the benchmark suite (or some families): results JSON, bench/REPORT.md and charts",
+         arguments=_bench_arguments)
+def cmd_bench(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "run_all.py")
+    if not os.path.exists(script):
+        raise UsageError("the benchmarks ship with the source checkout (bench/run_all.py not found next to etfkern/)")
+    cmd = [sys.executable, script] + (["--quick"] if args.quick else []) + (["--only", ",".join(args.parts)]
+                                                                            if args.parts else [])
+    if args.device:
+        cmd += ["--device", args.device]
+    return subprocess.call(cmd)
+
+
+# ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="etfkern", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
