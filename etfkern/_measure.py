@@ -33,6 +33,9 @@ def time_ms(fn: Callable[[], Any], device: str | torch.device = "cpu", *, warmup
 
 
 def _rss_child(fn: Callable[[], Any], queue: Any) -> None:  # runs in a forked child
+    # The parent's OpenMP thread pool does not survive fork(): a parallel region in the child would hang.
+    # One thread runs parallel regions inline; peak memory is what we measure here, not time.
+    torch.set_num_threads(1)
     with open("/proc/self/statm") as f:
         start_kib = int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
     fn()
@@ -57,5 +60,8 @@ def peak_mib(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float
     queue = ctx.Queue()
     proc = ctx.Process(target=_rss_child, args=(fn, queue))
     proc.start()
-    proc.join()
+    proc.join(timeout=600)
+    if proc.is_alive():
+        proc.kill()
+        return float("nan")
     return float(queue.get(timeout=5)) if proc.exitcode == 0 else float("nan")
