@@ -138,7 +138,8 @@ def _check_float(name: str, t: Any, shape: tuple[int | None, ...]) -> torch.Tens
 
 
 def _fmt(shape: tuple[int | None, ...]) -> str:
-    return "(" + ", ".join("?" if s is None else str(s) for s in shape) + ")"
+    items = ["?" if s is None else str(s) for s in shape]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,8 +372,11 @@ class CollapseMeter:
         out["nc2_maxangle"] = float(ps[3] / npairs)
         if weights is not None:
             w = weights.to(self.device, torch.float64)[seen]
+            wn = w.norm(dim=1)
+            if not bool((wn > 0).all()):
+                raise ValueError("weights has an all-zero row for a seen class: cos(w_c, M~_c) is undefined")
             out["nc3"] = float((w / w.norm() - mt / mt.norm()).pow(2).sum())
-            cw = (w * mt).sum(1) / (w.norm(dim=1) * norms)
+            cw = (w * mt).sum(1) / (wn * norms)
             out["unc3"] = float(cw.std(unbiased=False))
             out["nc3_cos_mean"] = float(cw.mean())
         return out

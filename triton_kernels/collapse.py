@@ -83,7 +83,7 @@ def _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mean_ptr, cols, D)
 @triton.jit
 def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, out_ptr, tiles_ptr, N, D,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLUSH: tl.constexpr,
-                         HALF: tl.constexpr, PREC: tl.constexpr):
+                         HALF: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0)
     bi = tl.load(tiles_ptr + 2 * t)
     bj = tl.load(tiles_ptr + 2 * t + 1)
@@ -98,9 +98,12 @@ def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, o
             lab = tl.load(inv_ptr + r, mask=rmask, other=0).to(tl.int64)
             a = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mo_ptr, ci, D)
             b = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mn_ptr, cj, D)
-            if HALF:
-                a_op = a.to(x_ptr.dtype.element_ty)
-                b_op = b.to(x_ptr.dtype.element_ty)
+            if HALF:  # centred values rounded to the input's 16-bit type: tensor-core operands
+                a_op = a.to(tl.float32).to(x_ptr.dtype.element_ty)
+                b_op = b.to(tl.float32).to(x_ptr.dtype.element_ty)
+                if UPCAST:  # the interpreter's 16-bit dot is wrong; same rounding, float32 product
+                    a_op = a_op.to(tl.float32)
+                    b_op = b_op.to(tl.float32)
             else:
                 a_op = a.to(tl.float32)
                 b_op = b.to(tl.float32)
@@ -138,7 +141,7 @@ def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tens
     tiles = _triangle_tiles(triton.cdiv(d, bm), dev)
     _scatter_gemm_kernel[(tiles.shape[0],)](
         features, features.stride(0), features.stride(1), inv, m_old_eff, m_new, sw, tiles, n, d,
-        BM=bm, BN=bm, BK=16 if interp else 32, FLUSH=2 if interp else 8, HALF=half,
+        BM=bm, BN=bm, BK=16 if interp else 32, FLUSH=2 if interp else 8, HALF=half, UPCAST=interp,
         PREC=_dot_precision(features.dtype) if not half else "ieee", num_warps=8 if not interp else 4)
     # Tiles below the block diagonal were skipped: the exact sum is symmetric, mirror the upper triangle.
     sw = torch.triu(sw) + torch.triu(sw, 1).T
