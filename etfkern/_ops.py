@@ -64,7 +64,7 @@ def _collapse_ncc_fake(features, means, weights, bias):
 
 # One batch merged into K running class statistics: (m_new (K,d) f64, m2_delta (K,) f64, sw_delta (d,d) f64).
 collapse_update = define("collapse_update", "(Tensor features, Tensor inv, Tensor m_old, Tensor n_old) "
-                         "-> (Tensor, Tensor, Tensor)", _collapse_update_fake)
+                         "-> (Tensor, Tensor, Tensor)", _collapse_update_fake, native=True)
 # Pair sums over c < c' (CDNV, shifted GNC2 sum and sum of squares, max-angle): (4,) float64.
 collapse_pair_stats = define("collapse_pair_stats", "(Tensor mt, Tensor s, float shift) -> Tensor",
                              _collapse_pair_stats_fake)

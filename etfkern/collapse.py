@@ -65,8 +65,21 @@ def _update_cpu(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor,
     return m_new, m2, 0.5 * (sw + sw.T)
 
 
+def _pair_sums(dot: torch.Tensor, nsq_i: torch.Tensor, nsq_j: torch.Tensor, s_i: torch.Tensor,
+               s_j: torch.Tensor, inv_km1: float, shift: float, mask: torch.Tensor | None) -> torch.Tensor:
+    dist2 = (nsq_i[:, None] + nsq_j[None, :] - 2.0 * dot).clamp_min_(0.0)
+    cos = (dot / torch.sqrt(nsq_i[:, None] * nsq_j[None, :])).clamp_(-1.0, 1.0)
+    cd = (s_i[:, None] + s_j[None, :]) / (2.0 * dist2)
+    g = torch.log(2.0 - 2.0 * cos).mul_(-0.5).sub_(shift)
+    ma = (cos + inv_km1).abs_()
+    if mask is not None:
+        cd, g, ma = cd[mask], g[mask], ma[mask]
+    return torch.stack([cd.sum(), g.sum(), (g * g).sum(), ma.sum()])
+
+
 def _pair_stats_cpu(mt: torch.Tensor, s: torch.Tensor, shift: float) -> torch.Tensor:
-    """Row blocks against the columns to their right (upper triangle only), float64, (sum, sum^2) per block."""
+    """Row blocks against the columns to their right (upper triangle only), float64, (sum, sum^2) per block:
+    only the diagonal blocks are masked, the rectangles right of them are all valid pairs."""
     k, d = mt.shape
     mt = mt.to(torch.float64)
     s = s.to(torch.float64)
@@ -74,21 +87,17 @@ def _pair_stats_cpu(mt: torch.Tensor, s: torch.Tensor, shift: float) -> torch.Te
     if k < 2:
         return out
     nsq = (mt * mt).sum(1)
+    inv_km1 = 1.0 / (k - 1)
     block = max(16, min(1024, (1 << 22) // max(k, 1)))
-    cols = torch.arange(k)
     for i0 in range(0, k, block):
         i1 = min(k, i0 + block)
-        dot = mt[i0:i1] @ mt[i0:].T  # (b, k - i0)
-        valid = cols[i0:i1, None] < cols[None, i0:]
-        dist2 = (nsq[i0:i1, None] + nsq[None, i0:] - 2.0 * dot).clamp_min(0.0)
-        cos = (dot / torch.sqrt(nsq[i0:i1, None] * nsq[None, i0:])).clamp(-1.0, 1.0)
-        cd = (s[i0:i1, None] + s[None, i0:]) / (2.0 * dist2)
-        g = -0.5 * torch.log(2.0 - 2.0 * cos) - shift
-        ma = (cos + 1.0 / (k - 1)).abs()
-        out[0] += cd[valid].sum()
-        out[1] += g[valid].sum()
-        out[2] += g[valid].pow(2).sum()
-        out[3] += ma[valid].sum()
+        rows = slice(i0, i1)
+        diag = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool).triu_(1)
+        out += _pair_sums(mt[rows] @ mt[rows].T, nsq[rows], nsq[rows], s[rows], s[rows], inv_km1, shift, diag)
+        if i1 < k:
+            right = slice(i1, k)
+            out += _pair_sums(mt[rows] @ mt[right].T, nsq[rows], nsq[right], s[rows], s[right], inv_km1, shift,
+                              None)
     return out
 
 
@@ -132,9 +141,17 @@ def _check_float(name: str, t: Any, shape: tuple[int | None, ...]) -> torch.Tens
         raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
     if t.dim() != len(shape) or any(s is not None and s != ts for s, ts in zip(shape, t.shape)):
         raise ValueError(f"{name} must have shape {_fmt(shape)}, got {tuple(t.shape)}")
-    if t.numel() and not bool(torch.isfinite(t).all()):
+    if t.numel() and not _all_finite(t):
         raise ValueError(f"{name} contains NaN or inf")
     return t
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # One float64 sum is cheaper than isfinite().all(): any NaN/inf makes it non-finite, and 16/32-bit values
+    # cannot overflow a float64 sum; only a non-finite sum (or float64 overflow) needs the elementwise check.
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def _fmt(shape: tuple[int | None, ...]) -> str:

@@ -65,6 +65,17 @@ def test_update_op_every_backend(device, n, k, d, dtype):
             assert g.dtype == torch.float64 and g.shape == w.shape
             scale = float(w.abs().max()) + 1.0
             _close(g.cpu(), w, rtol=tol, atol=tol * scale, msg=f"{backend} {name}")
+    if device == "cpu":  # the chunked-torch CPU path (the compiled kernel shadows it in the router)
+        got = col._update_cpu(xt, inv, m_old, n_old)
+        for g, w in zip(got, want):
+            _close(g, w, rtol=1e-10, atol=1e-10 * (float(w.abs().max()) + 1.0))
+
+
+def test_cpu_backend_uses_compiled_update_kernel():
+    from etfkern import _backend
+
+    assert _backend.has_native("collapse_update", "cpu"), etfkern._C_ERROR
+    assert _backend.implementation("collapse_update", "cpu", "cpu") is torch.ops.etfkern.collapse_update_native
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -121,9 +132,12 @@ def test_update_op_empty_batch_every_backend():
     inv = torch.zeros(0, dtype=torch.int64)
     m_old = torch.randn(2, 5, dtype=torch.float64)
     n_old = torch.tensor([3, 4])
-    for backend in backends_for("collapse_update", "cpu"):
-        with etfkern.use_backend(backend):
-            m_new, m2, sw = torch.ops.etfkern.collapse_update(x, inv, m_old, n_old)
+    for backend in backends_for("collapse_update", "cpu") + ["cpu-torch"]:
+        if backend == "cpu-torch":
+            m_new, m2, sw = col._update_cpu(x, inv, m_old, n_old)
+        else:
+            with etfkern.use_backend(backend):
+                m_new, m2, sw = torch.ops.etfkern.collapse_update(x, inv, m_old, n_old)
         assert torch.allclose(m_new, m_old, rtol=1e-14, atol=0) and not m2.any() and not sw.any(), backend
 
 
