@@ -328,7 +328,7 @@ class CollapseMeter:
 
     # -- metrics ----------------------------------------------------------------------------------------
     def compute(self, weights: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
-                pinv_rtol: float | None = None) -> dict[str, float]:
+                pinv_rtol: float | None = None, pair_metrics: bool = True) -> dict[str, float]:
         """The metrics of DESIGN.md over the C' classes seen so far (C' >= 2 needed), as Python floats.
 
         weights (C, d) classifier rows (adds nc3, unc3, nc3_cos_mean, using the rows of seen classes); bias (C,)
@@ -337,6 +337,7 @@ class CollapseMeter:
         d * eps(float64), torch.linalg.pinv's default on the d x d Sigma_B). NC1 is evaluated in the smaller
         space: d x d when C' > d, else C' x C' through tr(Sigma_W Sigma_B^+) = C' tr((G^+)^2 M~ Sigma_W M~^T),
         G = M~ M~^T. No C' x C' matrix is formed when C' > d; pair metrics come from ``collapse_pair_stats``.
+        pair_metrics=False skips the O(C'^2 d) pair kernel (cdnv, gnc2, gnc2_mean, nc2_maxangle are then absent).
         """
         c, d = self.num_classes, self.dim
         if weights is not None:
@@ -378,15 +379,16 @@ class CollapseMeter:
         gram_m = mt.T @ mt if k > d else mt @ mt.T
         g_dot_b = ((mt * mt).sum() - mt.sum(0).pow(2).sum() / k) / math.sqrt(k - 1)  # <G, (I - J/C')/sqrt(C'-1)>
         out["nc2_etf_error"] = float((2.0 - 2.0 * g_dot_b / gram_m.norm()).clamp_min(0.0).sqrt())
-        shift = -0.5 * math.log(2.0 * k / (k - 1))  # log(1/|u_c - u_c'|) of a simplex ETF
-        s = self._m2[seen] / n
-        ps = _ops.collapse_pair_stats(mt, s, shift).to(torch.float64).cpu()
-        npairs = pairs / 2
-        out["cdnv"] = float(ps[0] / npairs)
-        g_mean = ps[1] / npairs
-        out["gnc2"] = float((ps[2] / npairs - g_mean ** 2).clamp_min(0.0))
-        out["gnc2_mean"] = float(g_mean + shift)
-        out["nc2_maxangle"] = float(ps[3] / npairs)
+        if pair_metrics:
+            shift = -0.5 * math.log(2.0 * k / (k - 1))  # log(1/|u_c - u_c'|) of a simplex ETF
+            s = self._m2[seen] / n
+            ps = _ops.collapse_pair_stats(mt, s, shift).to(torch.float64).cpu()
+            npairs = pairs / 2
+            out["cdnv"] = float(ps[0] / npairs)
+            g_mean = ps[1] / npairs
+            out["gnc2"] = float((ps[2] / npairs - g_mean ** 2).clamp_min(0.0))
+            out["gnc2_mean"] = float(g_mean + shift)
+            out["nc2_maxangle"] = float(ps[3] / npairs)
         if weights is not None:
             w = weights.to(self.device, torch.float64)[seen]
             wn = w.norm(dim=1)

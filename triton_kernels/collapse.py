@@ -71,33 +71,36 @@ def _segment_stats_kernel(x_ptr, stride_xn, stride_xd, perm_ptr, seg_ptr, mold_p
 
 
 @triton.jit
-def _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mean_ptr, cols, D):
-    """(BK, BC) tile of x[r, cols] - mean[lab, cols], subtracted in float64 (exact for fp32 inputs)."""
+def _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mean_ptr, cols, D, CDT: tl.constexpr):
+    """(BK, BC) tile of x[r, cols] - mean[lab, cols], subtracted in CDT (float64 for 32/64-bit inputs: exact)."""
     cmask = cols < D
     m = rmask[:, None] & cmask[None, :]
-    xv = tl.load(x_ptr + r[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0).to(tl.float64)
-    mv = tl.load(mean_ptr + lab[:, None] * D + cols[None, :], mask=m, other=0.0)
+    xv = tl.load(x_ptr + r[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0).to(CDT)
+    mv = tl.load(mean_ptr + lab[:, None] * D + cols[None, :], mask=m, other=0.0).to(CDT)
     return xv - mv
 
 
 @triton.jit
 def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, out_ptr, tiles_ptr, N, D,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLUSH: tl.constexpr,
-                         HALF: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                         CDT: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0)
     bi = tl.load(tiles_ptr + 2 * t)
     bj = tl.load(tiles_ptr + 2 * t + 1)
     ci = bi * BM + tl.arange(0, BM)
     cj = bj * BN + tl.arange(0, BN)
-    acc64 = tl.zeros((BM, BN), tl.float64)
+    m_out = (ci[:, None] < D) & (cj[None, :] < D)
+    out_ptrs = out_ptr + ci[:, None].to(tl.int64) * D + cj[None, :]
+    # float32 register accumulator over FLUSH * BK rows, then added into this program's own float64 output
+    # tile (no other program writes it: no atomics, fixed order).
     for n0 in range(0, N, BK * FLUSH):
         acc = tl.zeros((BM, BN), tl.float32)
         for f in range(FLUSH):
             r = (n0 + f * BK + tl.arange(0, BK)).to(tl.int64)
             rmask = r < N
             lab = tl.load(inv_ptr + r, mask=rmask, other=0).to(tl.int64)
-            a = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mo_ptr, ci, D)
-            b = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mn_ptr, cj, D)
+            a = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mo_ptr, ci, D, CDT)
+            b = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mn_ptr, cj, D, CDT)
             if HALF:  # centred values rounded to the input's 16-bit type: tensor-core operands
                 a_op = a.to(tl.float32).to(x_ptr.dtype.element_ty)
                 b_op = b.to(tl.float32).to(x_ptr.dtype.element_ty)
@@ -108,9 +111,8 @@ def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, o
                 a_op = a.to(tl.float32)
                 b_op = b.to(tl.float32)
             acc = tl.dot(tl.trans(a_op), b_op, acc, input_precision=PREC)
-        acc64 += acc.to(tl.float64)
-    m = (ci[:, None] < D) & (cj[None, :] < D)
-    tl.store(out_ptr + ci[:, None].to(tl.int64) * D + cj[None, :], acc64, mask=m)
+        prev = tl.load(out_ptrs, mask=m_out, other=0.0)
+        tl.store(out_ptrs, prev + acc.to(tl.float64), mask=m_out)
 
 
 def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor,
@@ -137,12 +139,17 @@ def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tens
                                     m_new, m2p, d, nbd, BR=16 if interp else 32, BD=bd)
     m_old_eff = torch.where((n_old > 0)[:, None], m_old, m_new)
     half = features.dtype in (torch.float16, torch.bfloat16)
+    if half:  # the centred operand is rounded to 16 bits anyway: gather float32 means (half the traffic)
+        mo_g, mn_g = m_old_eff.to(torch.float32), m_new.to(torch.float32)
+    else:
+        mo_g, mn_g = m_old_eff, m_new
     bm = 16 if interp else 128
     tiles = _triangle_tiles(triton.cdiv(d, bm), dev)
     _scatter_gemm_kernel[(tiles.shape[0],)](
-        features, features.stride(0), features.stride(1), inv, m_old_eff, m_new, sw, tiles, n, d,
-        BM=bm, BN=bm, BK=16 if interp else 32, FLUSH=2 if interp else 8, HALF=half, UPCAST=interp,
-        PREC=_dot_precision(features.dtype) if not half else "ieee", num_warps=8 if not interp else 4)
+        features, features.stride(0), features.stride(1), inv, mo_g, mn_g, sw, tiles, n, d,
+        BM=bm, BN=bm, BK=16 if interp else 32, FLUSH=2 if interp else 32,
+        CDT=tl.float32 if half else tl.float64, HALF=half, UPCAST=interp,
+        PREC=_dot_precision(features.dtype) if not half else "ieee", num_warps=4 if interp else 8)
     # Tiles below the block diagonal were skipped: the exact sum is symmetric, mirror the upper triangle.
     sw = torch.triu(sw) + torch.triu(sw, 1).T
     return m_new, m2p.sum(1), sw
