@@ -34,6 +34,17 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # update
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _segment_rows(x_ptr, stride_xn, stride_xd, perm_ptr, r0, end, cols, cmask, BR: tl.constexpr):
+    """(BR, BD) float64 tile of the class's rows perm[r0 : min(r0 + BR, end)] (zeros outside), and its mask."""
+    r = r0 + tl.arange(0, BR)
+    rmask = r < end
+    rows = tl.load(perm_ptr + r, mask=rmask, other=0).to(tl.int64)
+    m = rmask[:, None] & cmask[None, :]
+    xv = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0)
+    return xv.to(tl.float64), m
+
+
+@triton.jit
 def _segment_stats_kernel(x_ptr, stride_xn, stride_xd, perm_ptr, seg_ptr, mold_ptr, nold_ptr, mnew_ptr, m2_ptr,
                           D, NBD, BR: tl.constexpr, BD: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
@@ -44,12 +55,8 @@ def _segment_stats_kernel(x_ptr, stride_xn, stride_xd, perm_ptr, seg_ptr, mold_p
     end = tl.load(seg_ptr + k + 1)
     acc = tl.zeros((BD,), tl.float64)
     for r0 in range(start, end, BR):
-        r = r0 + tl.arange(0, BR)
-        rmask = r < end
-        rows = tl.load(perm_ptr + r, mask=rmask, other=0).to(tl.int64)
-        m = rmask[:, None] & cmask[None, :]
-        xv = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0)
-        acc += tl.sum(xv.to(tl.float64), axis=0)
+        xv, m = _segment_rows(x_ptr, stride_xn, stride_xd, perm_ptr, r0, end, cols, cmask, BR)
+        acc += tl.sum(xv, axis=0)
     nb = (end - start).to(tl.float64)
     no = tl.load(nold_ptr + k).to(tl.float64)
     mo = tl.load(mold_ptr + k * D + cols, mask=cmask, other=0.0)
@@ -60,12 +67,7 @@ def _segment_stats_kernel(x_ptr, stride_xn, stride_xd, perm_ptr, seg_ptr, mold_p
     tl.store(mnew_ptr + k * D + cols, mnew, mask=cmask)
     q = tl.zeros((BD,), tl.float64)
     for r0 in range(start, end, BR):
-        r = r0 + tl.arange(0, BR)
-        rmask = r < end
-        rows = tl.load(perm_ptr + r, mask=rmask, other=0).to(tl.int64)
-        m = rmask[:, None] & cmask[None, :]
-        xv = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0)
-        xv = xv.to(tl.float64)
+        xv, m = _segment_rows(x_ptr, stride_xn, stride_xd, perm_ptr, r0, end, cols, cmask, BR)
         q += tl.sum(tl.where(m, (xv - mo[None, :]) * (xv - mnew[None, :]), 0.0), axis=0)
     tl.store(m2_ptr + k * NBD + db, tl.sum(q, axis=0))
 
