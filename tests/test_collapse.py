@@ -486,3 +486,50 @@ def test_plot_metrics_writes_png(tmp_path):
     assert (tmp_path / "layers.png").stat().st_size > 1000 and path2.endswith("layers.png")
     with pytest.raises(ValueError, match="keys must name metrics"):
         col.plot_metrics(history, tmp_path / "x.png", keys=["nope"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU-sized shapes (the real tile configs; skipped without CUDA)
+# ----------------------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_update_tiles(dtype):
+    n, k, d = 5000, 300, 520  # several 128-tiles, ragged edges, more rows than one flush
+    x, inv, m_old, n_old = _update_inputs(n, k, d)
+    x = x.to("cuda", dtype)
+    inv, m_old, n_old = inv.cuda(), m_old.cuda(), n_old.cuda()
+    want = ref.collapse_update(x, inv, m_old, n_old)
+    with etfkern.use_backend("triton"):
+        got = torch.ops.etfkern.collapse_update(x, inv, m_old, n_old)
+    _close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    _close(got[1], want[1], rtol=1e-9, atol=1e-9)
+    if dtype == torch.float32:
+        _close(got[2], want[2], rtol=2e-5, atol=2e-5 * float(want[2].abs().max()))
+    else:  # within 2x plain torch in bf16 (centre, then a bf16 GEMM)
+        m_o = torch.where((n_old > 0)[:, None], m_old, want[0])
+        plain = ((x - m_o[inv].to(dtype)).T @ (x - want[0][inv].to(dtype))).double()
+        assert float((got[2] - want[2]).abs().max()) <= 2 * float((plain - want[2]).abs().max())
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_pair_and_ncc_tiles():
+    k, d = 3001, 200
+    mt = torch.randn(k, d, dtype=torch.float64, device="cuda")
+    s = torch.rand(k, dtype=torch.float64, device="cuda") + 0.1
+    shift = -0.5 * math.log(2 * k / (k - 1))
+    want = ref.collapse_pair_stats(mt, s, shift)
+    with etfkern.use_backend("triton"):
+        got = torch.ops.etfkern.collapse_pair_stats(mt, s, shift)
+    _close(got, want, rtol=1e-4, atol=1e-6 * k * k)
+    x = torch.randn(777, d, device="cuda")
+    w = torch.randn(k, d, device="cuda")
+    b = torch.randn(k, device="cuda")
+    wc, wn = ref.collapse_ncc(x, mt[:999], w, b)
+    with etfkern.use_backend("triton"):
+        gc, gn = torch.ops.etfkern.collapse_ncc(x, mt[:999], w, b)
+    assert float((gc == wc).double().mean()) > 0.999 and float((gn == wn).double().mean()) > 0.999
