@@ -134,14 +134,14 @@ for _op, _cpu, _tri in (("collapse_update", _update_cpu, "collapse_update"),
 # ----------------------------------------------------------------------------------------------------------
 # Validation helpers
 # ----------------------------------------------------------------------------------------------------------
-def _check_float(name: str, t: Any, shape: tuple[int | None, ...]) -> torch.Tensor:
+def _check_float(name: str, t: Any, shape: tuple[int | None, ...], *, finite: bool = True) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape {_fmt(shape)}, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
     if t.dim() != len(shape) or any(s is not None and s != ts for s, ts in zip(shape, t.shape)):
         raise ValueError(f"{name} must have shape {_fmt(shape)}, got {tuple(t.shape)}")
-    if t.numel() and not _all_finite(t):
+    if finite and t.numel() and not _all_finite(t):
         raise ValueError(f"{name} contains NaN or inf")
     return t
 
@@ -149,9 +149,11 @@ def _check_float(name: str, t: Any, shape: tuple[int | None, ...]) -> torch.Tens
 def _all_finite(t: torch.Tensor) -> bool:
     # One float64 sum is cheaper than isfinite().all(): any NaN/inf makes it non-finite, and 16/32-bit values
     # cannot overflow a float64 sum; only a non-finite sum (or float64 overflow) needs the elementwise check.
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
-        return True
-    return bool(torch.isfinite(t).all())
+    return _all_finite_given_sum(t, float(t.sum(dtype=torch.float64)))
+
+
+def _all_finite_given_sum(t: torch.Tensor, total: float) -> bool:
+    return math.isfinite(total) or bool(torch.isfinite(t).all())
 
 
 def _fmt(shape: tuple[int | None, ...]) -> str:
@@ -227,16 +229,20 @@ class CollapseMeter:
             labels = labels.reshape(-1)
         if labels.dim() != 1:
             raise ValueError(f"labels must have shape (N,), got {tuple(labels.shape)}")
-        _check_float("features", features, (labels.shape[0], self.dim))
+        _check_float("features", features, (labels.shape[0], self.dim), finite=False)
         if labels.dtype not in _INT_DTYPES:
             raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
         if labels.numel() == 0:
             return
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in [{lo}, {hi}]")
         features = features.to(self.device)
         labels = labels.to(self.device, torch.int64)
+        # one host sync for the label range and the finiteness probe (see _all_finite)
+        lo, hi, total = torch.stack([labels.min().to(torch.float64), labels.max().to(torch.float64),
+                                     features.sum(dtype=torch.float64)]).tolist()
+        if lo < 0 or hi >= self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in [{int(lo)}, {int(hi)}]")
+        if not _all_finite_given_sum(features, total):
+            raise ValueError("features contains NaN or inf")
         uniq, inv, cnt = torch.unique(labels, return_inverse=True, return_counts=True)
         n_old = self._counts[uniq]
         m_new, m2_delta, sw_delta = _ops.collapse_update(features, inv, self._means[uniq], n_old)
