@@ -12,7 +12,7 @@ Ratios (> 1: etfkern faster): one_pass_vs_two_pass = (two_pass update + NC1) / (
 the pair metrics: the same statistics plus the Gram metrics); one_pass_all_metrics_vs_two_pass_nc1 the same with
 every metric (the O(C'^2 d) pair kernel included); onehot_over_etfkern = onehot update / etfkern update.
 
-    python bench/bench_collapse.py [--quick] [--device cpu|cuda] [--no-write]
+    python bench/bench_collapse.py [--quick] [--device cpu|cuda] [--threads N] [--no-write]
 """
 from __future__ import annotations
 
@@ -146,7 +146,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     rows = run(args.quick, args.device)
     print_table([r for r in rows if r["op"] != "summary"], ["op", "shape", "impl", "ms", "tokens_per_s", "vs_etfkern"])

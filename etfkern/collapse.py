@@ -362,13 +362,14 @@ class CollapseMeter:
         mt = mu - mu_g
         out: dict[str, float] = {"num_classes_seen": k}
         rtol = d * torch.finfo(torch.float64).eps if pinv_rtol is None else float(pinv_rtol)
+        gram_m = mt.T @ mt if k > d else mt @ mt.T  # d x d or C' x C', whichever is smaller
         if k > d:
-            lam, vec = torch.linalg.eigh(mt.T @ mt / k)  # Sigma_B, d x d
+            lam, vec = torch.linalg.eigh(gram_m / k)  # Sigma_B, d x d
             keep = lam > rtol * lam.max().clamp_min(0.0)
             v = vec[:, keep]
             out["nc1"] = float(((v.T @ sigma_w) * v.T).sum(1).div(lam[keep]).sum() / k)
         else:
-            lam, vec = torch.linalg.eigh(mt @ mt.T)  # G, C' x C'; Sigma_B's eigenvalues are lam / C'
+            lam, vec = torch.linalg.eigh(gram_m)  # G, C' x C'; Sigma_B's eigenvalues are lam / C'
             keep = lam > rtol * lam.max().clamp_min(0.0)
             t = vec[:, keep].T @ mt  # (r, d)
             out["nc1"] = float(((t @ sigma_w) * t).sum(1).div(lam[keep] ** 2).sum())
@@ -382,7 +383,6 @@ class CollapseMeter:
         mean_cos = (u.sum(0).pow(2).sum() - k) / pairs
         mean_cos2 = (gram_u.pow(2).sum() - k) / pairs
         out["nc2_equiangular"] = float((mean_cos2 - mean_cos ** 2).clamp_min(0.0).sqrt())
-        gram_m = mt.T @ mt if k > d else mt @ mt.T
         g_dot_b = ((mt * mt).sum() - mt.sum(0).pow(2).sum() / k) / math.sqrt(k - 1)  # <G, (I - J/C')/sqrt(C'-1)>
         out["nc2_etf_error"] = float((2.0 - 2.0 * g_dot_b / gram_m.norm()).clamp_min(0.0).sqrt())
         if pair_metrics:

@@ -49,14 +49,16 @@ void class_pass(const scalar_t* x, int64_t d, const int64_t* perm, const int64_t
         mo[j] = o;
         mn[j] = o + (mb - o) * frac;
       }
-      double q = 0.0;
+      std::fill(acc.begin(), acc.end(), 0.0);  // reused: per-column partial m2 (vectorisable, fixed order)
       for (int64_t p = start; p < end; ++p) {
         const scalar_t* row = x + perm[p] * d;
         for (int64_t j = 0; j < d; ++j) {
           const double v = static_cast<double>(row[j]);
-          q += (v - mo[j]) * (v - mn[j]);
+          acc[j] += (v - mo[j]) * (v - mn[j]);
         }
       }
+      double q = 0.0;
+      for (int64_t j = 0; j < d; ++j) q += acc[j];
       m2[c] = q;
     }
   });
@@ -147,7 +149,8 @@ std::tuple<Tensor, Tensor, Tensor> collapse_update_cpu(const Tensor& features, c
     const scalar_t* xp = x.data_ptr<scalar_t>();
     class_pass<scalar_t>(xp, d, perm.data(), seg.data(), mold.data_ptr<double>(), nold.data_ptr<int64_t>(),
                          m_new.data_ptr<double>(), m_eff.data_ptr<double>(), m2.data_ptr<double>(), k);
-    const int64_t step = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t{1} << 21) / std::max<int64_t>(d, 1)));
+    // small row chunks: the two operand buffers stay cache-sized (and cheap to allocate), GEMMs stay >= 256 deep
+    const int64_t step = std::min<int64_t>(n, std::max<int64_t>(256, (int64_t{1} << 17) / std::max<int64_t>(d, 1)));
     Tensor a = at::empty({step, d}, f64);
     Tensor b = at::empty({step, d}, f64);
     for (int64_t r0 = 0; r0 < n; r0 += step) {
