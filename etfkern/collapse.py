@@ -322,6 +322,8 @@ class CollapseMeter:
                              f"has num_classes={self.num_classes}, dim={self.dim}")
         c, d = self.num_classes, self.dim
         for key, shape in (("counts", (c,)), ("means", (c, d)), ("m2", (c,)), ("sw", (d, d))):
+            if not isinstance(state[key], torch.Tensor):
+                raise ValueError(f"state[{key!r}] must be a tensor of shape {shape}, got {type(state[key]).__name__}")
             if tuple(state[key].shape) != shape:
                 raise ValueError(f"state[{key!r}] must have shape {shape}, got {tuple(state[key].shape)}")
         if state.get("global_mean", self.global_mean) not in ("class", "sample"):

@@ -117,7 +117,7 @@ def test_ncc_op_every_backend(device, n, c, k, d, with_bias):
     x = torch.randn(n, d)
     means = torch.randn(k, d)
     weights = torch.randn(d, c).T  # non-contiguous (C, d)
-    bias = torch.randn(c) if with_bias else None
+    bias = torch.randn(2 * c)[::2] if with_bias else None  # non-contiguous
     want = ref.collapse_ncc(x, means, weights, bias)
     for backend in backends_for("collapse_ncc", device):
         with etfkern.use_backend(backend):

@@ -285,7 +285,7 @@ def collapse_ncc(features: torch.Tensor, means: torch.Tensor, weights: torch.Ten
     musq = (mu64 * mu64).sum(1).to(torch.float32).contiguous()
     mu32 = mu64.to(torch.float32).contiguous()
     interp = dev.type == "cpu"
-    b = bias if bias is not None else musq  # dummy pointer when there is no bias
+    b = bias.contiguous() if bias is not None else musq  # dummy pointer when there is no bias
     _ncc_kernel[(triton.cdiv(n, 16 if interp else 64),)](
         features, features.stride(0), features.stride(1), weights, weights.stride(0), weights.stride(1), b,
         mu32, musq, cls, ncc, n, c, k, d, HAS_BIAS=bias is not None,
