@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "class_stats.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -113,10 +115,7 @@ void mirror_upper(Tensor& sw, int64_t bs) {
 
 std::tuple<Tensor, Tensor, Tensor> collapse_update_cpu(const Tensor& features, const Tensor& inv,
                                                        const Tensor& m_old, const Tensor& n_old) {
-  TORCH_CHECK(features.dim() == 2, "features must be (N, d), got ", features.sizes());
-  TORCH_CHECK(m_old.dim() == 2 && m_old.size(1) == features.size(1), "m_old must be (K, d), got ", m_old.sizes());
-  TORCH_CHECK(inv.dim() == 1 && inv.size(0) == features.size(0), "inv must be (N,), got ", inv.sizes());
-  TORCH_CHECK(n_old.dim() == 1 && n_old.size(0) == m_old.size(0), "n_old must be (K,), got ", n_old.sizes());
+  etfkern::check_collapse_update_args(features, inv, m_old, n_old);
   const int64_t n = features.size(0), d = features.size(1), k = m_old.size(0);
   const auto f64 = features.options().dtype(at::kDouble);
   Tensor x = features.contiguous();

@@ -20,9 +20,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "class_stats.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 namespace {
 
@@ -30,17 +33,14 @@ using at::Tensor;
 
 constexpr int kThreads = 128;
 
+// Input element -> double: 16-bit types go through float (their only conversion), float/double are exact.
 template <typename T>
 __device__ __forceinline__ double as_double(T v) {
-  return static_cast<double>(static_cast<float>(v));
-}
-template <>
-__device__ __forceinline__ double as_double<double>(double v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ double as_double<float>(float v) {
-  return static_cast<double>(v);
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return static_cast<double>(static_cast<float>(v));
+  }
 }
 
 template <typename T>
@@ -136,10 +136,7 @@ void run(const Tensor& x, const Tensor& inv, const Tensor& perm, const Tensor& s
 
 std::tuple<Tensor, Tensor, Tensor> collapse_update_cuda(const Tensor& features, const Tensor& inv,
                                                         const Tensor& m_old, const Tensor& n_old) {
-  TORCH_CHECK(features.dim() == 2, "features must be (N, d), got ", features.sizes());
-  TORCH_CHECK(m_old.dim() == 2 && m_old.size(1) == features.size(1), "m_old must be (K, d), got ", m_old.sizes());
-  TORCH_CHECK(inv.dim() == 1 && inv.size(0) == features.size(0), "inv must be (N,), got ", inv.sizes());
-  TORCH_CHECK(n_old.dim() == 1 && n_old.size(0) == m_old.size(0), "n_old must be (K,), got ", n_old.sizes());
+  etfkern::check_collapse_update_args(features, inv, m_old, n_old);
   c10::cuda::CUDAGuard guard(features.device());
   const int64_t n = features.size(0), d = features.size(1), k = m_old.size(0);
   const auto f64 = features.options().dtype(at::kDouble);
