@@ -33,6 +33,7 @@ from etfkern._backend import BackendUnavailableError, use_backend  # noqa: E402
 # spherical
 
 # collapse
+from etfkern.collapse import CollapseMeter, ncc_mismatch  # noqa: E402
 
 # msam (etfkern.optim)
 
@@ -45,7 +46,7 @@ __all__ = [
     # spherical
 
     # collapse
-
+    "CollapseMeter", "ncc_mismatch",
 ]
 
 

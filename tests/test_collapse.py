@@ -1,0 +1,535 @@
+"""Streaming collapse statistics (issue 4): every backend of every op vs the float64 reference, and the meter's
+metrics vs the dense two-pass definitions of DESIGN.md."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+import etfkern
+from etfkern import collapse as col
+from etfkern.reference import collapse as ref
+from conftest import backends_for
+
+OPS = ("collapse_update", "collapse_pair_stats", "collapse_ncc")
+
+
+def _close(a, b, rtol, atol=0.0, msg=""):
+    torch.testing.assert_close(a.to(torch.float64), b.to(torch.float64), rtol=rtol, atol=atol, msg=msg)
+
+
+def _tol(backend: str, dtype: torch.dtype) -> float:
+    if backend == "triton" and dtype != torch.float64:
+        return 2e-5  # float32 tensor-core operands (exact fp32 in the interpreter), float64 sums
+    if backend == "triton":
+        return 2e-6  # float64 inputs are centred in float64 but multiplied in float32
+    return 1e-10
+
+
+def _clustered(n: int, c: int, d: int, *, spread: float = 1.0, sep: float = 3.0, offset: float = 0.0,
+               generator: torch.Generator | None = None):
+    centres = sep * torch.randn(c, d, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, c, (n,), generator=generator)
+    x = offset + centres[y] + spread * torch.randn(n, d, generator=generator, dtype=torch.float64)
+    return x, y
+
+
+def _update_inputs(n: int, k: int, d: int):
+    x = torch.randn(n, d, dtype=torch.float64) * 2 + 5
+    inv = torch.cat([torch.arange(k), torch.randint(0, k, (n - k,))])[torch.randperm(n)]
+    m_old = torch.randn(k, d, dtype=torch.float64) + 5
+    n_old = torch.randint(0, 6, (k,))
+    n_old[0] = 0  # a class new to the meter
+    return x, inv, m_old, n_old
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ops, every backend vs the reference
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k,d", [(1, 1, 3), (29, 5, 13), (40, 17, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_update_op_every_backend(device, n, k, d, dtype):
+    x, inv, m_old, n_old = _update_inputs(n, k, d)
+    x = x.to(dtype)
+    want = ref.collapse_update(x, inv, m_old, n_old)
+    # non-contiguous features: a transposed view
+    xt = x.T.contiguous().T.to(device)
+    assert not xt.is_contiguous() or n == 1
+    for backend in backends_for("collapse_update", device):
+        with etfkern.use_backend(backend):
+            got = torch.ops.etfkern.collapse_update(xt, inv.to(device), m_old.to(device), n_old.to(device))
+        tol = _tol(backend, dtype)
+        for g, w, name in zip(got, want, ("m_new", "m2_delta", "sw_delta")):
+            assert g.dtype == torch.float64 and g.shape == w.shape
+            scale = float(w.abs().max()) + 1.0
+            _close(g.cpu(), w, rtol=tol, atol=tol * scale, msg=f"{backend} {name}")
+    if device == "cpu":  # the chunked-torch CPU path (the compiled kernel shadows it in the router)
+        got = col._update_cpu(xt, inv, m_old, n_old)
+        for g, w in zip(got, want):
+            _close(g, w, rtol=1e-10, atol=1e-10 * (float(w.abs().max()) + 1.0))
+
+
+def test_cpu_backend_uses_compiled_update_kernel():
+    from etfkern import _backend
+
+    assert _backend.has_native("collapse_update", "cpu"), etfkern._C_ERROR
+    assert _backend.implementation("collapse_update", "cpu", "cpu") is torch.ops.etfkern.collapse_update_native
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_update_op_bf16_within_twice_plain_torch_error(backend):
+    if backend not in backends_for("collapse_update", "cpu"):
+        pytest.skip(f"{backend} unavailable here")
+    x, inv, m_old, n_old = _update_inputs(40, 6, 16)
+    xb = x.to(torch.bfloat16)
+    exact = ref.collapse_update(xb, inv, m_old, n_old)[2]
+    # plain torch in bf16: centre in bf16, scatter in bf16
+    m_new = ref.collapse_update(xb, inv, m_old, n_old)[0]
+    m_o = torch.where((n_old > 0)[:, None], m_old, m_new)
+    a = (xb - m_o[inv].to(torch.bfloat16))
+    b = (xb - m_new[inv].to(torch.bfloat16))
+    plain_err = float((a.T @ b).to(torch.float64).sub(exact).abs().max())
+    with etfkern.use_backend(backend):
+        got = torch.ops.etfkern.collapse_update(xb, inv, m_old, n_old)[2]
+    err = float((got - exact).abs().max())
+    assert err <= 2 * plain_err + 1e-12, (err, plain_err)
+
+
+@pytest.mark.parametrize("k,d", [(2, 3), (5, 20), (37, 7)])
+def test_pair_op_every_backend(device, k, d):
+    mt = torch.randn(k, d, dtype=torch.float64)
+    mt = mt - mt.mean(0)
+    s = torch.rand(k, dtype=torch.float64) + 0.1
+    shift = -0.5 * math.log(2 * k / (k - 1))
+    want = ref.collapse_pair_stats(mt, s, shift)
+    mt_nc = mt.T.contiguous().T  # non-contiguous view
+    for backend in backends_for("collapse_pair_stats", device):
+        with etfkern.use_backend(backend):
+            got = torch.ops.etfkern.collapse_pair_stats(mt_nc.to(device), s.to(device), shift)
+        tol = 1e-10 if backend != "triton" else 5e-5
+        _close(got.cpu(), want, rtol=tol, atol=tol * k * k, msg=backend)
+
+
+@pytest.mark.parametrize("n,c,k,d,with_bias", [(1, 1, 1, 4, False), (23, 37, 11, 9, True), (40, 20, 20, 32, False)])
+def test_ncc_op_every_backend(device, n, c, k, d, with_bias):
+    x = torch.randn(n, d)
+    means = torch.randn(k, d)
+    weights = torch.randn(d, c).T  # non-contiguous (C, d)
+    bias = torch.randn(2 * c)[::2] if with_bias else None  # non-contiguous
+    want = ref.collapse_ncc(x, means, weights, bias)
+    for backend in backends_for("collapse_ncc", device):
+        with etfkern.use_backend(backend):
+            got = torch.ops.etfkern.collapse_ncc(x.to(device), means.to(device), weights.to(device),
+                                                 None if bias is None else bias.to(device))
+        assert torch.equal(got[0].cpu(), want[0]), backend
+        assert torch.equal(got[1].cpu(), want[1]), backend
+
+
+def test_update_op_empty_batch_every_backend():
+    x = torch.zeros(0, 5)
+    inv = torch.zeros(0, dtype=torch.int64)
+    m_old = torch.randn(2, 5, dtype=torch.float64)
+    n_old = torch.tensor([3, 4])
+    for backend in backends_for("collapse_update", "cpu") + ["cpu-torch"]:
+        if backend == "cpu-torch":
+            m_new, m2, sw = col._update_cpu(x, inv, m_old, n_old)
+        else:
+            with etfkern.use_backend(backend):
+                m_new, m2, sw = torch.ops.etfkern.collapse_update(x, inv, m_old, n_old)
+        assert torch.allclose(m_new, m_old, rtol=1e-14, atol=0) and not m2.any() and not sw.any(), backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    x, inv, m_old, n_old = _update_inputs(11, 3, 5)
+    torch.library.opcheck(torch.ops.etfkern.collapse_update.default, (x.to(dtype), inv, m_old, n_old))
+    mt = torch.randn(6, 4, dtype=dtype)
+    torch.library.opcheck(torch.ops.etfkern.collapse_pair_stats.default, (mt, torch.rand(6, dtype=dtype), -0.3))
+    w = torch.randn(7, 4, dtype=dtype)
+    for b in (None, torch.randn(7, dtype=dtype)):
+        torch.library.opcheck(torch.ops.etfkern.collapse_ncc.default, (x[:, :4].to(dtype), mt, w, b))
+
+
+def test_triton_update_is_deterministic():
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        pytest.skip("triton unavailable")
+    x, inv, m_old, n_old = _update_inputs(35, 4, 18)
+    with etfkern.use_backend("triton"):
+        a = torch.ops.etfkern.collapse_update(x.float(), inv, m_old, n_old)
+        b = torch.ops.etfkern.collapse_update(x.float(), inv, m_old, n_old)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the meter vs the dense definitions
+# ----------------------------------------------------------------------------------------------------------
+def _meter_from(x, y, c, *, global_mean="class", batch=37, backend="cpu") -> etfkern.CollapseMeter:
+    m = etfkern.CollapseMeter(c, x.shape[1], global_mean=global_mean)
+    with etfkern.use_backend(backend):
+        for i in range(0, x.shape[0], batch):
+            m.update(x[i:i + batch], y[i:i + batch])
+    return m
+
+
+def _assert_metrics(got: dict, want: dict, rtol: float, atol: float = 1e-9):
+    assert got["num_classes_seen"] == want["num_classes_seen"]
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=rtol, abs_tol=atol), (key, got[key], value)
+
+
+@pytest.mark.parametrize("c,d", [(9, 24), (40, 6)], ids=["C'<d", "C'>d"])
+@pytest.mark.parametrize("global_mean", ["class", "sample"])
+def test_metrics_match_dense_definitions(c, d, global_mean):
+    x, y = _clustered(400, c, d)
+    y[y == 2] = 3  # a class never seen
+    w = torch.randn(c, d)
+    want = ref.dense_metrics(x, y, c, global_mean=global_mean, weights=w)
+    assert want["num_classes_seen"] == c - 1
+    got = _meter_from(x, y, c, global_mean=global_mean).compute(w)
+    assert set(got) == set(col.METRIC_KEYS)
+    _assert_metrics(got, want, rtol=1e-8)
+
+
+def test_metrics_with_triton_update_and_pairs():
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        pytest.skip("triton unavailable")
+    c, d = 12, 10
+    x, y = _clustered(120, c, d)
+    x = x.float()
+    w = torch.randn(c, d)
+    want = ref.dense_metrics(x, y, c, weights=w)
+    m = _meter_from(x, y, c, batch=50, backend="triton")
+    with etfkern.use_backend("triton"):
+        got = m.compute(w)
+    _assert_metrics(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_nc1_small_space_constant_and_pinv_tolerance():
+    # C' <= d goes through the C' x C' Gram identity; check it against pinv(Sigma_B) directly, also with a
+    # loose tolerance that drops real directions (both sides must drop the same ones).
+    c, d = 6, 30
+    x, y = _clustered(200, c, d)
+    m = _meter_from(x, y, c)
+    counts, means, sigma_w, _ = ref.two_pass_stats(x, y, c)
+    mt = means - means.mean(0)
+    sigma_b = mt.T @ mt / c
+    lam = torch.linalg.eigvalsh(sigma_b)
+    loose = float(lam[-2] / lam[-1]) * 1.01  # keeps only the leading direction
+    for rtol in (None, loose):
+        kw = {} if rtol is None else {"rtol": rtol}
+        want = float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True, **kw)) / c)
+        got = m.compute(pinv_rtol=rtol)["nc1"]
+        assert math.isclose(got, want, rel_tol=1e-8), (rtol, got, want)
+    assert m.compute(pinv_rtol=loose)["nc1"] < 0.5 * m.compute()["nc1"]
+
+
+def test_simplex_etf_means_give_zero_nc2_errors():
+    c, d = 8, 12
+    etf = torch.eye(c, dtype=torch.float64) - 1.0 / c
+    etf = torch.cat([etf, torch.zeros(c, d - c, dtype=torch.float64)], 1) * 5
+    y = torch.arange(c).repeat(30)
+    noise = 1e-3 * torch.randn(y.shape[0], d, dtype=torch.float64)
+    noise -= torch.zeros(c, d, dtype=torch.float64).index_add_(0, y, noise)[y] / 30  # class means exactly ETF
+    m = _meter_from(etf[y] + noise, y, c)
+    out = m.compute(weights=etf.float())
+    for key in ("nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "nc2_etf_error", "gnc2", "nc3", "unc3"):
+        assert abs(out[key]) < 1e-6, (key, out[key])
+    assert math.isclose(out["nc3_cos_mean"], 1.0, rel_tol=1e-9)
+    assert math.isclose(out["gnc2_mean"], -0.5 * math.log(2 * c / (c - 1)), rel_tol=1e-9)
+    assert out["nc1"] < 1e-6 and out["cdnv"] < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_large_common_offset_fp32(backend):
+    # Collapsed features far from the origin: the naive raw-moment formula in fp32 loses everything, the
+    # meter (centred one-pass merge) keeps Sigma_W to float32 input accuracy.
+    if backend not in backends_for("collapse_update", "cpu"):
+        pytest.skip(f"{backend} unavailable")
+    c, d = 5, 8
+    x, y = _clustered(300, c, d, spread=1.0, sep=0.5, offset=1e4)
+    x = x.float()
+    _, _, sigma_w, _ = ref.two_pass_stats(x, y, c)
+    m = _meter_from(x, y, c, batch=64, backend=backend)
+    got = (m._sw + m._sw.T) / 2 / x.shape[0]
+    rel = float((got - sigma_w).norm() / sigma_w.norm())
+    assert rel < 1e-6, rel
+    # the naive formula in fp32 for contrast (E[hh^T] - sum n_c mu_c mu_c^T / N)
+    counts = torch.bincount(y, minlength=c).float()
+    mu = torch.zeros(c, d).index_add_(0, y, x) / counts[:, None]
+    naive = (x.T @ x - (mu * counts[:, None]).T @ mu) / x.shape[0]
+    naive_rel = float((naive.double() - sigma_w).norm() / sigma_w.norm())
+    assert naive_rel > 1e-2, naive_rel
+
+
+@pytest.mark.parametrize("batch", [1, 7, 1000])
+def test_batch_size_does_not_matter(batch):
+    c, d = 6, 5
+    x, y = _clustered(150, c, d, offset=3.0)
+    one = _meter_from(x, y, c, batch=1000)
+    other = _meter_from(x, y, c, batch=batch)
+    _close(other._sw, one._sw, rtol=1e-10, atol=1e-10)
+    _close(other._means, one._means, rtol=1e-12, atol=1e-12)
+    _close(other._m2, one._m2, rtol=1e-10, atol=1e-10)
+    assert torch.equal(other.counts, one.counts)
+
+
+def test_merge_equals_one_meter():
+    c, d = 10, 7
+    x, y = _clustered(300, c, d, offset=2.0)
+    one = _meter_from(x, y, c)
+    a = _meter_from(x[:100], y[:100], c)
+    b = _meter_from(x[100:], y[100:], c)
+    # b also holds a class a never saw and vice versa
+    a.merge(b)
+    _assert_metrics(a.compute(), one.compute(), rtol=1e-9)
+    assert torch.equal(a.counts, one.counts)
+    _close(a._sw, one._sw, rtol=1e-10, atol=1e-10)
+    # disjoint class sets
+    lo, hi = y < 5, y >= 5
+    p = _meter_from(x[lo], y[lo], c)
+    q = _meter_from(x[hi], y[hi], c)
+    p.merge(q)
+    _close(p._sw, one._sw, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="other must have num_classes"):
+        p.merge(etfkern.CollapseMeter(c + 1, d))
+
+
+def test_resume_equals_uninterrupted():
+    c, d = 7, 6
+    x, y = _clustered(200, c, d)
+    one = _meter_from(x, y, c, global_mean="sample")
+    first = _meter_from(x[:90], y[:90], c, global_mean="sample")
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = etfkern.CollapseMeter(c, d)
+    resumed.load_state_dict(torch.load(buf))
+    assert resumed.global_mean == "sample"
+    for i in range(90, 200, 37):
+        resumed.update(x[i:i + 37], y[i:i + 37])
+    assert resumed.compute() == pytest.approx(one.compute(), rel=1e-10)
+    with pytest.raises(ValueError, match="dim"):
+        etfkern.CollapseMeter(c, d + 1).load_state_dict(first.state_dict())
+
+
+def _state(m):
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, y: (x[:, :-1], y), "features must have shape"),
+    (lambda x, y: (x, y[:-1]), "features must have shape"),
+    (lambda x, y: (x, y + 100), r"labels must lie in \[0, 6\)"),
+    (lambda x, y: (x, y - 100), r"labels must lie in \[0, 6\)"),
+    (lambda x, y: (x.index_fill(0, torch.tensor([3]), float("nan")), y), "features contains NaN or inf"),
+    (lambda x, y: (x.index_fill(0, torch.tensor([0]), float("inf")), y), "features contains NaN or inf"),
+    (lambda x, y: (x, y.float()), "labels must be an integer tensor"),
+    (lambda x, y: (x.int(), y), "features must be float16"),
+    (lambda x, y: (x, y[None]), r"labels must have shape \(N,\)"),
+])
+def test_bad_update_raises_and_leaves_meter_unchanged(bad, match):
+    c, d = 6, 4
+    x, y = _clustered(40, c, d)
+    m = _meter_from(x, y, c)
+    before = _state(m)
+    with pytest.raises(ValueError, match=match):
+        m.update(*bad(x[:10], y[:10]))
+    after = m.state_dict()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, after[key]), key
+
+
+def test_constructor_and_compute_errors():
+    with pytest.raises(ValueError, match="num_classes"):
+        etfkern.CollapseMeter(0, 3)
+    with pytest.raises(ValueError, match="dim"):
+        etfkern.CollapseMeter(3, -1)
+    with pytest.raises(ValueError, match="global_mean"):
+        etfkern.CollapseMeter(3, 2, global_mean="median")
+    m = etfkern.CollapseMeter(4, 3)
+    m.update(torch.randn(5, 3), torch.zeros(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        m.compute()
+    m.update(torch.randn(5, 3), torch.ones(5, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"weights must have shape \(4, 3\)"):
+        m.compute(weights=torch.randn(3, 3))
+    with pytest.raises(ValueError, match="all-zero row"):
+        m.compute(weights=torch.zeros(4, 3))
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        m.compute(weights=torch.randn(4, 3), bias=torch.randn(5))
+
+
+def test_empty_batch_and_sequence_shaped_input():
+    m = etfkern.CollapseMeter(5, 3)
+    m.update(torch.zeros(0, 3), torch.zeros(0, dtype=torch.int64))
+    assert m.num_samples == 0
+    x = torch.randn(2, 4, 3)
+    y = torch.randint(0, 5, (2, 4))
+    m.update(x, y)
+    flat = etfkern.CollapseMeter(5, 3)
+    flat.update(x.reshape(8, 3), y.reshape(8))
+    assert torch.equal(m.counts, flat.counts)
+    assert torch.allclose(m.means.nan_to_num(), flat.means.nan_to_num())
+    assert torch.isnan(m.means[m.counts == 0]).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NC4
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_ncc_mismatch(backend):
+    if backend not in backends_for("collapse_ncc", "cpu"):
+        pytest.skip(f"{backend} unavailable")
+    c, d = 9, 6
+    x, y = _clustered(60, c, d)
+    y[y == 4] = 5
+    m = _meter_from(x, y, c)
+    mu = m.means
+    assert torch.isnan(mu[4]).all()
+    with etfkern.use_backend(backend):
+        # the nearest-mean classifier written as a linear one: mismatch 0, even with an unseen class around
+        w = mu.nan_to_num()
+        b = -(w * w).sum(1) / 2
+        b[4] = -1e30
+        assert m.ncc_mismatch(x, w, b) == 0.0
+        w2 = w + 2.0 * torch.randn(c, d, dtype=w.dtype)  # a perturbed classifier: partial agreement
+        got = etfkern.ncc_mismatch(x.float(), mu, w2.float(), b)
+    want = ref.dense_ncc_mismatch(x.float(), mu, w2.float(), b)
+    assert got == want and 0.0 < want < 1.0
+
+
+def test_ncc_mismatch_validates():
+    mu = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"weights must have shape \(3, 4\)"):
+        etfkern.ncc_mismatch(torch.randn(2, 4), mu, torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"features must have shape \(\?, 4\)"):
+        etfkern.ncc_mismatch(torch.randn(2, 5), mu, torch.randn(3, 4))
+    with pytest.raises(ValueError, match="no row without NaN"):
+        etfkern.ncc_mismatch(torch.randn(2, 4), torch.full((3, 4), float("nan")), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="features contains NaN"):
+        etfkern.ncc_mismatch(torch.full((2, 4), float("nan")), mu, torch.randn(3, 4))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face-style collection and plotting
+# ----------------------------------------------------------------------------------------------------------
+class _FakeOutput:
+    def __init__(self, hidden_states):
+        self.hidden_states = hidden_states
+
+
+class _FakeConfig:
+    vocab_size = 11
+    hidden_size = 4
+
+
+class _FakeCausalLM:
+    """Mimics the HF API: model(input_ids=, attention_mask=, output_hidden_states=True).hidden_states."""
+
+    def __init__(self):
+        self.config = _FakeConfig()
+        self.emb = torch.randn(11, 4)
+        self.calls = 0
+
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states=False):
+        assert output_hidden_states
+        self.calls += 1
+        h0 = self.emb[input_ids]
+        h1 = h0.cumsum(1)  # "last layer": depends on the prefix, like a causal model
+        return _FakeOutput((h0, h1))
+
+
+def test_collect_lm_features_next_tokens_and_padding(capsys):
+    model = _FakeCausalLM()
+    ids = torch.randint(0, 11, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.int64)
+    mask[1, 4:] = 0  # right padding
+    labels = ids.clone()
+    labels[2, 3] = -100  # an ignored target
+    batches = [{"input_ids": ids, "attention_mask": mask, "labels": labels}, {"input_ids": ids[:1]}]
+    meter = col.collect_lm_features(model, batches, progress=True, total=2)
+    assert model.calls == 2 and isinstance(meter, etfkern.CollapseMeter) and meter.num_classes == 11
+    assert "collapse stats" in capsys.readouterr().err  # the tqdm bar
+    # by hand: feature at t pairs with token t+1
+    feats, targs = [], []
+    hid = model.emb[ids].cumsum(1)
+    for b in range(3):
+        for t in range(5):
+            if mask[b, t] and mask[b, t + 1] and labels[b, t + 1] != -100:
+                feats.append(hid[b, t])
+                targs.append(ids[b, t + 1])
+    for t in range(5):
+        feats.append(hid[0, t])
+        targs.append(ids[0, t + 1])
+    want = etfkern.CollapseMeter(11, 4)
+    want.update(torch.stack(feats), torch.stack(targs))
+    assert meter.num_samples == len(targs) == 3 * 5 - 2 - 1 + 5
+    assert torch.equal(meter.counts, want.counts)
+    _close(meter.means.nan_to_num(), want.means.nan_to_num(), rtol=1e-12, atol=1e-12)
+    _close(meter._sw, want._sw, rtol=1e-10, atol=1e-10)
+    # layer 0 and an existing meter
+    m0 = col.collect_lm_features(model, [ids], etfkern.CollapseMeter(11, 4), layer=0, progress=False)
+    assert m0.num_samples == 15
+
+
+def test_plot_metrics_writes_png(tmp_path):
+    x, y = _clustered(100, 5, 6)
+    history = [_meter_from(x[:n], y[:n], 5).compute(torch.randn(5, 6)) for n in (40, 70, 100)]
+    path = col.plot_metrics(history, tmp_path / "nc.png", x=["ck1", "ck2", "ck3"], title="test")
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    path2 = col.plot_metrics({"nc1": [3.0, 2.0], "gnc2_mean": [-0.1, -0.2]}, tmp_path / "layers.png",
+                             xlabel="layer")
+    assert (tmp_path / "layers.png").stat().st_size > 1000 and path2.endswith("layers.png")
+    with pytest.raises(ValueError, match="keys must name metrics"):
+        col.plot_metrics(history, tmp_path / "x.png", keys=["nope"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU-sized shapes (the real tile configs; skipped without CUDA)
+# ----------------------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_update_tiles(dtype):
+    n, k, d = 5000, 300, 520  # several 128-tiles, ragged edges, more rows than one flush
+    x, inv, m_old, n_old = _update_inputs(n, k, d)
+    x = x.to("cuda", dtype)
+    inv, m_old, n_old = inv.cuda(), m_old.cuda(), n_old.cuda()
+    want = ref.collapse_update(x, inv, m_old, n_old)
+    with etfkern.use_backend("triton"):
+        got = torch.ops.etfkern.collapse_update(x, inv, m_old, n_old)
+    _close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    _close(got[1], want[1], rtol=1e-9, atol=1e-9)
+    if dtype == torch.float32:
+        _close(got[2], want[2], rtol=2e-5, atol=2e-5 * float(want[2].abs().max()))
+    else:  # within 2x plain torch in bf16 (centre, then a bf16 GEMM)
+        m_o = torch.where((n_old > 0)[:, None], m_old, want[0])
+        plain = ((x - m_o[inv].to(dtype)).T @ (x - want[0][inv].to(dtype))).double()
+        assert float((got[2] - want[2]).abs().max()) <= 2 * float((plain - want[2]).abs().max())
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_pair_and_ncc_tiles():
+    k, d = 3001, 200
+    mt = torch.randn(k, d, dtype=torch.float64, device="cuda")
+    s = torch.rand(k, dtype=torch.float64, device="cuda") + 0.1
+    shift = -0.5 * math.log(2 * k / (k - 1))
+    want = ref.collapse_pair_stats(mt, s, shift)
+    with etfkern.use_backend("triton"):
+        got = torch.ops.etfkern.collapse_pair_stats(mt, s, shift)
+    _close(got, want, rtol=1e-4, atol=1e-6 * k * k)
+    x = torch.randn(777, d, device="cuda")
+    w = torch.randn(k, d, device="cuda")
+    b = torch.randn(k, device="cuda")
+    wc, wn = ref.collapse_ncc(x, mt[:999], w, b)
+    with etfkern.use_backend("triton"):
+        gc, gn = torch.ops.etfkern.collapse_ncc(x, mt[:999], w, b)
+    assert float((gc == wc).double().mean()) > 0.999 and float((gn == wn).double().mean()) > 0.999

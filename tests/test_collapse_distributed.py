@@ -1,0 +1,95 @@
+"""CollapseMeter.all_reduce across gloo ranks on 127.0.0.1 == one meter over all the data (issue 4)."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.distributed
+
+C, D, N = 11, 6, 330
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    g = torch.Generator().manual_seed(1234)
+    centres = 3.0 * torch.randn(C, D, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (N,), generator=g)
+    y[y == 7] = 8  # class 7 never seen anywhere
+    x = 100.0 + centres[y] + torch.randn(N, D, generator=g, dtype=torch.float64)
+    return x.float(), y
+
+
+def _rank_rows(y: torch.Tensor, rank: int, world: int, disjoint: bool) -> torch.Tensor:
+    if disjoint:  # each rank sees its own classes only (rank 2 of 3 may see several, one rank may see few)
+        return (y % world) == rank
+    return (torch.arange(y.shape[0]) % world) == rank
+
+
+def _worker(rank: int, world: int, port: int, disjoint: bool, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    import etfkern
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        x, y = _data()
+        rows = _rank_rows(y, rank, world, disjoint)
+        m = etfkern.CollapseMeter(C, D)
+        xs, ys = x[rows], y[rows]
+        for i in range(0, xs.shape[0], 25):
+            m.update(xs[i:i + 25], ys[i:i + 25])
+        m.all_reduce()
+        torch.save(m.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("disjoint", [False, True], ids=["overlapping", "disjoint"])
+def test_all_reduce_equals_one_meter(world, disjoint):
+    import etfkern
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(world, _free_port(), disjoint, out_dir), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = TIMEOUT_S
+        import time
+
+        t0 = time.time()
+        while not ctx.join(timeout=5):
+            if time.time() - t0 > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"gloo workers did not finish within {deadline} s")
+        states = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    x, y = _data()
+    one = etfkern.CollapseMeter(C, D)
+    one.update(x, y)
+    want = one.compute()
+    for r, state in enumerate(states):
+        m = etfkern.CollapseMeter(C, D)
+        m.load_state_dict(state)
+        assert torch.equal(m.counts, one.counts), r
+        torch.testing.assert_close(m._sw, one._sw, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(m._m2, one._m2, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(m.means.nan_to_num(), one.means.nan_to_num(), rtol=1e-12, atol=1e-12)
+        got = m.compute()
+        for key, value in want.items():
+            assert math.isclose(got[key], value, rel_tol=1e-8, abs_tol=1e-12), (r, key, got[key], value)
+    if disjoint:  # the split really was disjoint: no class on two ranks
+        seen = [set(y[_rank_rows(y, r, world, True)].tolist()) for r in range(world)]
+        assert all(not (seen[a] & seen[b]) for a in range(world) for b in range(a + 1, world))

@@ -1,0 +1,294 @@
+"""Triton kernels for the collapse family (streaming class statistics, pair metrics, NC4) and their launchers.
+
+Kernels:
+  _segment_stats_kernel   per (class, feature block): batch class sum over the class's rows (rows sorted by class,
+                          deterministic, float64), merged mean, and the class's sum of squared deviations increment.
+  _scatter_gemm_kernel    per upper-triangle (d-block, d-block) tile: sum_r (x_r - m_old[y_r]) (x_r - m_new[y_r])^T,
+                          centring fused into the operand loads (gathered class means), tensor-core dot, float32
+                          partial sums flushed into a float64 tile accumulator.
+  _pair_kernel            per upper-triangle (class-block, class-block) tile: the Gram tile, then an epilogue that
+                          reduces the CDNV / GNC2 / max-angle terms of the pairs c < c' to 4 numbers. No K x K store.
+  _ncc_kernel             per row block: running argmax of the classifier logits and running argmin of the distance
+                          to the class means over class blocks. No N x C store.
+All reductions have a fixed order (no atomics): results are deterministic run to run.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _triangle_tiles(nb: int, device: torch.device) -> torch.Tensor:
+    """(T, 2) int32 block pairs (i, j) with i <= j, T = nb (nb + 1) / 2."""
+    i, j = torch.triu_indices(nb, nb, device=device)
+    return torch.stack([i, j], 1).to(torch.int32).contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 operands keep ~fp32 accuracy on tensor cores (3 tf32 products); the interpreter computes exactly.
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# update
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_rows(x_ptr, stride_xn, stride_xd, perm_ptr, r0, end, cols, cmask, BR: tl.constexpr):
+    """(BR, BD) float64 tile of the class's rows perm[r0 : min(r0 + BR, end)] (zeros outside), and its mask."""
+    r = r0 + tl.arange(0, BR)
+    rmask = r < end
+    rows = tl.load(perm_ptr + r, mask=rmask, other=0).to(tl.int64)
+    m = rmask[:, None] & cmask[None, :]
+    xv = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0)
+    return xv.to(tl.float64), m
+
+
+@triton.jit
+def _segment_stats_kernel(x_ptr, stride_xn, stride_xd, perm_ptr, seg_ptr, mold_ptr, nold_ptr, mnew_ptr, m2_ptr,
+                          D, NBD, BR: tl.constexpr, BD: tl.constexpr):
+    k = tl.program_id(0).to(tl.int64)
+    db = tl.program_id(1)
+    cols = db * BD + tl.arange(0, BD)
+    cmask = cols < D
+    start = tl.load(seg_ptr + k)
+    end = tl.load(seg_ptr + k + 1)
+    acc = tl.zeros((BD,), tl.float64)
+    for r0 in range(start, end, BR):
+        xv, m = _segment_rows(x_ptr, stride_xn, stride_xd, perm_ptr, r0, end, cols, cmask, BR)
+        acc += tl.sum(xv, axis=0)
+    nb = (end - start).to(tl.float64)
+    no = tl.load(nold_ptr + k).to(tl.float64)
+    mo = tl.load(mold_ptr + k * D + cols, mask=cmask, other=0.0)
+    mb = acc / tl.maximum(nb, 1.0)
+    mo = tl.where(no > 0, mo, mb)  # a class new to the meter: centre on its batch mean (exact, no offset loss)
+    n = no + nb
+    mnew = mo + (mb - mo) * (nb / tl.maximum(n, 1.0))
+    tl.store(mnew_ptr + k * D + cols, mnew, mask=cmask)
+    q = tl.zeros((BD,), tl.float64)
+    for r0 in range(start, end, BR):
+        xv, m = _segment_rows(x_ptr, stride_xn, stride_xd, perm_ptr, r0, end, cols, cmask, BR)
+        q += tl.sum(tl.where(m, (xv - mo[None, :]) * (xv - mnew[None, :]), 0.0), axis=0)
+    tl.store(m2_ptr + k * NBD + db, tl.sum(q, axis=0))
+
+
+@triton.jit
+def _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mean_ptr, cols, D, CDT: tl.constexpr):
+    """(BK, BC) tile of x[r, cols] - mean[lab, cols], subtracted in CDT (float64 for 32/64-bit inputs: exact)."""
+    cmask = cols < D
+    m = rmask[:, None] & cmask[None, :]
+    xv = tl.load(x_ptr + r[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0).to(CDT)
+    mv = tl.load(mean_ptr + lab[:, None] * D + cols[None, :], mask=m, other=0.0).to(CDT)
+    return xv - mv
+
+
+@triton.jit
+def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, out_ptr, tiles_ptr, N, D,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLUSH: tl.constexpr,
+                         CDT: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    t = tl.program_id(0)
+    bi = tl.load(tiles_ptr + 2 * t)
+    bj = tl.load(tiles_ptr + 2 * t + 1)
+    ci = bi * BM + tl.arange(0, BM)
+    cj = bj * BN + tl.arange(0, BN)
+    m_out = (ci[:, None] < D) & (cj[None, :] < D)
+    out_ptrs = out_ptr + ci[:, None].to(tl.int64) * D + cj[None, :]
+    # float32 register accumulator over FLUSH * BK rows, then added into this program's own float64 output
+    # tile (no other program writes it: no atomics, fixed order).
+    for n0 in range(0, N, BK * FLUSH):
+        acc = tl.zeros((BM, BN), tl.float32)
+        for f in range(FLUSH):
+            r = (n0 + f * BK + tl.arange(0, BK)).to(tl.int64)
+            rmask = r < N
+            lab = tl.load(inv_ptr + r, mask=rmask, other=0).to(tl.int64)
+            a = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mo_ptr, ci, D, CDT)
+            b = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mn_ptr, cj, D, CDT)
+            if HALF:  # centred values rounded to the input's 16-bit type: tensor-core operands
+                a_op = a.to(tl.float32).to(x_ptr.dtype.element_ty)
+                b_op = b.to(tl.float32).to(x_ptr.dtype.element_ty)
+                if UPCAST:  # the interpreter's 16-bit dot is wrong; same rounding, float32 product
+                    a_op = a_op.to(tl.float32)
+                    b_op = b_op.to(tl.float32)
+            else:
+                a_op = a.to(tl.float32)
+                b_op = b.to(tl.float32)
+            acc = tl.dot(tl.trans(a_op), b_op, acc, input_precision=PREC)
+        prev = tl.load(out_ptrs, mask=m_out, other=0.0)
+        tl.store(out_ptrs, prev + acc.to(tl.float64), mask=m_out)
+
+
+def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor,
+                    n_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton launcher of ``etfkern::collapse_update`` (same contract as the reference)."""
+    n, d = features.shape
+    k = m_old.shape[0]
+    dev = features.device
+    m_old = m_old.to(torch.float64).contiguous()
+    n_old = n_old.to(torch.int64).contiguous()
+    m_new = torch.empty(k, d, dtype=torch.float64, device=dev)
+    sw = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    if n == 0 or k == 0 or d == 0:
+        return m_old.clone(), torch.zeros(k, dtype=torch.float64, device=dev), sw
+    inv = inv.to(torch.int64).contiguous()
+    perm = torch.sort(inv, stable=True).indices
+    seg = torch.zeros(k + 1, dtype=torch.int64, device=dev)
+    seg[1:] = torch.cumsum(torch.bincount(inv, minlength=k), 0)
+    interp = dev.type == "cpu"
+    bd = 16 if interp else 128
+    nbd = triton.cdiv(d, bd)
+    m2p = torch.empty(k, nbd, dtype=torch.float64, device=dev)
+    _segment_stats_kernel[(k, nbd)](features, features.stride(0), features.stride(1), perm, seg, m_old, n_old,
+                                    m_new, m2p, d, nbd, BR=16 if interp else 32, BD=bd)
+    m_old_eff = torch.where((n_old > 0)[:, None], m_old, m_new)
+    half = features.dtype in (torch.float16, torch.bfloat16)
+    if half:  # the centred operand is rounded to 16 bits anyway: gather float32 means (half the traffic)
+        mo_g, mn_g = m_old_eff.to(torch.float32), m_new.to(torch.float32)
+    else:
+        mo_g, mn_g = m_old_eff, m_new
+    bm = 16 if interp else 128
+    tiles = _triangle_tiles(triton.cdiv(d, bm), dev)
+    _scatter_gemm_kernel[(tiles.shape[0],)](
+        features, features.stride(0), features.stride(1), inv, mo_g, mn_g, sw, tiles, n, d,
+        BM=bm, BN=bm, BK=16 if interp else 32, FLUSH=2 if interp else 32,
+        CDT=tl.float32 if half else tl.float64, HALF=half, UPCAST=interp,
+        PREC=_dot_precision(features.dtype) if not half else "ieee", num_warps=4 if interp else 8)
+    # Tiles below the block diagonal were skipped: the exact sum is symmetric, mirror the upper triangle.
+    sw = torch.triu(sw) + torch.triu(sw, 1).T
+    return m_new, m2p.sum(1), sw
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pair statistics
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _pair_kernel(mt_ptr, nsq_ptr, s_ptr, tiles_ptr, part_ptr, K, D, inv_km1, shift,
+                 BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    t = tl.program_id(0)
+    bi = tl.load(tiles_ptr + 2 * t)
+    bj = tl.load(tiles_ptr + 2 * t + 1)
+    ri = (bi * BM + tl.arange(0, BM)).to(tl.int64)
+    rj = (bj * BM + tl.arange(0, BM)).to(tl.int64)
+    acc = tl.zeros((BM, BM), tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < D
+        a = tl.load(mt_ptr + ri[:, None] * D + kk[None, :], mask=(ri[:, None] < K) & kmask[None, :], other=0.0)
+        b = tl.load(mt_ptr + rj[:, None] * D + kk[None, :], mask=(rj[:, None] < K) & kmask[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    ni = tl.load(nsq_ptr + ri, mask=ri < K, other=1.0)
+    nj = tl.load(nsq_ptr + rj, mask=rj < K, other=1.0)
+    si = tl.load(s_ptr + ri, mask=ri < K, other=0.0)
+    sj = tl.load(s_ptr + rj, mask=rj < K, other=0.0)
+    valid = (ri[:, None] < rj[None, :]) & (rj[None, :] < K)
+    # |mu_c - mu_c'|^2 = |mu_c|^2 + |mu_c'|^2 - 2 mu_c.mu_c' ;  |u_c - u_c'|^2 = 2 - 2 cos
+    dist2 = tl.maximum(ni[:, None] + nj[None, :] - 2.0 * acc, 0.0)
+    cos = acc / tl.sqrt(ni[:, None] * nj[None, :])
+    cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
+    # invalid slots (diagonal, lower triangle, padding) get harmless operands, then contribute 0
+    cd = tl.where(valid, (si[:, None] + sj[None, :]) / tl.where(valid, 2.0 * dist2, 1.0), 0.0)
+    g = tl.where(valid, -0.5 * tl.log(tl.where(valid, 2.0 - 2.0 * cos, 1.0)) - shift, 0.0)
+    ma = tl.where(valid, tl.abs(cos + inv_km1), 0.0)
+    tl.store(part_ptr + 4 * t + 0, tl.sum(tl.sum(cd, axis=1), axis=0))
+    tl.store(part_ptr + 4 * t + 1, tl.sum(tl.sum(g, axis=1), axis=0))
+    tl.store(part_ptr + 4 * t + 2, tl.sum(tl.sum(g * g, axis=1), axis=0))
+    tl.store(part_ptr + 4 * t + 3, tl.sum(tl.sum(ma, axis=1), axis=0))
+
+
+def collapse_pair_stats(mt: torch.Tensor, s: torch.Tensor, shift: float) -> torch.Tensor:
+    """Triton launcher of ``etfkern::collapse_pair_stats``: float32 tiles, per-tile partial sums reduced in
+    float64 in a fixed order."""
+    k, d = mt.shape
+    dev = mt.device
+    if k < 2:
+        return torch.zeros(4, dtype=torch.float64, device=dev)
+    mt64 = mt.to(torch.float64)
+    nsq = (mt64 * mt64).sum(1).to(torch.float32).contiguous()
+    mt32 = mt64.to(torch.float32).contiguous()
+    s32 = s.to(torch.float32).contiguous()
+    interp = dev.type == "cpu"
+    bm = 16 if interp else 128
+    tiles = _triangle_tiles(triton.cdiv(k, bm), dev)
+    part = torch.empty(tiles.shape[0], 4, dtype=torch.float32, device=dev)
+    _pair_kernel[(tiles.shape[0],)](mt32, nsq, s32, tiles, part, k, d, 1.0 / (k - 1), float(shift),
+                                    BM=bm, BK=16 if interp else 32, PREC="tf32x3" if not interp else "ieee",
+                                    num_warps=8 if not interp else 4)
+    return part.to(torch.float64).sum(0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NC4: classifier argmax and nearest-class-mean argmin, fused
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _block_scores(x_ptr, stride_xn, stride_xd, rows, w_ptr, stride_wc, stride_wd, cols, NC, D,
+                  BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    acc = tl.zeros((BM, BC), tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < D
+        a = tl.load(x_ptr + rows[:, None] * stride_xn + kk[None, :] * stride_xd, mask=kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * stride_wc + kk[None, :] * stride_wd,
+                    mask=(cols[:, None] < NC) & kmask[None, :], other=0.0)
+        acc = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _ncc_kernel(x_ptr, stride_xn, stride_xd, w_ptr, stride_wc, stride_wd, b_ptr, mu_ptr, musq_ptr,
+                cls_ptr, ncc_ptr, N, C, K, D, HAS_BIAS: tl.constexpr,
+                BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)
+    rows_c = tl.minimum(rows, N - 1)  # clamp: padded rows recompute the last row, their result is not stored
+    best = tl.full((BM,), float("-inf"), tl.float32)
+    besti = tl.zeros((BM,), tl.int64)
+    for c0 in range(0, C, BC):
+        cols = (c0 + tl.arange(0, BC)).to(tl.int64)
+        z = _block_scores(x_ptr, stride_xn, stride_xd, rows_c, w_ptr, stride_wc, stride_wd, cols, C, D,
+                          BM, BC, BK, PREC)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(cols[None, :] < C, z, float("-inf"))
+        bmax = tl.max(z, axis=1)
+        barg = tl.argmax(z, axis=1).to(tl.int64) + c0
+        upd = bmax > best  # strict: the first maximum wins, as in torch.argmax
+        best = tl.where(upd, bmax, best)
+        besti = tl.where(upd, barg, besti)
+    tl.store(cls_ptr + rows, besti, mask=rows < N)
+    best = tl.full((BM,), float("inf"), tl.float32)
+    besti = tl.zeros((BM,), tl.int64)
+    for c0 in range(0, K, BC):
+        cols = (c0 + tl.arange(0, BC)).to(tl.int64)
+        dots = _block_scores(x_ptr, stride_xn, stride_xd, rows_c, mu_ptr, D, 1, cols, K, D, BM, BC, BK, PREC)
+        # |h - mu|^2 - |h|^2 = |mu|^2 - 2 h.mu: the row term does not change the argmin
+        z = tl.load(musq_ptr + cols, mask=cols < K, other=0.0)[None, :] - 2.0 * dots
+        z = tl.where(cols[None, :] < K, z, float("inf"))
+        bmin = tl.min(z, axis=1)
+        barg = tl.argmin(z, axis=1).to(tl.int64) + c0
+        upd = bmin < best
+        best = tl.where(upd, bmin, best)
+        besti = tl.where(upd, barg, besti)
+    tl.store(ncc_ptr + rows, besti, mask=rows < N)
+
+
+def collapse_ncc(features: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton launcher of ``etfkern::collapse_ncc``: two (N,) int64 index vectors, no N x C buffer."""
+    n, d = features.shape
+    c = weights.shape[0]
+    k = means.shape[0]
+    dev = features.device
+    cls = torch.empty(n, dtype=torch.int64, device=dev)
+    ncc = torch.empty(n, dtype=torch.int64, device=dev)
+    if n == 0:
+        return cls, ncc
+    mu64 = means.to(torch.float64)
+    musq = (mu64 * mu64).sum(1).to(torch.float32).contiguous()
+    mu32 = mu64.to(torch.float32).contiguous()
+    interp = dev.type == "cpu"
+    b = bias.contiguous() if bias is not None else musq  # dummy pointer when there is no bias
+    _ncc_kernel[(triton.cdiv(n, 16 if interp else 64),)](
+        features, features.stride(0), features.stride(1), weights, weights.stride(0), weights.stride(1), b,
+        mu32, musq, cls, ncc, n, c, k, d, HAS_BIAS=bias is not None,
+        BM=16 if interp else 64, BC=16 if interp else 128, BK=16 if interp else 32,
+        PREC="ieee" if interp else "tf32x3", num_warps=4)
+    return cls, ncc
