@@ -35,6 +35,7 @@ from etfkern._backend import BackendUnavailableError, use_backend  # noqa: E402
 # collapse
 
 # msam (etfkern.optim)
+from etfkern import optim  # noqa: E402,F401
 
 # ------------------------------------------------------------------------------------------------------------
 
@@ -46,6 +47,8 @@ __all__ = [
 
     # collapse
 
+    # msam
+    "optim",
 ]
 
 
