@@ -119,9 +119,11 @@ def msam_adamw_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
 # Trajectory references: the issue's equations, verbatim, on float64 lists (state: dict with "v", "s", ...)
 # ----------------------------------------------------------------------------------------------------------
 def msam_trajectory_step(w_tilde: list[Tensor], grads: list[Tensor | None], state: dict, *, lr: float,
-                         momentum: float, rho: float, weight_decay: float = 0.0, nesterov: bool = False) -> None:
+                         momentum: float, rho: float, weight_decay: float = 0.0, nesterov: bool = False,
+                         lagged: bool = False) -> None:
     """One MSAM step on float64 tensors (in place on ``w_tilde``); ``state`` holds "v" (list) and "s" (float).
-    Parameters whose grad is None keep v and are re-perturbed with the new scale."""
+    Parameters whose grad is None keep v and are re-perturbed with the new scale. ``lagged``: from the second
+    step on, s' = rho / ||v|| (the momentum before this step's update) instead of rho / ||v'||."""
     v = state.setdefault("v", [torch.zeros_like(w) for w in w_tilde])
     s = state.get("s", 0.0)
     w = [wt + s * vi for wt, vi in zip(w_tilde, v)]
@@ -138,10 +140,14 @@ def msam_trajectory_step(w_tilde: list[Tensor], grads: list[Tensor | None], stat
         d = g + weight_decay * w[k]
         w[k] = w[k] - lr * (d + momentum * vn if nesterov else vn)
     norm = torch.sqrt(sum((vn * vn).sum() for vn in new_v)).item()
-    s_new = rho / (norm + EPS_NORM)
+    if lagged and "t" in state:
+        old = torch.sqrt(sum((vi * vi).sum() for vi in v)).item()
+        s_new = rho / (old + EPS_NORM) if old > 0 else 0.0
+    else:
+        s_new = rho / (norm + EPS_NORM)
     for k in range(len(w_tilde)):
         w_tilde[k].copy_(w[k] - s_new * new_v[k])
-    state["v"], state["s"] = new_v, s_new
+    state["v"], state["s"], state["t"] = new_v, s_new, state.get("t", 0) + 1
 
 
 def adamw_msam_trajectory_step(w_tilde: list[Tensor], grads: list[Tensor | None], state: dict, *, lr: float,
