@@ -96,6 +96,21 @@ def test_sgd_step_bitwise_with_reference_in_float64(nesterov):
             assert torch.equal(a, b), backend
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_cpu_kernel_bitwise_with_torch_path(dtype):
+    # The compiled kernel (AVX2 or baseline loop, own bf16 rounding) and the torch fallback (same order of
+    # fp32 operations, torch's bf16 rounding) agree bit for bit.
+    shapes = [(300, 257), (77,), (5,)]
+    params, grads, bufs, _ = _make(shapes, dtype)
+    so, sn, gs = torch.tensor(0.3), torch.tensor(0.7), torch.tensor([8.0])
+    n = len(shapes)
+    args = ([0.1] * n, [0.9] * n, [0.0, 0.01, 0.01], [False, True, False], gs, torch.zeros(1))
+    p1, v1, p2, v2 = _clone(params), _clone(bufs), _clone(params), _clone(bufs)
+    torch.ops.etfkern.msam_sgd_step_native(p1, grads, v1, so, sn, *args)
+    ref.msam_sgd_step(p2, grads, v2, so, sn, *args, compute=None)
+    assert all(torch.equal(a, b) for a, b in zip(p1 + v1, p2 + v2))
+
+
 def test_ops_edge_cases_empty_and_zero_size():
     s = torch.tensor(0.5)
     for backend in backends_for("msam_sq_norm", "cpu"):

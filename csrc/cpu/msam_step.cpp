@@ -12,7 +12,24 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
+
+#include <cstring>
+
+#define ETFKERN_MSAM_NS base
+#include "cpu/msam_step_kernels.h"
+#undef ETFKERN_MSAM_NS
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define ETFKERN_MSAM_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2")  // no "fma": contraction would change the rounding
+#define ETFKERN_MSAM_NS avx2
+#include "cpu/msam_step_kernels.h"
+#undef ETFKERN_MSAM_NS
+#pragma GCC pop_options
+#endif
 
 namespace etfkern {
 namespace {
@@ -75,10 +92,34 @@ at::Tensor out_norm(at::TensorList bufs, double value) {
   return at::scalar_tensor(value, at::TensorOptions().dtype(f64 ? at::kDouble : at::kFloat));
 }
 
+bool use_avx2() {
+#ifdef ETFKERN_MSAM_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Address of the AVX2 or the baseline instantiation of an element-loop template (same signature).
+#ifdef ETFKERN_MSAM_AVX2
+#define ETFKERN_MSAM_PICK(...) (use_avx2() ? &msam_cpu::avx2::__VA_ARGS__ : &msam_cpu::base::__VA_ARGS__)
+#else
+#define ETFKERN_MSAM_PICK(...) (&msam_cpu::base::__VA_ARGS__)
+#endif
+
 double sum_partials(const std::vector<double>& partial) {
   double total = 0.0;
   for (double x : partial) total += x;
   return total;
+}
+
+// Calls f(std::true_type) or f(std::false_type): runtime flags become compile-time so the element loops
+// carry no branches and vectorise.
+template <typename F>
+inline void with_bool(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 // Dispatch on the parameter dtype: P the stored type, T the state / math type.
@@ -122,16 +163,10 @@ at::Tensor msam_sq_norm_cpu(at::TensorList params, at::TensorList grads_in, at::
         const T mu = static_cast<T>(momentum[w.tensor]), c = static_cast<T>(grad_coef[w.tensor]);
         const T wd = static_cast<T>(weight_decay[w.tensor]), ts = static_cast<T>(s), tgs = static_cast<T>(gs);
         const bool use_wd = weight_decay[w.tensor] != 0.0;
-        double acc = 0.0;
-        for (int64_t i = w.begin; i < w.end; ++i) {
-          T gi = static_cast<T>(g[i]);
-          if (has_gs) gi = gi / tgs;
-          T d = c * gi;
-          if (use_wd) d = d + wd * (static_cast<T>(p[i]) + ts * v[i]);
-          const T vn = mu * v[i] + d;
-          acc += static_cast<double>(vn) * static_cast<double>(vn);
-        }
-        partial[k] = acc;
+        with_bool(has_gs, [&](auto GS) { with_bool(use_wd, [&](auto WD) {
+          constexpr bool kGS = decltype(GS)::value, kWD = decltype(WD)::value;
+          partial[k] = ETFKERN_MSAM_PICK(norm_chunk<P, T, kGS, kWD>)(p, g, v, w.begin, w.end, mu, c, wd, ts, tgs);
+        }); });
       });
     }
   });
@@ -178,20 +213,11 @@ at::Tensor msam_sgd_step_cpu(at::TensorList params, at::TensorList grads_in, at:
         const T tlr = static_cast<T>(lr[w.tensor]), tso = static_cast<T>(so), tsn = static_cast<T>(sn);
         const T tgs = static_cast<T>(gs);
         const bool use_wd = weight_decay[w.tensor] != 0.0, nes = nest[w.tensor];
-        double acc = 0.0;
-        for (int64_t i = w.begin; i < w.end; ++i) {
-          T gi = static_cast<T>(g[i]);
-          if (has_gs) gi = gi / tgs;
-          T x = static_cast<T>(p[i]) + tso * v[i];
-          const T d = use_wd ? gi + wd * x : gi;
-          const T vn = mu * v[i] + d;
-          const T u = nes ? d + mu * vn : vn;
-          x = x - tlr * u;
-          p[i] = static_cast<P>(x - tsn * vn);
-          v[i] = vn;
-          acc += static_cast<double>(vn) * static_cast<double>(vn);
-        }
-        partial[k] = acc;
+        with_bool(has_gs, [&](auto GS) { with_bool(use_wd, [&](auto WD) { with_bool(nes, [&](auto NES) {
+          constexpr bool kGS = decltype(GS)::value, kWD = decltype(WD)::value, kN = decltype(NES)::value;
+          partial[k] = ETFKERN_MSAM_PICK(sgd_chunk<P, T, kGS, kWD, kN>)(p, g, v, w.begin, w.end, tlr, mu, wd, tso, tsn,
+                                                                       tgs);
+        }); }); });
       });
     }
   });
@@ -236,29 +262,13 @@ at::Tensor msam_adamw_step_cpu(at::TensorList params, at::TensorList grads_in, a
         const P* g = grads[j].data_ptr<P>();
         T* m = exp_avgs[j].data_ptr<T>();
         T* q = exp_avg_sqs[j].data_ptr<T>();
-        const T b1 = static_cast<T>(beta1[j]), b2 = static_cast<T>(beta2[j]);
-        const T c1 = static_cast<T>(1.0 - beta1[j]), c2 = static_cast<T>(1.0 - beta2[j]);
-        const T decay = static_cast<T>(1.0 - lr[j] * weight_decay[j]);
-        const T step_size = static_cast<T>(lr[j] / (1.0 - std::pow(beta1[j], t)));
-        const T bc2_sqrt = static_cast<T>(std::sqrt(1.0 - std::pow(beta2[j], t)));
-        const T teps = static_cast<T>(eps[j]), tso = static_cast<T>(so), tsn = static_cast<T>(sn);
-        const T tgs = static_cast<T>(gs);
-        double acc = 0.0;
-        for (int64_t i = w.begin; i < w.end; ++i) {
-          T gi = static_cast<T>(g[i]);
-          if (has_gs) gi = gi / tgs;
-          T x = static_cast<T>(p[i]) + tso * m[i];
-          x = x * decay;
-          const T mn = b1 * m[i] + c1 * gi;
-          const T qn = b2 * q[i] + c2 * (gi * gi);
-          const T denom = std::sqrt(qn) / bc2_sqrt + teps;
-          x = x - step_size * (mn / denom);
-          p[i] = static_cast<P>(x - tsn * mn);
-          m[i] = mn;
-          q[i] = qn;
-          acc += static_cast<double>(mn) * static_cast<double>(mn);
-        }
-        partial[k] = acc;
+        const msam_cpu::AdamCoef coef{beta1[j], beta2[j], 1.0 - beta1[j], 1.0 - beta2[j],
+                                      1.0 - lr[j] * weight_decay[j], lr[j] / (1.0 - std::pow(beta1[j], t)),
+                                      std::sqrt(1.0 - std::pow(beta2[j], t)), eps[j], so, sn, gs};
+        with_bool(has_gs, [&](auto GS) {
+          constexpr bool kGS = decltype(GS)::value;
+          partial[k] = ETFKERN_MSAM_PICK(adamw_chunk<P, T, kGS>)(p, g, m, q, w.begin, w.end, coef);
+        });
       });
     }
   });
