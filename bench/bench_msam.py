@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -94,6 +96,20 @@ def _optimizers(ps, device: str) -> dict[str, Callable[[], torch.optim.Optimizer
     return makers
 
 
+def _time_interleaved(opts: dict[str, torch.optim.Optimizer], device: str, rounds: int) -> dict[str, float]:
+    """Median ms per step. On CPU (a shared machine) the optimizers take turns, one step each per round, so
+    load changes hit every method alike; on GPU each gets triton's do_bench."""
+    if torch.device(device).type == "cuda":
+        return {k: time_ms(o.step, device) for k, o in opts.items()}
+    samples: dict[str, list[float]] = {k: [] for k in opts}
+    for _ in range(rounds):
+        for k, o in opts.items():
+            t0 = time.perf_counter()
+            o.step()
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def copy_rate_gbs(device: str, numel: int) -> float:
     src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
@@ -112,18 +128,17 @@ def run(quick: bool, device: str) -> list[dict]:
             ps = _params(numel, dtype, device)
             total = sum(p.numel() for p in ps)
             shape = f"{total / 1e6:.0f}M {str(dtype).replace('torch.', '')}"
-            times: dict[str, float] = {}
+            opts: dict[str, torch.optim.Optimizer] = {}
             for impl, make in _optimizers(ps, device).items():
                 try:
-                    opt = make()
-                    opt.step()
+                    opts[impl] = make()
+                    opts[impl].step()
                 except (RuntimeError, ValueError, NotImplementedError) as exc:
                     print(f"skip {impl} ({shape}): {type(exc).__name__}: {str(exc)[:100]}")
-                    continue
-                ms = time_ms(opt.step, device, warmup=1, rep=3 if quick else 7)
-                times[impl] = ms
-                del opt
-                pbytes = torch.finfo(dtype).bits // 8
+            times = _time_interleaved(opts, device, rounds=5 if quick else 9)
+            del opts
+            pbytes = torch.finfo(dtype).bits // 8
+            for impl, ms in times.items():
                 gbs = _bytes_per_elem(impl, pbytes) * total / (ms * 1e-3) / 1e9
                 rows.append({"op": "optimizer_step", "shape": shape, "impl": impl, "ms": ms,
                              "GB/s": gbs, "copy_frac": gbs / copy_gbs, "threads": torch.get_num_threads()})
@@ -144,7 +159,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args.quick, args.device)
     print_table(rows, ["shape", "impl", "ms", "GB/s", "copy_frac", "x_sgd_foreach", "x_sgd_fused", "x_msam_exact",
                        "x_adamw_fused"])

@@ -70,7 +70,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rho", type=float, default=0.3)
     ap.add_argument("--norm", choices=["exact", "lagged"], default="exact")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (a tiny model runs best on one)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     for name in ("sgd", "msam"):
         r = train(name, args.steps, args.rho, args.norm)
         print(f"{r['optimizer']:5s} train acc {r['train_acc']:.3f}  test acc {r['test_acc']:.3f}  "
