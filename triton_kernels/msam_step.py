@@ -27,20 +27,38 @@ _CACHE: dict[tuple, Tensor] = {}
 # kernels
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
+def _block(blk_t, blk_o, numels, BLOCK: tl.constexpr):
+    """This program's tensor index, element offsets and bounds mask."""
+    pid = tl.program_id(0)
+    t = tl.load(blk_t + pid)
+    offs = tl.load(blk_o + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    return t, offs, offs < tl.load(numels + t)
+
+
+@triton.jit
+def _load_grad(g_tab, t, offs, mask, gs_ptr, HAS_GS: tl.constexpr, PT: tl.constexpr, T: tl.constexpr):
+    g_ptr = tl.load(g_tab + t).to(tl.pointer_type(PT))
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(T)
+    if HAS_GS:
+        g = g / tl.load(gs_ptr).to(T)
+    return g
+
+
+@triton.jit
+def _load_state(tab, t, offs, mask, DT: tl.constexpr):
+    """Pointer and values of the tensor whose address is tab[t] (element type DT)."""
+    ptr = tl.load(tab + t).to(tl.pointer_type(DT))
+    return ptr, tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
 def _sq_norm_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, partial, scale_ptr, gs_ptr, hyp,
                     HAS_GS: tl.constexpr, USE_WD: tl.constexpr, PT: tl.constexpr, T: tl.constexpr,
                     BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
     mu, c, wd = tl.load(hyp), tl.load(hyp + 1), tl.load(hyp + 2)
-    t = tl.load(blk_t + pid)
-    offs = tl.load(blk_o + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(numels + t)
-    g_ptr = tl.load(g_tab + t).to(tl.pointer_type(PT))
-    v_ptr = tl.load(v_tab + t).to(tl.pointer_type(T))
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(T)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    if HAS_GS:
-        g = g / tl.load(gs_ptr).to(T)
+    t, offs, mask = _block(blk_t, blk_o, numels, BLOCK)
+    g = _load_grad(g_tab, t, offs, mask, gs_ptr, HAS_GS, PT, T)
+    v_ptr, v = _load_state(v_tab, t, offs, mask, T)
     d = c.to(T) * g
     if USE_WD:
         p_ptr = tl.load(p_tab + t).to(tl.pointer_type(PT))
@@ -48,26 +66,18 @@ def _sq_norm_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, partial, scale_pt
         d = d + wd.to(T) * (p + tl.load(scale_ptr).to(T) * v)
     vn = mu.to(T) * v + d
     vn = tl.where(mask, vn, 0.0)
-    tl.store(partial + pid, tl.sum(vn * vn, axis=0))
+    tl.store(partial + tl.program_id(0), tl.sum(vn * vn, axis=0))
 
 
 @triton.jit
 def _sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, partial, so_ptr, sn_ptr, gs_ptr, fi_ptr, hyp,
                 HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, USE_WD: tl.constexpr,
                 NESTEROV: tl.constexpr, PT: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
     lr, mu, wd = tl.load(hyp), tl.load(hyp + 1), tl.load(hyp + 2)
-    t = tl.load(blk_t + pid)
-    offs = tl.load(blk_o + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(numels + t)
-    p_ptr = tl.load(p_tab + t).to(tl.pointer_type(PT))
-    g_ptr = tl.load(g_tab + t).to(tl.pointer_type(PT))
-    v_ptr = tl.load(v_tab + t).to(tl.pointer_type(T))
-    p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(T)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
-    if HAS_GS:
-        g = g / tl.load(gs_ptr).to(T)
+    t, offs, mask = _block(blk_t, blk_o, numels, BLOCK)
+    p_ptr, p_raw = _load_state(p_tab, t, offs, mask, PT)
+    g = _load_grad(g_tab, t, offs, mask, gs_ptr, HAS_GS, PT, T)
+    v_ptr, v = _load_state(v_tab, t, offs, mask, T)
     x = p_raw.to(T) + tl.load(so_ptr).to(T) * v
     if USE_WD:
         d = g + wd.to(T) * x
@@ -88,7 +98,7 @@ def _sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, partial, so_ptr, sn_p
     tl.store(p_ptr + offs, pn.to(PT), mask=write)
     tl.store(v_ptr + offs, vn, mask=write)
     vn = tl.where(mask, vn, 0.0)
-    tl.store(partial + pid, tl.sum(vn * vn, axis=0))
+    tl.store(partial + tl.program_id(0), tl.sum(vn * vn, axis=0))
 
 
 @triton.jit
@@ -96,22 +106,13 @@ def _adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, partial, so_
                   step_size_ptr, bc2_sqrt_ptr, hyp,
                   HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, PT: tl.constexpr, T: tl.constexpr,
                   BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
     b1, b2, c1, c2 = tl.load(hyp), tl.load(hyp + 1), tl.load(hyp + 2), tl.load(hyp + 3)
     eps, decay = tl.load(hyp + 4), tl.load(hyp + 5)
-    t = tl.load(blk_t + pid)
-    offs = tl.load(blk_o + pid) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < tl.load(numels + t)
-    p_ptr = tl.load(p_tab + t).to(tl.pointer_type(PT))
-    g_ptr = tl.load(g_tab + t).to(tl.pointer_type(PT))
-    m_ptr = tl.load(m_tab + t).to(tl.pointer_type(T))
-    q_ptr = tl.load(q_tab + t).to(tl.pointer_type(T))
-    p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(T)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    q = tl.load(q_ptr + offs, mask=mask, other=0.0)
-    if HAS_GS:
-        g = g / tl.load(gs_ptr).to(T)
+    t, offs, mask = _block(blk_t, blk_o, numels, BLOCK)
+    p_ptr, p_raw = _load_state(p_tab, t, offs, mask, PT)
+    g = _load_grad(g_tab, t, offs, mask, gs_ptr, HAS_GS, PT, T)
+    m_ptr, m = _load_state(m_tab, t, offs, mask, T)
+    q_ptr, q = _load_state(q_tab, t, offs, mask, T)
     x = p_raw.to(T) + tl.load(so_ptr).to(T) * m
     x = x * decay.to(T)
     mn = b1.to(T) * m + c1.to(T) * g
@@ -132,7 +133,7 @@ def _adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, partial, so_
     tl.store(m_ptr + offs, mn, mask=write)
     tl.store(q_ptr + offs, qn, mask=write)
     mn = tl.where(mask, mn, 0.0)
-    tl.store(partial + pid, tl.sum(mn * mn, axis=0))
+    tl.store(partial + tl.program_id(0), tl.sum(mn * mn, axis=0))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,78 +216,80 @@ def _scalar(t: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tenso
     return None if t is None else t.to(device=device, dtype=dtype).reshape(1)
 
 
+def _launch_runs(lists: list[Sequence[Tensor]], hyper: list[Sequence], device: torch.device, launch) -> Tensor:
+    """For each run of tensors sharing dtype and hyperparameters: launch(a, T, grid, head) where head is the
+    kernel's leading arguments (address tables of every list, block tables, partials); returns the float64
+    sum of all partials (0-dim)."""
+    params = lists[0]
+    parts = [torch.zeros(1, dtype=torch.float64, device=device)]
+    for a, b in _runs(params, *hyper):
+        T = _state_dtype(params[a])
+        blk_t, blk_o, numels, nblk = _block_tables(params[a:b], device)
+        if nblk == 0:
+            continue
+        partial = torch.empty(nblk, dtype=T, device=device)
+        addrs = [_addr_table(ts[a:b], device) for ts in lists]
+        launch(a, T, (nblk,), [*addrs, blk_t, blk_o, numels, partial])
+        parts.append(partial.double().sum().reshape(1))
+    return torch.cat(parts).sum()
+
+
+def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
+    return dummy if t is None else t  # a valid pointer for an argument the kernel will not read
+
+
 # ---------------------------------------------------------------------------------------------------------
 # launchers (same arguments as the etfkern ops)
 # ---------------------------------------------------------------------------------------------------------
 def msam_sq_norm(params, grads, bufs, scale, momentum, grad_coef, weight_decay, grad_scale) -> Tensor:
     _check("msam_sq_norm", params, grads, [bufs])
     device = scale.device
-    grads = [g.contiguous() for g in grads]
-    parts = [torch.zeros(1, dtype=torch.float64, device=device)]
-    for a, b in _runs(params, momentum, grad_coef, weight_decay):
-        T = _state_dtype(params[a])
-        blk_t, blk_o, numels, nblk = _block_tables(params[a:b], device)
-        if nblk == 0:
-            continue
-        partial = torch.empty(nblk, dtype=T, device=device)
+
+    def launch(a, T, grid, head):
         gs = _scalar(grad_scale, T, device)
-        _sq_norm_kernel[(nblk,)](
-            _addr_table(params[a:b], device), _addr_table(grads[a:b], device), _addr_table(bufs[a:b], device),
-            blk_t, blk_o, numels, partial, _scalar(scale, T, device), gs if gs is not None else partial,
-            _hyper([momentum[a], grad_coef[a], weight_decay[a]], T, device), HAS_GS=gs is not None,
-            USE_WD=weight_decay[a] != 0.0, PT=_TL[params[a].dtype], T=_TL[T], BLOCK=BLOCK)
-        parts.append(partial.double().sum().reshape(1))
-    return torch.cat(parts).sum().to(_out_dtype(bufs))
+        _sq_norm_kernel[grid](*head, _scalar(scale, T, device), _or(gs, head[-1]),
+                              _hyper([momentum[a], grad_coef[a], weight_decay[a]], T, device), HAS_GS=gs is not None,
+                              USE_WD=weight_decay[a] != 0.0, PT=_TL[params[a].dtype], T=_TL[T], BLOCK=BLOCK)
+
+    total = _launch_runs([params, [g.contiguous() for g in grads], bufs], [momentum, grad_coef, weight_decay],
+                         device, launch)
+    return total.to(_out_dtype(bufs))
 
 
 def msam_sgd_step(params, grads, bufs, scale_old, scale_new, lr, momentum, weight_decay, nesterov, grad_scale,
                   found_inf) -> Tensor:
     _check("msam_sgd_step", params, grads, [bufs])
     device = scale_old.device
-    grads = [g.contiguous() for g in grads]
-    parts = [torch.zeros(1, dtype=torch.float64, device=device)]
     fi = _scalar(found_inf, torch.float32, device)
-    for a, b in _runs(params, lr, momentum, weight_decay, nesterov):
-        T = _state_dtype(params[a])
-        blk_t, blk_o, numels, nblk = _block_tables(params[a:b], device)
-        if nblk == 0:
-            continue
-        partial = torch.empty(nblk, dtype=T, device=device)
+
+    def launch(a, T, grid, head):
         gs = _scalar(grad_scale, T, device)
-        _sgd_kernel[(nblk,)](
-            _addr_table(params[a:b], device), _addr_table(grads[a:b], device), _addr_table(bufs[a:b], device),
-            blk_t, blk_o, numels, partial, _scalar(scale_old, T, device), _scalar(scale_new, T, device),
-            gs if gs is not None else partial, fi if fi is not None else partial,
-            _hyper([lr[a], momentum[a], weight_decay[a]], T, device), HAS_GS=gs is not None,
-            HAS_FI=fi is not None, USE_WD=weight_decay[a] != 0.0, NESTEROV=bool(nesterov[a]),
-            PT=_TL[params[a].dtype], T=_TL[T], BLOCK=BLOCK)
-        parts.append(partial.double().sum().reshape(1))
-    return torch.cat(parts).sum().to(_out_dtype(bufs))
+        _sgd_kernel[grid](*head, _scalar(scale_old, T, device), _scalar(scale_new, T, device), _or(gs, head[-1]),
+                          _or(fi, head[-1]), _hyper([lr[a], momentum[a], weight_decay[a]], T, device),
+                          HAS_GS=gs is not None, HAS_FI=fi is not None, USE_WD=weight_decay[a] != 0.0,
+                          NESTEROV=bool(nesterov[a]), PT=_TL[params[a].dtype], T=_TL[T], BLOCK=BLOCK)
+
+    total = _launch_runs([params, [g.contiguous() for g in grads], bufs], [lr, momentum, weight_decay, nesterov],
+                         device, launch)
+    return total.to(_out_dtype(bufs))
 
 
 def msam_adamw_step(params, grads, exp_avgs, exp_avg_sqs, scale_old, scale_new, step, lr, beta1, beta2, eps,
                     weight_decay, grad_scale, found_inf) -> Tensor:
     _check("msam_adamw_step", params, grads, [exp_avgs, exp_avg_sqs])
     device = scale_old.device
-    grads = [g.contiguous() for g in grads]
-    parts = [torch.zeros(1, dtype=torch.float64, device=device)]
     fi = _scalar(found_inf, torch.float32, device)
     t = step.to(device=device, dtype=torch.float64).reshape(1)
-    for a, b in _runs(params, lr, beta1, beta2, eps, weight_decay):
-        T = _state_dtype(params[a])
-        blk_t, blk_o, numels, nblk = _block_tables(params[a:b], device)
-        if nblk == 0:
-            continue
-        partial = torch.empty(nblk, dtype=T, device=device)
+
+    def launch(a, T, grid, head):
         gs = _scalar(grad_scale, T, device)
-        step_size = (lr[a] / (1.0 - torch.pow(beta1[a], t))).to(T)  # on device: no host sync
+        step_size = (lr[a] / (1.0 - torch.pow(beta1[a], t))).to(T)  # bias corrections on device: no host sync
         bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2[a], t)).to(T)
-        _adamw_kernel[(nblk,)](
-            _addr_table(params[a:b], device), _addr_table(grads[a:b], device), _addr_table(exp_avgs[a:b], device),
-            _addr_table(exp_avg_sqs[a:b], device), blk_t, blk_o, numels, partial, _scalar(scale_old, T, device),
-            _scalar(scale_new, T, device), gs if gs is not None else partial, fi if fi is not None else partial,
-            step_size, bc2_sqrt, _hyper([beta1[a], beta2[a], 1.0 - beta1[a], 1.0 - beta2[a], eps[a],
-                                         1.0 - lr[a] * weight_decay[a]], T, device), HAS_GS=gs is not None, HAS_FI=fi is not None,
-            PT=_TL[params[a].dtype], T=_TL[T], BLOCK=BLOCK)
-        parts.append(partial.double().sum().reshape(1))
-    return torch.cat(parts).sum().to(_out_dtype(exp_avgs))
+        coef = [beta1[a], beta2[a], 1.0 - beta1[a], 1.0 - beta2[a], eps[a], 1.0 - lr[a] * weight_decay[a]]
+        _adamw_kernel[grid](*head, _scalar(scale_old, T, device), _scalar(scale_new, T, device), _or(gs, head[-1]),
+                            _or(fi, head[-1]), step_size, bc2_sqrt, _hyper(coef, T, device), HAS_GS=gs is not None,
+                            HAS_FI=fi is not None, PT=_TL[params[a].dtype], T=_TL[T], BLOCK=BLOCK)
+
+    total = _launch_runs([params, [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs],
+                         [lr, beta1, beta2, eps, weight_decay], device, launch)
+    return total.to(_out_dtype(exp_avgs))
