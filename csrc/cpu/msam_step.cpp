@@ -134,6 +134,34 @@ void dispatch_param(at::ScalarType st, F&& f) {
   }
 }
 
+// Runs fn(work item, P tag, T tag) -> double for every chunk of every tensor (in parallel); returns the chunk
+// results added in list order (deterministic for any thread count).
+template <typename F>
+double for_chunks(at::TensorList params, F&& fn) {
+  const auto work = make_work(params);
+  std::vector<double> partial(work.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t wb, int64_t we) {
+    for (int64_t k = wb; k < we; ++k) {
+      dispatch_param(params[work[k].tensor].scalar_type(),
+                     [&](auto p_tag, auto t_tag) { partial[k] = fn(work[k], p_tag, t_tag); });
+    }
+  });
+  return sum_partials(partial);
+}
+
+std::vector<at::Tensor> contiguous(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+// The step was skipped (found_inf): the state is unchanged, report its squared norm.
+at::Tensor unchanged_norm(at::TensorList bufs) {
+  double total = 0.0;
+  for (const auto& b : bufs) total += b.to(at::kDouble).pow(2).sum().item<double>();
+  return out_norm(bufs, total);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Pass 1: sum_i || mu v + (c g + wd (p + s v)) ||^2
 // ---------------------------------------------------------------------------------------------------------
@@ -144,33 +172,27 @@ at::Tensor msam_sq_norm_cpu(at::TensorList params, at::TensorList grads_in, at::
   check_lists("msam_sq_norm", params, grads_in, bufs, std::nullopt, momentum.size());
   TORCH_CHECK_VALUE(grad_coef.size() == params.size() && weight_decay.size() == params.size(),
                     "msam_sq_norm: grad_coef and weight_decay need one entry per tensor");
-  std::vector<at::Tensor> grads;
-  for (const auto& g : grads_in) grads.push_back(g.contiguous());
+  const auto grads = contiguous(grads_in);
   const double s = read_scalar(scale, 0.0);
   const bool has_gs = grad_scale.has_value() && grad_scale->defined();
   const double gs = read_scalar(grad_scale, 1.0);
-  const auto work = make_work(params);
-  std::vector<double> partial(work.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t wb, int64_t we) {
-    for (int64_t k = wb; k < we; ++k) {
-      const Work w = work[k];
-      dispatch_param(params[w.tensor].scalar_type(), [&](auto p_tag, auto t_tag) {
-        using P = decltype(p_tag);
-        using T = decltype(t_tag);
-        const P* p = params[w.tensor].data_ptr<P>();
-        const P* g = grads[w.tensor].data_ptr<P>();
-        const T* v = bufs[w.tensor].data_ptr<T>();
-        const T mu = static_cast<T>(momentum[w.tensor]), c = static_cast<T>(grad_coef[w.tensor]);
-        const T wd = static_cast<T>(weight_decay[w.tensor]), ts = static_cast<T>(s), tgs = static_cast<T>(gs);
-        const bool use_wd = weight_decay[w.tensor] != 0.0;
-        with_bool(has_gs, [&](auto GS) { with_bool(use_wd, [&](auto WD) {
-          constexpr bool kGS = decltype(GS)::value, kWD = decltype(WD)::value;
-          partial[k] = ETFKERN_MSAM_PICK(norm_chunk<P, T, kGS, kWD>)(p, g, v, w.begin, w.end, mu, c, wd, ts, tgs);
-        }); });
-      });
-    }
+  const double total = for_chunks(params, [&](const Work& w, auto p_tag, auto t_tag) {
+    using P = decltype(p_tag);
+    using T = decltype(t_tag);
+    const int64_t j = w.tensor;
+    const P* p = params[j].data_ptr<P>();
+    const P* g = grads[j].data_ptr<P>();
+    const T* v = bufs[j].data_ptr<T>();
+    const T mu = static_cast<T>(momentum[j]), c = static_cast<T>(grad_coef[j]), wd = static_cast<T>(weight_decay[j]);
+    double out = 0.0;
+    with_bool(has_gs, [&](auto GS) { with_bool(weight_decay[j] != 0.0, [&](auto WD) {
+      constexpr bool kGS = decltype(GS)::value, kWD = decltype(WD)::value;
+      out = ETFKERN_MSAM_PICK(norm_chunk<P, T, kGS, kWD>)(p, g, v, w.begin, w.end, mu, c, wd, static_cast<T>(s),
+                                                          static_cast<T>(gs));
+    }); });
+    return out;
   });
-  return out_norm(bufs, sum_partials(partial));
+  return out_norm(bufs, total);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -185,43 +207,30 @@ at::Tensor msam_sgd_step_cpu(at::TensorList params, at::TensorList grads_in, at:
   TORCH_CHECK_VALUE(momentum.size() == params.size() && weight_decay.size() == params.size() &&
                         nesterov.size() == params.size(),
                     "msam_sgd_step: momentum, weight_decay and nesterov need one entry per tensor");
-  const bool skip = read_scalar(found_inf, 0.0) != 0.0;
-  if (skip) {  // GradScaler found inf/NaN: the whole step (state and scale included) is skipped
-    double total = 0.0;
-    for (const auto& b : bufs) total += b.to(at::kDouble).pow(2).sum().item<double>();
-    return out_norm(bufs, total);
-  }
-  std::vector<at::Tensor> grads;
-  for (const auto& g : grads_in) grads.push_back(g.contiguous());
-  std::vector<char> nest(params.size());
-  for (size_t i = 0; i < params.size(); ++i) nest[i] = nesterov.get(i);
+  if (read_scalar(found_inf, 0.0) != 0.0) return unchanged_norm(bufs);  // GradScaler: skip the whole step
+  const auto grads = contiguous(grads_in);
   const double so = read_scalar(scale_old, 0.0), sn = read_scalar(scale_new, 0.0);
   const bool has_gs = grad_scale.has_value() && grad_scale->defined();
   const double gs = read_scalar(grad_scale, 1.0);
-  const auto work = make_work(params);
-  std::vector<double> partial(work.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t wb, int64_t we) {
-    for (int64_t k = wb; k < we; ++k) {
-      const Work w = work[k];
-      dispatch_param(params[w.tensor].scalar_type(), [&](auto p_tag, auto t_tag) {
-        using P = decltype(p_tag);
-        using T = decltype(t_tag);
-        P* p = params[w.tensor].data_ptr<P>();
-        const P* g = grads[w.tensor].data_ptr<P>();
-        T* v = bufs[w.tensor].data_ptr<T>();
-        const T mu = static_cast<T>(momentum[w.tensor]), wd = static_cast<T>(weight_decay[w.tensor]);
-        const T tlr = static_cast<T>(lr[w.tensor]), tso = static_cast<T>(so), tsn = static_cast<T>(sn);
-        const T tgs = static_cast<T>(gs);
-        const bool use_wd = weight_decay[w.tensor] != 0.0, nes = nest[w.tensor];
-        with_bool(has_gs, [&](auto GS) { with_bool(use_wd, [&](auto WD) { with_bool(nes, [&](auto NES) {
-          constexpr bool kGS = decltype(GS)::value, kWD = decltype(WD)::value, kN = decltype(NES)::value;
-          partial[k] = ETFKERN_MSAM_PICK(sgd_chunk<P, T, kGS, kWD, kN>)(p, g, v, w.begin, w.end, tlr, mu, wd, tso, tsn,
-                                                                       tgs);
-        }); }); });
+  const double total = for_chunks(params, [&](const Work& w, auto p_tag, auto t_tag) {
+    using P = decltype(p_tag);
+    using T = decltype(t_tag);
+    const int64_t j = w.tensor;
+    P* p = params[j].data_ptr<P>();
+    const P* g = grads[j].data_ptr<P>();
+    T* v = bufs[j].data_ptr<T>();
+    double out = 0.0;
+    with_bool(has_gs, [&](auto GS) { with_bool(weight_decay[j] != 0.0, [&](auto WD) {
+      with_bool(nesterov.get(j), [&](auto NES) {
+        constexpr bool kGS = decltype(GS)::value, kWD = decltype(WD)::value, kN = decltype(NES)::value;
+        out = ETFKERN_MSAM_PICK(sgd_chunk<P, T, kGS, kWD, kN>)(
+            p, g, v, w.begin, w.end, static_cast<T>(lr[j]), static_cast<T>(momentum[j]),
+            static_cast<T>(weight_decay[j]), static_cast<T>(so), static_cast<T>(sn), static_cast<T>(gs));
       });
-    }
+    }); });
+    return out;
   });
-  return out_norm(bufs, sum_partials(partial));
+  return out_norm(bufs, total);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -237,42 +246,30 @@ at::Tensor msam_adamw_step_cpu(at::TensorList params, at::TensorList grads_in, a
   const size_t n = params.size();
   TORCH_CHECK_VALUE(beta1.size() == n && beta2.size() == n && eps.size() == n && weight_decay.size() == n,
                     "msam_adamw_step: beta1, beta2, eps and weight_decay need one entry per tensor");
-  const bool skip = read_scalar(found_inf, 0.0) != 0.0;
-  if (skip) {
-    double total = 0.0;
-    for (const auto& b : exp_avgs) total += b.to(at::kDouble).pow(2).sum().item<double>();
-    return out_norm(exp_avgs, total);
-  }
-  std::vector<at::Tensor> grads;
-  for (const auto& g : grads_in) grads.push_back(g.contiguous());
+  if (read_scalar(found_inf, 0.0) != 0.0) return unchanged_norm(exp_avgs);
+  const auto grads = contiguous(grads_in);
   const double t = read_scalar(step, 1.0);
   const double so = read_scalar(scale_old, 0.0), sn = read_scalar(scale_new, 0.0);
   const bool has_gs = grad_scale.has_value() && grad_scale->defined();
   const double gs = read_scalar(grad_scale, 1.0);
-  const auto work = make_work(params);
-  std::vector<double> partial(work.size(), 0.0);
-  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t wb, int64_t we) {
-    for (int64_t k = wb; k < we; ++k) {
-      const Work w = work[k];
-      const int64_t j = w.tensor;
-      dispatch_param(params[j].scalar_type(), [&](auto p_tag, auto t_tag) {
-        using P = decltype(p_tag);
-        using T = decltype(t_tag);
-        P* p = params[j].data_ptr<P>();
-        const P* g = grads[j].data_ptr<P>();
-        T* m = exp_avgs[j].data_ptr<T>();
-        T* q = exp_avg_sqs[j].data_ptr<T>();
-        const msam_cpu::AdamCoef coef{beta1[j], beta2[j], 1.0 - beta1[j], 1.0 - beta2[j],
-                                      1.0 - lr[j] * weight_decay[j], lr[j] / (1.0 - std::pow(beta1[j], t)),
-                                      std::sqrt(1.0 - std::pow(beta2[j], t)), eps[j], so, sn, gs};
-        with_bool(has_gs, [&](auto GS) {
-          constexpr bool kGS = decltype(GS)::value;
-          partial[k] = ETFKERN_MSAM_PICK(adamw_chunk<P, T, kGS>)(p, g, m, q, w.begin, w.end, coef);
-        });
-      });
-    }
+  const double total = for_chunks(params, [&](const Work& w, auto p_tag, auto t_tag) {
+    using P = decltype(p_tag);
+    using T = decltype(t_tag);
+    const int64_t j = w.tensor;
+    const msam_cpu::AdamCoef coef{beta1[j], beta2[j], 1.0 - beta1[j], 1.0 - beta2[j],
+                                  1.0 - lr[j] * weight_decay[j], lr[j] / (1.0 - std::pow(beta1[j], t)),
+                                  std::sqrt(1.0 - std::pow(beta2[j], t)), eps[j], so, sn, gs};
+    P* p = params[j].data_ptr<P>();
+    const P* g = grads[j].data_ptr<P>();
+    T* m = exp_avgs[j].data_ptr<T>();
+    T* q = exp_avg_sqs[j].data_ptr<T>();
+    double out = 0.0;
+    with_bool(has_gs, [&](auto GS) {
+      out = ETFKERN_MSAM_PICK(adamw_chunk<P, T, decltype(GS)::value>)(p, g, m, q, w.begin, w.end, coef);
+    });
+    return out;
   });
-  return out_norm(exp_avgs, sum_partials(partial));
+  return out_norm(exp_avgs, total);
 }
 
 }  // namespace

@@ -262,6 +262,28 @@ at::Tensor finish(std::vector<at::Tensor>& partials, at::TensorList bufs, const 
   return total.to(f64 ? at::kDouble : at::kFloat);
 }
 
+std::optional<at::Tensor> opt_scalar(const std::optional<at::Tensor>& t, at::ScalarType dt) {
+  if (!t.has_value() || !t->defined()) return std::nullopt;
+  return as_scalar(*t, dt);
+}
+
+// For each run of tensors sharing dtype and hyperparameters: allocate one partial per chunk and call
+// body(a, b, state dtype, partial); returns the summed squared norm (0-dim, on the device).
+template <typename F>
+at::Tensor over_runs(at::TensorList params, const std::vector<std::vector<double>>& hyper, at::TensorList bufs,
+                     const at::Tensor& like, F&& body) {
+  std::vector<at::Tensor> partials;
+  for (const auto& [a, b] : runs(params, hyper)) {
+    const int64_t nchunks = count_chunks(params, a, b);
+    if (nchunks == 0) continue;
+    const auto st = state_type(params[a].scalar_type());
+    at::Tensor partial = at::empty({nchunks}, like.options().dtype(st));
+    body(a, b, st, partial);
+    partials.push_back(partial);
+  }
+  return finish(partials, bufs, like);
+}
+
 template <typename F>
 void dispatch(at::ScalarType st, F&& f) {
   switch (st) {
@@ -283,15 +305,9 @@ at::Tensor msam_sq_norm_cuda(at::TensorList params, at::TensorList grads_in, at:
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const std::vector<std::vector<at::Tensor>> lists = {params.vec(), contig(grads_in), bufs.vec()};
   const std::vector<std::vector<double>> hyper = {momentum.vec(), grad_coef.vec(), weight_decay.vec()};
-  std::vector<at::Tensor> partials;
-  for (const auto& [a, b] : runs(params, hyper)) {
-    const int64_t nchunks = count_chunks(params, a, b);
-    if (nchunks == 0) continue;
-    const auto T_type = state_type(params[a].scalar_type());
-    at::Tensor partial = at::empty({nchunks}, scale.options().dtype(T_type));
-    at::Tensor s = as_scalar(scale, T_type);
-    std::optional<at::Tensor> gs;
-    if (grad_scale.has_value() && grad_scale->defined()) gs = as_scalar(*grad_scale, T_type);
+  return over_runs(params, hyper, bufs, scale, [&](size_t a, size_t b, at::ScalarType st, at::Tensor& partial) {
+    const at::Tensor s = as_scalar(scale, st);
+    const auto gs = opt_scalar(grad_scale, st);
     dispatch(params[a].scalar_type(), [&](auto p_tag, auto t_tag) {
       using P = decltype(p_tag);
       using T = decltype(t_tag);
@@ -303,9 +319,7 @@ at::Tensor msam_sq_norm_cuda(at::TensorList params, at::TensorList grads_in, at:
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
-    partials.push_back(partial);
-  }
-  return finish(partials, bufs, scale);
+  });
 }
 
 at::Tensor msam_sgd_step_cuda(at::TensorList params, at::TensorList grads_in, at::TensorList bufs,
@@ -323,17 +337,10 @@ at::Tensor msam_sgd_step_cuda(at::TensorList params, at::TensorList grads_in, at
   std::vector<double> nest(params.size());
   for (size_t i = 0; i < params.size(); ++i) nest[i] = nesterov.get(i) ? 1.0 : 0.0;
   const std::vector<std::vector<double>> hyper = {lr.vec(), momentum.vec(), weight_decay.vec(), nest};
-  std::optional<at::Tensor> fi;
-  if (found_inf.has_value() && found_inf->defined()) fi = as_scalar(*found_inf, at::kFloat);
-  std::vector<at::Tensor> partials;
-  for (const auto& [a, b] : runs(params, hyper)) {
-    const int64_t nchunks = count_chunks(params, a, b);
-    if (nchunks == 0) continue;
-    const auto T_type = state_type(params[a].scalar_type());
-    at::Tensor partial = at::empty({nchunks}, scale_old.options().dtype(T_type));
-    at::Tensor so = as_scalar(scale_old, T_type), sn = as_scalar(scale_new, T_type);
-    std::optional<at::Tensor> gs;
-    if (grad_scale.has_value() && grad_scale->defined()) gs = as_scalar(*grad_scale, T_type);
+  const auto fi = opt_scalar(found_inf, at::kFloat);
+  return over_runs(params, hyper, bufs, scale_old, [&](size_t a, size_t b, at::ScalarType st, at::Tensor& partial) {
+    const at::Tensor so = as_scalar(scale_old, st), sn = as_scalar(scale_new, st);
+    const auto gs = opt_scalar(grad_scale, st);
     dispatch(params[a].scalar_type(), [&](auto p_tag, auto t_tag) {
       using P = decltype(p_tag);
       using T = decltype(t_tag);
@@ -345,9 +352,7 @@ at::Tensor msam_sgd_step_cuda(at::TensorList params, at::TensorList grads_in, at
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
-    partials.push_back(partial);
-  }
-  return finish(partials, bufs, scale_old);
+  });
 }
 
 at::Tensor msam_adamw_step_cuda(at::TensorList params, at::TensorList grads_in, at::TensorList exp_avgs,
@@ -365,21 +370,15 @@ at::Tensor msam_adamw_step_cuda(at::TensorList params, at::TensorList grads_in, 
   const std::vector<std::vector<at::Tensor>> lists = {params.vec(), contig(grads_in), exp_avgs.vec(),
                                                       exp_avg_sqs.vec()};
   const std::vector<std::vector<double>> hyper = {lr.vec(), beta1.vec(), beta2.vec(), eps.vec(), weight_decay.vec()};
-  std::optional<at::Tensor> fi;
-  if (found_inf.has_value() && found_inf->defined()) fi = as_scalar(*found_inf, at::kFloat);
+  const auto fi = opt_scalar(found_inf, at::kFloat);
   const at::Tensor t64 = as_scalar(step, at::kDouble);
-  std::vector<at::Tensor> partials;
-  for (const auto& [a, b] : runs(params, hyper)) {
-    const int64_t nchunks = count_chunks(params, a, b);
-    if (nchunks == 0) continue;
-    const auto T_type = state_type(params[a].scalar_type());
-    at::Tensor partial = at::empty({nchunks}, scale_old.options().dtype(T_type));
-    at::Tensor so = as_scalar(scale_old, T_type), sn = as_scalar(scale_new, T_type);
-    std::optional<at::Tensor> gs;
-    if (grad_scale.has_value() && grad_scale->defined()) gs = as_scalar(*grad_scale, T_type);
+  return over_runs(params, hyper, exp_avgs, scale_old, [&](size_t a, size_t b, at::ScalarType st,
+                                                           at::Tensor& partial) {
+    const at::Tensor so = as_scalar(scale_old, st), sn = as_scalar(scale_new, st);
+    const auto gs = opt_scalar(grad_scale, st);
     // bias corrections on the device (no host read of the step count)
-    at::Tensor step_size = at::pow(c10::Scalar(beta1[a]), t64).neg().add(1.0).reciprocal().mul(lr[a]).to(T_type);
-    at::Tensor bc2_sqrt = at::pow(c10::Scalar(beta2[a]), t64).neg().add(1.0).sqrt().to(T_type);
+    const at::Tensor step_size = at::pow(c10::Scalar(beta1[a]), t64).neg().add(1.0).reciprocal().mul(lr[a]).to(st);
+    const at::Tensor bc2_sqrt = at::pow(c10::Scalar(beta2[a]), t64).neg().add(1.0).sqrt().to(st);
     dispatch(params[a].scalar_type(), [&](auto p_tag, auto t_tag) {
       using P = decltype(p_tag);
       using T = decltype(t_tag);
@@ -393,9 +392,7 @@ at::Tensor msam_adamw_step_cuda(at::TensorList params, at::TensorList grads_in, 
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
-    partials.push_back(partial);
-  }
-  return finish(partials, exp_avgs, scale_old);
+  });
 }
 
 }  // namespace
