@@ -185,6 +185,19 @@ def _max_err(a, b):
     return max((x.detach() - y).abs().max().item() for x, y in zip(a, b))
 
 
+def _check_trajectory(op, make_opt, init, seq, want):
+    """Every backend of ``op``: the optimizer's stored weights after each step match ``want`` to 1e-10."""
+    for backend in backends_for(op, "cpu"):
+        params = [torch.nn.Parameter(x.clone()) for x in init]
+        opt = make_opt(params)
+        with etfkern.use_backend(backend):
+            for t, gs in enumerate(seq):
+                for p, g in zip(params, gs):
+                    p.grad = None if g is None else g.clone()
+                opt.step()
+                assert _max_err(params, want[t]) < 1e-10, (backend, t)
+
+
 @pytest.mark.parametrize("norm", ["exact", "lagged"])
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_msam_trajectory_matches_equations_every_backend(norm, nesterov):
@@ -197,15 +210,7 @@ def test_msam_trajectory_matches_equations_every_backend(norm, nesterov):
     for gs in seq:
         ref.msam_trajectory_step(w, gs, st, rho=0.3, lagged=norm == "lagged", **hyper)
         want.append([x.clone() for x in w])
-    for backend in backends_for("msam_sgd_step", "cpu"):
-        params = [torch.nn.Parameter(x.clone()) for x in init]
-        opt = MSAM(params, rho=0.3, norm=norm, **hyper)
-        with etfkern.use_backend(backend):
-            for t, gs in enumerate(seq):
-                for p, g in zip(params, gs):
-                    p.grad = None if g is None else g.clone()
-                opt.step()
-                assert _max_err(params, want[t]) < 1e-10, (backend, t)
+    _check_trajectory("msam_sgd_step", lambda ps: MSAM(ps, rho=0.3, norm=norm, **hyper), init, seq, want)
 
 
 def test_msam_param_groups_and_rho_schedule():
@@ -260,15 +265,7 @@ def test_adamw_msam_trajectory_every_backend():
     for gs in seq:
         ref.adamw_msam_trajectory_step(w, gs, st, rho=0.5, **hyper)
         want.append([x.clone() for x in w])
-    for backend in backends_for("msam_adamw_step", "cpu"):
-        params = [torch.nn.Parameter(x.clone()) for x in init]
-        opt = AdamWMSAM(params, rho=0.5, **hyper)
-        with etfkern.use_backend(backend):
-            for t, gs in enumerate(seq):
-                for p, g in zip(params, gs):
-                    p.grad = None if g is None else g.clone()
-                opt.step()
-                assert _max_err(params, want[t]) < 1e-10, (backend, t)
+    _check_trajectory("msam_adamw_step", lambda ps: AdamWMSAM(ps, rho=0.5, **hyper), init, seq, want)
 
 
 def test_adamw_msam_rho_zero_is_torch_adamw():
