@@ -2,7 +2,7 @@
 // compiled for AVX2 (namespace avx2) and once for the baseline ISA (namespace base); the .cpp picks one at
 // run time. No FMA contraction in either (only IEEE add/mul/div/sqrt), so float64 results stay bitwise equal
 // to the plain-torch reference. Each function handles [begin, end) of one tensor and returns the sum of
-// squares of the new momentum / first moment, accumulated in 8 double lanes (fixed order: deterministic).
+// squares of the new momentum / first moment, accumulated in 16 double lanes (fixed order: deterministic).
 // P is the stored parameter type, T the state / math type (float, or double for float64 parameters).
 #ifndef ETFKERN_MSAM_NS
 #error "define ETFKERN_MSAM_NS before including msam_step_kernels.h"
@@ -46,14 +46,22 @@ inline void store(P* x, int64_t i, T value) {
 
 template <typename F>
 inline double lanes_sum(int64_t begin, int64_t end, F&& f) {
-  constexpr int kLanes = 8;
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  // f(i) does element i's writes and returns its new momentum value; blocks of 16 elements are computed into
+  // a small array first (a plain elementwise loop the compiler vectorises), then squared into 16 double lanes
+  constexpr int kLanes = 16;
+  using V = decltype(f(begin));
+  double acc[kLanes] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += f(i + j);
+    V tmp[kLanes];
+    for (int j = 0; j < kLanes; ++j) tmp[j] = f(i + j);
+    for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<double>(tmp[j]) * static_cast<double>(tmp[j]);
   }
   double tail = 0.0;
-  for (; i < end; ++i) tail += f(i);
+  for (; i < end; ++i) {
+    const double x = static_cast<double>(f(i));
+    tail += x * x;
+  }
   for (int j = 0; j < kLanes; ++j) tail += acc[j];
   return tail;
 }
@@ -66,8 +74,7 @@ double norm_chunk(const P* p, const P* g, const T* v, int64_t begin, int64_t end
     if constexpr (GS) gi = gi / gs;
     T d = c * gi;
     if constexpr (WD) d = d + wd * (load<P, T>(p, i) + s * v[i]);
-    const T vn = mu * v[i] + d;
-    return static_cast<double>(vn) * static_cast<double>(vn);
+    return mu * v[i] + d;
   });
 }
 
@@ -86,7 +93,7 @@ double sgd_chunk(P* p, const P* g, T* v, int64_t begin, int64_t end, T lr, T mu,
     x = x - lr * u;
     store<P, T>(p, i, x - sn * vn);
     v[i] = vn;
-    return static_cast<double>(vn) * static_cast<double>(vn);
+    return vn;
   });
 }
 
@@ -109,7 +116,7 @@ double adamw_chunk(P* p, const P* g, T* m, T* q, int64_t begin, int64_t end, con
     store<P, T>(p, i, x - sn * mn);
     m[i] = mn;
     q[i] = qn;
-    return static_cast<double>(mn) * static_cast<double>(mn);
+    return mn;
   });
 }
 
