@@ -56,27 +56,28 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def _local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (shares storage: in-place updates reach the DTensor), else t."""
-    return t.to_local() if _is_dtensor(t) else t
+try:  # DTensor (FSDP2 / tensor parallel parameters); absent in torch builds without distributed
+    from torch.distributed.tensor import DTensor as _DTensor
+    from torch.distributed.tensor import Shard as _Shard
+except Exception:  # noqa: BLE001
+    _DTensor = _Shard = None
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # noqa: BLE001 - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    return _DTensor is not None and isinstance(t, _DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (shares storage: in-place updates reach the DTensor), else t."""
+    return t.to_local() if _is_dtensor(t) else t
 
 
 def _shard_groups(p: Tensor) -> tuple:
     """Process groups over which ``p``'s local shards must be summed (mesh dims with a Shard placement)."""
     if not _is_dtensor(p):
         return ()
-    from torch.distributed.tensor import Shard
-
     mesh = p.device_mesh
-    return tuple(mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, Shard))
+    return tuple(mesh.get_group(i) for i, pl in enumerate(p.placements) if isinstance(pl, _Shard))
 
 
 class _Lists:
@@ -91,10 +92,6 @@ class _Lists:
         self.hyper: dict[str, list[Any]] = {}
         self.idle_params: list[Tensor] = []  # have state, no grad this step
         self.idle_bufs: list[Tensor] = []
-
-    def add_hyper(self, **kw: Any) -> None:
-        for k, v in kw.items():
-            self.hyper.setdefault(k, []).append(v)
 
     def idle_sq(self, dtype: torch.dtype, device: torch.device) -> Tensor | None:
         if not self.idle_bufs:
@@ -175,27 +172,33 @@ class _MSAMBase(torch.optim.Optimizer):
 
     def _gather(self) -> list[_Lists]:
         kinds: dict[tuple, _Lists] = {}
+        second = len(self._buf_keys) > 1
         for group in self.param_groups:
             hyper = self._hyper(group)
             for p in group["params"]:
-                groups = (self.norm_group,) if self.norm_group is not None else _shard_groups(p)
-                lists = kinds.setdefault(groups, _Lists(groups))
-                loc = _local(p)
-                if p.grad is None:
+                dt = _is_dtensor(p)
+                groups = (self.norm_group,) if self.norm_group is not None else (_shard_groups(p) if dt else ())
+                lists = kinds.get(groups)
+                if lists is None:
+                    lists = kinds[groups] = _Lists(groups)
+                loc = p.to_local() if dt else p
+                grad = p.grad
+                if grad is None:
                     state = self.state.get(p)
                     if state:
                         lists.idle_params.append(loc)
                         lists.idle_bufs.append(state[self._buf_keys[0]])
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise ValueError("MSAM does not support sparse gradients")
                 state = self._init_state(p, loc)
                 lists.params.append(loc)
-                lists.grads.append(_local(p.grad))
+                lists.grads.append(grad.to_local() if dt else grad)
                 lists.bufs.append(state[self._buf_keys[0]])
-                if len(self._buf_keys) > 1:
+                if second:
                     lists.bufs2.append(state[self._buf_keys[1]])
-                lists.add_hyper(**hyper)
+                for k, v in hyper.items():
+                    lists.hyper.setdefault(k, []).append(v)
         out = [k for k in kinds.values() if k.params or k.idle_params]
         devices = {t.device for k in out for t in k.params + k.idle_params}
         if len(devices) > 1:
