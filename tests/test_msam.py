@@ -185,17 +185,17 @@ def _max_err(a, b):
     return max((x.detach() - y).abs().max().item() for x, y in zip(a, b))
 
 
-def _check_trajectory(op, make_opt, init, seq, want):
+def _check_trajectory(op, make_opt, init, seq, want, device="cpu"):
     """Every backend of ``op``: the optimizer's stored weights after each step match ``want`` to 1e-10."""
-    for backend in backends_for(op, "cpu"):
-        params = [torch.nn.Parameter(x.clone()) for x in init]
+    for backend in backends_for(op, device):
+        params = [torch.nn.Parameter(x.to(device)) for x in init]
         opt = make_opt(params)
         with etfkern.use_backend(backend):
             for t, gs in enumerate(seq):
                 for p, g in zip(params, gs):
-                    p.grad = None if g is None else g.clone()
+                    p.grad = None if g is None else g.to(device)
                 opt.step()
-                assert _max_err(params, want[t]) < 1e-10, (backend, t)
+                assert _max_err([p.cpu() for p in params], want[t]) < 1e-10, (backend, t)
 
 
 @pytest.mark.parametrize("norm", ["exact", "lagged"])
@@ -493,3 +493,23 @@ def test_step_has_no_host_sync_on_gpu(cls, backend):
         finally:
             torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trajectories_on_gpu_every_backend():
+    shapes, steps = [(300, 70), (7,), (1,)], 12
+    seq = _grads_seq(shapes, steps, seed=11, drop={(1, 3)})
+    init = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    sgd = dict(lr=0.05, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    adam = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    w, st, want = [x.clone() for x in init], {}, []
+    for gs in seq:
+        ref.msam_trajectory_step(w, gs, st, rho=0.3, **sgd)
+        want.append([x.clone() for x in w])
+    _check_trajectory("msam_sgd_step", lambda ps: MSAM(ps, rho=0.3, **sgd), init, seq, want, "cuda")
+    w, st, want = [x.clone() for x in init], {}, []
+    for gs in seq:
+        ref.adamw_msam_trajectory_step(w, gs, st, rho=0.5, **adam)
+        want.append([x.clone() for x in w])
+    _check_trajectory("msam_adamw_step", lambda ps: AdamWMSAM(ps, rho=0.5, **adam), init, seq, want, "cuda")
