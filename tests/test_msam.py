@@ -188,12 +188,12 @@ def _max_err(a, b):
 def _check_trajectory(op, make_opt, init, seq, want, device="cpu"):
     """Every backend of ``op``: the optimizer's stored weights after each step match ``want`` to 1e-10."""
     for backend in backends_for(op, device):
-        params = [torch.nn.Parameter(x.to(device)) for x in init]
+        params = [torch.nn.Parameter(x.to(device, copy=True)) for x in init]
         opt = make_opt(params)
         with etfkern.use_backend(backend):
             for t, gs in enumerate(seq):
                 for p, g in zip(params, gs):
-                    p.grad = None if g is None else g.to(device)
+                    p.grad = None if g is None else g.to(device, copy=True)
                 opt.step()
                 assert _max_err([p.cpu() for p in params], want[t]) < 1e-10, (backend, t)
 
