@@ -15,7 +15,11 @@
 #include <type_traits>
 #include <vector>
 
+#include <algorithm>
 #include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #define ETFKERN_MSAM_NS base
 #include "cpu/msam_step_kernels.h"
