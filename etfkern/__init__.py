@@ -36,6 +36,7 @@ from etfkern._backend import BackendUnavailableError, use_backend  # noqa: E402
 from etfkern.collapse import CollapseMeter, ncc_mismatch  # noqa: E402
 
 # msam (etfkern.optim)
+from etfkern import optim  # noqa: E402,F401
 
 # ------------------------------------------------------------------------------------------------------------
 
@@ -47,6 +48,8 @@ __all__ = [
 
     # collapse
     "CollapseMeter", "ncc_mismatch",
+    # msam
+    "optim",
 ]
 
 
