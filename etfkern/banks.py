@@ -196,8 +196,9 @@ def _kerdock_rows(dim: int, idx: torch.Tensor, dtype: torch.dtype = torch.float3
         j, part = std // 2, std % 2
         std_rows = torch.zeros(r.numel(), dim, dtype=dtype)
         ar = torch.arange(r.numel())
-        std_rows[ar, j.clamp(max=n - 1)] = torch.where(part == 0, half, -half).to(dtype)
-        std_rows[ar, (n + j).clamp(max=dim - 1)] = half
+        h = torch.tensor(half, dtype=dtype)
+        std_rows[ar, j.clamp(max=n - 1)] = torch.where(part == 0, h, -h)
+        std_rows[ar, (n + j).clamp(max=dim - 1)] = h
         out[s:s + chunk] = torch.where(kerd[:, None], block, std_rows)
     return out
 
@@ -489,7 +490,7 @@ def sparse_etf(num_classes: int, dim: int, *, sparsity: float = 0.6, seed: int =
     dev = device if device is not None else "cpu"
     mask = mask.to(dev)
     w = (dense.to(dev) * mask).requires_grad_(True)
-    target = -1.0 / (c - 1)
+    a = 1.0 / (c - 1)  # target cos is -a
     opt = torch.optim.Adam([w], lr=lr)
 
     def unit() -> torch.Tensor:
@@ -501,7 +502,7 @@ def sparse_etf(num_classes: int, dim: int, *, sparsity: float = 0.6, seed: int =
         gram = u.T @ u
         s1 = u.sum(0)
         # sum over c != c' of (cos + a)^2 = |U^T U|_F^2 + 2a |U^T 1|^2 + a^2 C^2 - C (1 + a)^2  (diagonal cos = 1)
-        loss = ((gram * gram).sum() + 2 * target * (s1 @ s1) + target**2 * c * c - c * (1 + target) ** 2) \
+        loss = ((gram * gram).sum() + 2 * a * (s1 @ s1) + a**2 * c * c - c * (1 + a) ** 2) \
             / (c * (c - 1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
