@@ -227,6 +227,8 @@ def test_ebv_padded_kerdock_start_beats_the_official_bank():
 def test_ebv_auto_uses_kerdock_when_near_welch():
     b = etfkern.ebv_bank(20000, 256, seed=0)  # Kerdock: 1/16 = 1.0064 x Welch, no optimisation needed
     assert torch.equal(b, etfkern.ebv_bank(20000, 256, seed=0, method="kerdock"))
+    b = etfkern.ebv_bank(2000, 64, seed=1)  # 1/8 = 1.016 x Welch
+    assert torch.equal(b, etfkern.ebv_bank(2000, 64, seed=1, method="kerdock"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -280,6 +282,8 @@ def test_bank_stats_triton_matches_cpu():
         want = etfkern.bank_stats(b)
     with etfkern.use_backend("triton"):
         got = etfkern.bank_stats(b)
+        got_max = banks.bank_max_abs_cos(b)  # bins=1: one histogram bin
+    assert got_max == pytest.approx(want["max_abs_cos"], abs=2e-6)
     for k in want:
         assert got[k] == pytest.approx(want[k], abs=2e-6), k
 

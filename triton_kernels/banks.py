@@ -41,7 +41,7 @@ def _dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w,
 
 
 @triton.jit
-def _pair_stats_kernel(w_ptr, C, D, stride_w, lo, scale, nbins, max_ptr, sum_ptr, hist_ptr,
+def _pair_stats_kernel(w_ptr, C, D, stride_w, lo, scale, top, nslots, max_ptr, sum_ptr, hist_ptr,
                        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, NB: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
@@ -59,9 +59,9 @@ def _pair_stats_kernel(w_ptr, C, D, stride_w, lo, scale, nbins, max_ptr, sum_ptr
         row_max = tl.maximum(row_max, tl.max(vm, axis=1))
         row_sum += tl.sum(vm, axis=1).to(tl.float64)
         k = tl.floor((v - lo) * scale) + 1.0
-        k = tl.minimum(tl.maximum(k, 0.0), (nbins + 1).to(tl.float32)).to(tl.int32)
+        k = tl.minimum(tl.maximum(k, 0.0), top).to(tl.int32)  # top = bins + 1 (the overflow slot)
         h = tl.histogram(tl.reshape(k, (BLOCK * BLOCK,)), NB, mask=tl.reshape(valid, (BLOCK * BLOCK,)))
-        tl.atomic_add(hist_ptr + bins_idx, h.to(tl.int64), mask=(h > 0) & (bins_idx < nbins + 2))
+        tl.atomic_add(hist_ptr + bins_idx, h.to(tl.int64), mask=(h > 0) & (bins_idx < nslots))
     tl.store(max_ptr + pid, tl.max(row_max, axis=0))
     tl.store(sum_ptr + pid, tl.sum(row_sum, axis=0))
 
@@ -141,9 +141,10 @@ def pair_stats(bank: torch.Tensor, bins: int, lo: float, hi: float
     maxes = torch.zeros(nprog, dtype=torch.float32, device=w.device)
     sums = torch.zeros(nprog, dtype=torch.float64, device=w.device)
     nb = triton.next_power_of_2(bins + 2)
-    _pair_stats_kernel[(nprog,)](w, c, d, w.stride(0), float(lo), float(bins / (hi - lo)), bins, maxes, sums,
-                                 hist, BLOCK=block, BLOCK_K=16 if _interp() else 32, NB=nb,
-                                 num_warps=4)
+    # bins + 1 goes in as a float: Triton would specialise an int argument equal to 1 into a constexpr
+    _pair_stats_kernel[(nprog,)](w, c, d, w.stride(0), float(lo), float(bins / (hi - lo)), float(bins + 1),
+                                 bins + 2, maxes, sums, hist, BLOCK=block, BLOCK_K=16 if _interp() else 32,
+                                 NB=nb, num_warps=4)
     return maxes.max().to(torch.float64), sums.sum(), hist
 
 
@@ -162,7 +163,7 @@ def row_stats(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tens
 
 
 def grad(bank: torch.Tensor, lse: torch.Tensor, beta: float) -> torch.Tensor:
-    """Launcher for ``etfkern::ebv_grad``: grid (row blocks, feature blocks of <= 512); float32 inside."""
+    """Launcher for ``etfkern::ebv_grad``: grid (row blocks, feature blocks of <= 256); float32 inside."""
     w = _f32(bank)
     c, d = w.shape
     out = torch.zeros(c, d, dtype=torch.float32, device=w.device)
@@ -170,9 +171,10 @@ def grad(bank: torch.Tensor, lse: torch.Tensor, beta: float) -> torch.Tensor:
         if _interp():
             bm, bn, bk, bd, warps = 16, 16, 16, min(32, triton.next_power_of_2(d)), 4
         else:
-            bm, bn, bk, bd, warps = 32, 64, 32, min(512, max(16, triton.next_power_of_2(d))), 8
+            # W_J tile (BLOCK_N x BLOCK_D fp32) = 32 KB per pipeline stage; d > 256 is split over grid axis 1
+            bm, bn, bk, bd, warps = 32, 32, 32, min(256, max(16, triton.next_power_of_2(d))), 8
         grid = (triton.cdiv(c, bm), triton.cdiv(d, bd))
         _grad_kernel[grid](w, lse.detach().to(torch.float32).contiguous(), out, c, d, w.stride(0), out.stride(0),
                            float(beta), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=max(16, bd),
-                           TF32=not _interp(), num_warps=warps)
+                           TF32=not _interp(), num_warps=warps, num_stages=2)
     return out.to(bank.dtype)
