@@ -333,6 +333,10 @@ def bank_stats(bank: torch.Tensor) -> dict[str, float]:
 # ==========================================================================================================
 # EBV banks
 # ==========================================================================================================
+def _renorm(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=1, keepdim=True)
+
+
 def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: torch.dtype,
                       device: torch.device | str | None) -> tuple[torch.Tensor, str, float | None]:
     """The best structured start for C > d + 1: (bank on device, description, known max |cos| or None).
@@ -351,10 +355,10 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
         p *= 4
     while p >= 4 and kerdock_size(p) < num_classes:
         p //= 4
-    if p >= 4:
-        rows = _kerdock_subset(num_classes, p, gen, torch.float64)
-        rot = _orthonormal_columns(dim, p, gen).T  # (p, d)
-        cands.append((1.0 / math.sqrt(p), f"kerdock{p}-padded", _finish(rows @ rot, dtype, device)))
+    if p >= 4:  # rotations run on the target device in float32 (C x d x d flops: GPU work at C = 100k)
+        rows = _finish(_kerdock_subset(num_classes, p, gen, torch.float32), torch.float32, device)
+        rot = _finish(_orthonormal_columns(dim, p, gen).T, torch.float32, device)  # (p, d)
+        cands.append((1.0 / math.sqrt(p), f"kerdock{p}-padded", _finish(_renorm(rows @ rot), dtype, device)))
     big = 4
     while big <= dim:
         big *= 4
@@ -362,15 +366,12 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
     drop = math.ceil((big - dim) / 2)
     if kerdock_size(big) and num_classes <= 2 * nb * nb and drop < nb // 2:
         idx = torch.randperm(2 * nb * nb, generator=gen)[:num_classes]
-        rows = _kerdock_rows(big, idx, torch.float64)
         keep = torch.cat([torch.arange(nb - drop), nb + torch.arange(nb - drop)])  # (Re x, Im x) pairs kept
-        rows = rows[:, keep]
-        rows = rows / rows.norm(dim=1, keepdim=True)
-        rot = _orthonormal_columns(dim, rows.shape[1], gen).T
-        bank = _finish(rows @ rot, dtype, device)
+        rows = _finish(_kerdock_rows(big, idx, torch.float32)[:, keep], torch.float32, device)
+        rot = _finish(_orthonormal_columns(dim, rows.shape[1], gen).T, torch.float32, device)
+        bank = _finish(_renorm(_renorm(rows) @ rot), dtype, device)
         cands.append((bank_max_abs_cos(bank), f"kerdock{big}-truncated", bank))
-    rnd = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
-    rnd = _finish(rnd / rnd.norm(dim=1, keepdim=True), dtype, device)
+    rnd = _finish(_renorm(torch.randn(num_classes, dim, generator=gen)), dtype, device)
     if not cands:
         return rnd, "random", None
     best = min(cands, key=lambda t: t[0])
