@@ -304,8 +304,8 @@ def bank_stats(bank: torch.Tensor) -> dict[str, float]:
     percentile of |cos| over those pairs: the smallest value at or below which >= 99.9% of them lie, found by a
     2048-bin histogram over [0, 1] and a second 2048-bin pass inside the bin holding it; reported as the upper
     edge of its fine bin, so it overestimates by at most 1/2048^2 ~ 2.4e-7), ``welch_bound`` (for C, d) and
-    ``max_norm_error`` (max | |w_c| - 1 |). Cosines use normalised rows; float64 banks are measured in float64,
-    anything else in float32. Runs on the bank's device (Triton kernels on GPU).
+    ``max_norm_error`` (max | |w_c| - 1 |). Cosines use normalised rows; on CPU float64 banks are measured in
+    float64, anything else in float32; the GPU (Triton) kernels always compute in float32.
     """
     _check_bank(bank)
     c, d = bank.shape

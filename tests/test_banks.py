@@ -264,7 +264,7 @@ def test_bank_stats_matches_dense(device, dtype):
     a = _dense_abs_offdiag(b.cpu())
     pairs = a.numel()
     exact_p = torch.sort(a).values[math.ceil(0.999 * pairs) - 1].item()
-    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    tol = 1e-12 if (dtype == torch.float64 and device == "cpu") else 1e-6  # GPU kernels compute in fp32
     assert abs(st["max_abs_cos"] - a.max().item()) < tol
     assert abs(st["mean_abs_cos"] - a.mean().item()) < tol
     assert exact_p - tol <= st["p999_abs_cos"] <= exact_p + banks.P999_RESOLUTION + tol
