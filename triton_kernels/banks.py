@@ -99,13 +99,13 @@ def _grad_kernel(w_ptr, lse_ptr, out_ptr, C, D, stride_w, stride_o, beta,
     rmask = rows < C
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
-    lse_i = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    lse_i = tl.load(lse_ptr + rows, mask=rmask, other=float("inf"))  # masked lanes: exp(. - inf) = 0
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for j0 in range(0, C, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < C
         cos = _dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
-        lse_j = tl.load(lse_ptr + cols, mask=cmask, other=0.0)
+        lse_j = tl.load(lse_ptr + cols, mask=cmask, other=float("inf"))
         ba = beta * tl.abs(cos)
         p = tl.exp(ba - lse_i[:, None]) + tl.exp(ba - lse_j[None, :])
         valid = (rows[:, None] != cols[None, :]) & rmask[:, None] & cmask[None, :]
