@@ -181,6 +181,8 @@ def test_kerdock_rejects_bad_dims():
         etfkern.ebv_bank(100, 100, method="kerdock")
     with pytest.raises(ValueError, match="num_classes=145 > 144"):
         etfkern.ebv_bank(145, 16, method="kerdock")
+    with pytest.raises(ValueError, match="power of 4"):
+        etfkern.ebv_bank(100, 16384, method="kerdock")  # beyond the verified range
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,6 +328,10 @@ def test_bad_arguments():
         etfkern.ebv_bank(5, 8, method="best")
     with pytest.raises(ValueError, match="steps"):
         etfkern.ebv_bank(50, 8, steps=-1)
+    with pytest.raises(ValueError, match="lr"):
+        etfkern.ebv_bank(50, 8, lr=0.0)
+    with pytest.raises(ValueError, match="lr"):
+        etfkern.sparse_etf(5, 8, lr=-1.0)
     with pytest.raises(ValueError, match="bank"):
         etfkern.bank_stats(torch.randn(5))
     with pytest.raises(ValueError, match="bank"):
