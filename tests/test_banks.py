@@ -209,6 +209,13 @@ def test_ebv_optimize_lowers_coherence_and_is_deterministic():
     torch.testing.assert_close(b.norm(dim=1), torch.ones(c), atol=1e-6, rtol=0)
 
 
+def test_ebv_progress_bar(capsys):
+    etfkern.ebv_bank(30, 5, method="optimize", steps=3, progress=True)
+    assert "ebv_bank C=30 d=5" in capsys.readouterr().err
+    etfkern.ebv_bank(30, 5, method="optimize", steps=3, progress=False)
+    assert "ebv_bank" not in capsys.readouterr().err
+
+
 def test_ebv_optimize_triton_backend_agrees_with_cpu():
     if "triton" not in backends_for("ebv_grad", "cpu"):
         pytest.skip("triton interpreter unavailable")
