@@ -29,7 +29,7 @@ from etfkern._backend import BackendUnavailableError, use_backend  # noqa: E402
 
 # ---- family modules (each registers its backends and autograd on import) ----------------------------------
 # banks
-
+from etfkern.banks import bank_stats, ebv_bank, load_bank, save_bank, simplex_etf, sparse_etf  # noqa: E402
 # spherical
 
 # collapse
@@ -43,7 +43,7 @@ from etfkern import optim  # noqa: E402,F401
 __all__ = [
     "__version__", "BackendUnavailableError", "use_backend", "build_info",
     # banks
-
+    "simplex_etf", "ebv_bank", "sparse_etf", "bank_stats", "save_bank", "load_bank",
     # spherical
 
     # collapse

@@ -38,6 +38,32 @@ def define(name: str, schema: str, fake: Callable, *, native: bool = False) -> C
 # ==========================================================================================================
 
 
+def _bank_pair_stats_fake(bank, bins, lo, hi):
+    return (bank.new_empty((), dtype=torch.float64), bank.new_empty((), dtype=torch.float64),
+            bank.new_empty((bins + 2,), dtype=torch.int64))
+
+
+# |<w_i, w_j>| over pairs i < j of the rows as given: (max f64, sum f64, hist i64 (bins + 2,): [< lo, bins..., >= hi])
+bank_pair_stats = define("bank_pair_stats", "(Tensor bank, int bins, float lo, float hi) -> (Tensor, Tensor, Tensor)",
+                         _bank_pair_stats_fake)
+
+
+def _ebv_row_stats_fake(bank, beta):
+    return bank.new_empty((bank.shape[0],)), bank.new_empty((bank.shape[0],))
+
+
+# ebv_bank optimiser pass 1: per row max_{j != i} |c_ij| and lse_i = log sum_{j != i} exp(beta |c_ij|)
+ebv_row_stats = define("ebv_row_stats", "(Tensor bank, float beta) -> (Tensor, Tensor)", _ebv_row_stats_fake)
+
+
+def _ebv_grad_fake(bank, lse, beta):
+    return torch.empty_like(bank)
+
+
+# ebv_bank optimiser pass 2: grad_i = sum_{j != i} (e^{beta a_ij - lse_i} + e^{beta a_ij - lse_j}) sign(c_ij) w_j
+ebv_grad = define("ebv_grad", "(Tensor bank, Tensor lse, float beta) -> Tensor", _ebv_grad_fake)
+
+
 # ==========================================================================================================
 # spherical: fused spherical logits + cross-entropy, nearest()
 # ==========================================================================================================

@@ -195,6 +195,84 @@ def cmd_collapse(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
+def _bank_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classes", "-C", type=int, help="number of classes C (>= 2)")
+    p.add_argument("--dim", "-d", type=int, help="dimension d (>= 1)")
+    p.add_argument("--kind", choices=("simplex", "ebv", "sparse"), default="ebv",
+                   help="simplex ETF (C <= d+1), EBV (minimal max |cos|), or FedLoGe sparse ETF (default ebv)")
+    p.add_argument("--method", choices=("auto", "optimize", "kerdock"), default="auto", help="EBV method")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (ebv optimize / sparse)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sparsity", type=float, default=0.6, help="fraction of exact zeros for --kind sparse")
+    p.add_argument("--device", default=None, help="torch device to generate on (default cpu)")
+    p.add_argument("-o", "--output", help="write the bank to this .safetensors file")
+    p.add_argument("--inspect", metavar="PATH", help="print the stored metadata and fresh stats of a saved bank")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _print_stats(stats: dict, as_json: bool, extra: dict) -> None:
+    if as_json:
+        print(json.dumps({**extra, "stats": stats}, indent=2, default=str))
+        return
+    for k, v in extra.items():
+        print(f"{k}: {v}")
+    ratio = stats["max_abs_cos"] / stats["welch_bound"] if stats["welch_bound"] > 0 else float("nan")
+    print(f"max|cos| {stats['max_abs_cos']:.6f}  ({ratio:.4f} x Welch {stats['welch_bound']:.6f})")
+    print(f"mean|cos| {stats['mean_abs_cos']:.6f}  p99.9|cos| {stats['p999_abs_cos']:.6f}  "
+          f"max norm error {stats['max_norm_error']:.3g}")
+
+
+@command("bank", "generate a classifier bank (simplex / EBV / sparse ETF), print its stats, save it; "
+         "or --inspect a saved one", arguments=_bank_arguments)
+def cmd_bank(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from etfkern import banks
+
+    if args.inspect:
+        if not os.path.isfile(args.inspect):
+            raise UsageError(f"--inspect: no such file {args.inspect!r}")
+        try:
+            bank, meta = banks.load_bank(args.inspect, device=args.device)
+            stats = banks.bank_stats(bank)
+        except ValueError as exc:
+            raise UsageError(f"--inspect {args.inspect!r}: {exc}") from None
+        _print_stats(stats, args.json, {"path": args.inspect, "shape": list(bank.shape), "dtype": str(bank.dtype),
+                                        "metadata": {k: v for k, v in meta.items() if k != "stats"}})
+        return EXIT_OK
+    if args.classes is None or args.dim is None:
+        raise UsageError("--classes and --dim are required (or --inspect PATH)")
+    if args.output and os.path.dirname(os.path.abspath(args.output)) and \
+            not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        raise UsageError(f"-o: directory of {args.output!r} does not exist")
+    t0 = time.perf_counter()
+    try:
+        if args.kind == "simplex":
+            bank = banks.simplex_etf(args.classes, args.dim, seed=args.seed, device=args.device)
+            meta = {"kind": "simplex", "seed": args.seed}
+        elif args.kind == "sparse":
+            kw = {} if args.steps is None else {"steps": args.steps}
+            bank = banks.sparse_etf(args.classes, args.dim, sparsity=args.sparsity, seed=args.seed,
+                                    device=args.device, **kw)
+            meta = {"kind": "sparse", "seed": args.seed, "sparsity": args.sparsity}
+        else:
+            kw = {} if args.steps is None else {"steps": args.steps}
+            bank = banks.ebv_bank(args.classes, args.dim, seed=args.seed, method=args.method, device=args.device,
+                                  **kw)
+            meta = {"kind": "ebv", "seed": args.seed, "method": args.method}
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    seconds = time.perf_counter() - t0
+    stats = banks.bank_stats(bank)
+    if args.output:
+        banks.save_bank(args.output, bank, stats=stats, **meta)
+    _print_stats(stats, args.json, {"kind": meta["kind"], "shape": list(bank.shape), "seconds": round(seconds, 3),
+                                    **({"saved": args.output} if args.output else {})})
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("parts", nargs="*", help="families to run (default: all), e.g. spherical_ce msam")
     p.add_argument("--quick", action="store_true", help="small shapes (CPU minutes)")

@@ -1,0 +1,136 @@
+"""Bank quality and speed: max |cos| / Welch ratios of ebv_bank at the issue's targets, against random Gaussian
+banks measured in the same run and the official EBV generator's shipped bank (0.1350 at C=1000, d=100, a
+published figure, not re-run here); bank_stats speed and memory against a dense C x C computation.
+
+    python bench/bench_banks.py [--quick] [--device cpu|cuda]
+
+--quick: the (C=100k, d=1024) bank's statistics are measured on its first 10,000 rows only (the full pass is
+~10^13 flops: minutes on a small CPU); the row says so in "measured_on".
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _common import peak_mib, print_table, time_ms, write_results  # noqa: E402
+
+import etfkern  # noqa: E402
+from etfkern import banks  # noqa: E402
+
+OFFICIAL_EBV_D100_C1000 = 0.1350  # aassxun/Equiangular-Basis-Vectors shipped bank (BACKGROUND.md)
+
+
+def _random_max(c: int, d: int, device: str) -> float:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(c, d, generator=g).to(device)
+    return banks.bank_max_abs_cos(w)
+
+
+def _target_row(name: str, c: int, d: int, device: str, quick: bool, target: str, *, random_peer: bool = True,
+                subset: int | None = None) -> dict:
+    t0 = time.perf_counter()
+    bank = etfkern.ebv_bank(c, d, seed=0, device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    measured = bank if subset is None or subset >= c else bank[:subset]
+    t1 = time.perf_counter()
+    stats = etfkern.bank_stats(measured)
+    stats_s = time.perf_counter() - t1
+    welch = banks.welch_bound(c, d)
+    row = {"op": "ebv_bank", "shape": f"C={c} d={d}", "impl": name, "device": device, "seconds": seconds,
+           "max_abs_cos": stats["max_abs_cos"], "mean_abs_cos": stats["mean_abs_cos"],
+           "p999_abs_cos": stats["p999_abs_cos"], "welch": welch, "ratio_welch": stats["max_abs_cos"] / welch,
+           "target": target, "stats_seconds": stats_s,
+           "measured_on": f"rows 0..{len(measured)} of {c}" if len(measured) < c else "all rows"}
+    if random_peer:
+        rmax = _random_max(len(measured), d, device)
+        row["random_max_abs_cos"] = rmax
+        row["random_ratio_welch"] = rmax / banks.welch_bound(len(measured), d)
+    return row
+
+
+def _optimizer_from_random_row(device: str, steps: int) -> dict:
+    """What the optimiser alone does at (C=1000, d=100): from a Gaussian start (no structured start)."""
+    c, d = 1000, 100
+    w = torch.nn.functional.normalize(torch.randn(c, d, generator=torch.Generator().manual_seed(0)), dim=1)
+    w = w.to(device)
+    start = banks.bank_max_abs_cos(w)
+    t0 = time.perf_counter()
+    best, _ = banks._optimize(w, steps, 3e-2, False, start)
+    seconds = time.perf_counter() - t0
+    mx = banks.bank_max_abs_cos(best)
+    welch = banks.welch_bound(c, d)
+    return {"op": "ebv_bank", "shape": f"C={c} d={d}", "impl": f"optimize from random, {steps} steps",
+            "device": device, "seconds": seconds, "max_abs_cos": mx, "welch": welch, "ratio_welch": mx / welch,
+            "random_max_abs_cos": start, "random_ratio_welch": start / welch, "target": "(optimiser alone)",
+            "measured_on": "all rows"}
+
+
+def _stats_speed_rows(device: str, quick: bool) -> list[dict]:
+    c, d = (4000, 128) if quick else (8000, 128)
+    w = torch.nn.functional.normalize(torch.randn(c, d, generator=torch.Generator().manual_seed(1)), dim=1)
+    w = w.to(device)
+
+    def dense():
+        g = (w @ w.T).abs()
+        iu = torch.triu_indices(c, c, offset=1, device=w.device)
+        a = g[iu[0], iu[1]]
+        return a.max(), a.mean(), torch.quantile(a[: 2**24 - 1], 0.999)  # torch.quantile caps the input size
+
+    rows = []
+    for impl, fn in (("bank_stats (tiled)", lambda: etfkern.bank_stats(w)), ("dense torch C x C", dense)):
+        ms = time_ms(fn, device, warmup=1, rep=3)
+        rows.append({"op": "bank_stats", "shape": f"C={c} d={d}", "impl": impl, "device": device, "ms": ms,
+                     "peak_mib": peak_mib(fn, device)})
+    rows[0]["speed_vs_dense"] = rows[1]["ms"] / rows[0]["ms"]
+    rows[0]["memory_vs_dense"] = rows[0]["peak_mib"] / max(rows[1]["peak_mib"], 1e-9)
+    return rows
+
+
+def run(quick: bool, device: str) -> list[dict]:
+    rows = [
+        _target_row("auto", 2000, 64, device, quick, "<= 1.05 x Welch"),
+        _target_row("auto", 1000, 100, device, quick, f"< {OFFICIAL_EBV_D100_C1000} (official EBV) in 120 s"),
+        _target_row("auto", 100_000, 1024, device, quick, "<= 1.01 x Welch in seconds",
+                    random_peer=quick, subset=10_000 if quick else None),
+    ]
+    rows[1]["official_ebv_max_abs_cos"] = OFFICIAL_EBV_D100_C1000
+    rows[1]["vs_official"] = rows[1]["max_abs_cos"] / OFFICIAL_EBV_D100_C1000
+    if not quick:
+        rows.append(_optimizer_from_random_row(device, 300))
+    if device == "cuda":
+        rows.append(_target_row("auto", 100_000, 1000, device, quick, "<= 1.5 x Welch in 120 s (GPU)",
+                                random_peer=False))
+    rows += _stats_speed_rows(device, quick)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    rows = run(args.quick, args.device)
+    print_table([r for r in rows if r["op"] == "ebv_bank"],
+                ["shape", "impl", "seconds", "max_abs_cos", "welch", "ratio_welch", "random_ratio_welch",
+                 "target", "measured_on"])
+    print_table([r for r in rows if r["op"] == "bank_stats"],
+                ["shape", "impl", "ms", "peak_mib", "speed_vs_dense", "memory_vs_dense"])
+    path = write_results("banks", rows, args.device, extra={"quick": args.quick})
+    print(f"wrote {path}")
+    for r in rows:
+        if r["op"] == "ebv_bank" and not math.isfinite(r["ratio_welch"]):
+            raise SystemExit("non-finite ratio")
+
+
+if __name__ == "__main__":
+    main()
