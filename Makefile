@@ -44,7 +44,7 @@ demo: build
 
 test: build
 	$(PY) -m etfkern info
-	$(PY) -m pytest -q -n 2 --dist loadfile -p no:cacheprovider tests $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -n $${PYTEST_WORKERS:-2} --dist loadfile -p no:cacheprovider tests $(PYTEST_ARGS)
 
 test-fast: build
 	$(PY) -m pytest -q -x -m "not slow and not distributed" tests $(PYTEST_ARGS)
