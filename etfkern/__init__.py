@@ -31,6 +31,8 @@ from etfkern._backend import BackendUnavailableError, use_backend  # noqa: E402
 # banks
 
 # spherical
+from etfkern import nn  # noqa: E402
+from etfkern.spherical import nearest, spherical_cross_entropy, spherical_logits  # noqa: E402
 
 # collapse
 
@@ -43,6 +45,7 @@ __all__ = [
     # banks
 
     # spherical
+    "spherical_logits", "spherical_cross_entropy", "nearest", "nn",
 
     # collapse
 
