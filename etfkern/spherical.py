@@ -175,11 +175,12 @@ def _cpu_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, 
     return dw
 
 
-def _cpu_nearest(x, bank, k):
+def chunked_nearest(x: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k by cosine over row chunks (any device): extra memory O(chunk x C), never N x C."""
     n = x.shape[0]
     acc = acc_dtype(x.dtype)
-    vals = torch.empty(n, k, dtype=acc)
-    idx = torch.empty(n, k, dtype=torch.int64)
+    vals = x.new_empty(n, k, dtype=acc)
+    idx = x.new_empty(n, k, dtype=torch.int64)
     if n == 0:
         return vals, idx
     w = bank.contiguous()
@@ -199,7 +200,7 @@ _backend.register("spherical_ce_bank_grad", "reference", _ref.spherical_ce_bank_
 _backend.register("spherical_ce_bank_grad", "cpu", _cpu_bank_grad)
 _backend.register("spherical_ce_bank_grad", "triton", "etfkern.triton_kernels.spherical_ce:ce_bank_grad")
 _backend.register("spherical_nearest", "reference", _ref.spherical_nearest)
-_backend.register("spherical_nearest", "cpu", _cpu_nearest)
+_backend.register("spherical_nearest", "cpu", chunked_nearest)
 _backend.register("spherical_nearest", "triton", "etfkern.triton_kernels.spherical_ce:nearest")
 
 
