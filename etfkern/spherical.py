@@ -232,8 +232,9 @@ def _ce_backward(ctx, g_loss, g_lse, g_grad):
         g_loss = lse.new_zeros(lse.shape)
     dx = dbank = None
     if ctx.needs_input_grad[0]:
-        if grad_xhat.shape[0] != x.shape[0]:
-            raise RuntimeError("spherical_ce_forward was called with need_grad=False but x needs a gradient")
+        if grad_xhat.shape[0] != x.shape[0]:  # op called with need_grad=False: recompute (one more pass)
+            grad_xhat = _ops.spherical_ce_forward(x.detach(), bank.detach(), target, target_b, lam, tau, metric,
+                                                  eps, ignore_index, True)[2]
         dx = normalize_backward(x, g_loss.to(grad_xhat.dtype).unsqueeze(1) * grad_xhat).to(x.dtype)
     if ctx.needs_input_grad[1]:
         dbank = _ops.spherical_ce_bank_grad(x, bank, target, target_b, lam, g_loss, lse, tau, metric, eps,
