@@ -34,20 +34,25 @@ from etfkern.reference.spherical import ARC_GRAD_EPS, METRICS, NORM_EPS, acc_dty
 __all__ = ["spherical_logits", "spherical_cross_entropy", "nearest", "spherical_ce_rows", "chunk_rows"]
 
 REDUCTIONS = ("mean", "sum", "none")
-_DEFAULT_CHUNK_MIB = 32.0
+_DEFAULT_CHUNK_MIB = 64.0
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared pieces (CPU backend and the Triton launchers)
 # ----------------------------------------------------------------------------------------------------------
-def chunk_rows(num_classes: int, buffers: int = 4, budget_mib: float | None = None) -> int:
-    """Rows per chunk so that ``buffers`` float32 (rows x C) temporaries fit in the budget.
+def chunk_rows(num_classes: int, buffers: int = 3, budget_mib: float | None = None,
+               n_rows: int | None = None) -> int:
+    """Rows per chunk: ``buffers`` float32 (rows x C) temporaries fit in the budget, and (given ``n_rows``) one
+    temporary holds at most ~1/8 of the N x C logits (but >= 64 rows, so GEMMs stay efficient).
 
-    Budget: ``budget_mib`` or env ``ETFKERN_CHUNK_MIB`` (default 32 MiB); at least 1 row.
+    Budget: ``budget_mib`` or env ``ETFKERN_CHUNK_MIB`` (default 64 MiB); at least 1 row.
     """
     if budget_mib is None:
         budget_mib = float(os.environ.get("ETFKERN_CHUNK_MIB", _DEFAULT_CHUNK_MIB))
-    return max(1, int(budget_mib * 2**20) // max(1, num_classes * 4 * buffers))
+    rows = int(budget_mib * 2**20) // max(1, num_classes * 4 * buffers)
+    if n_rows is not None:
+        rows = min(rows, max(64, -(-n_rows // 8)))
+    return max(1, rows)
 
 
 def normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +116,18 @@ def _empty_results(x, need_grad):
 # ----------------------------------------------------------------------------------------------------------
 # CPU backend: chunked torch (MKL GEMMs); extra memory O(chunk * C) with the chunk from chunk_rows()
 # ----------------------------------------------------------------------------------------------------------
+def fixed_shift(bank: torch.Tensor, tau: float, metric: str) -> float | None:
+    """A constant upper bound of z usable instead of the row max, or None when exp could underflow.
+
+    |z| <= max_c |w_c| / tau for "cos" (x̂ is unit; 1% margin for rounding), z in [-pi/tau, 0] for "arc". With
+    shift - min z <= 80, exp(z - shift) >= e^-80 stays a normal fp32 number, so no row can lose all its mass.
+    """
+    if metric == "arc":
+        return 0.0 if math.pi / tau <= 80.0 else None
+    bound = 1.01 * float(bank.detach().float().norm(dim=1).max()) / tau
+    return bound if 2.0 * bound <= 80.0 else None
+
+
 def _cpu_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, need_grad):
     n, d = x.shape
     if n == 0 or bank.shape[0] == 0:
@@ -118,28 +135,50 @@ def _cpu_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index,
     acc = acc_dtype(x.dtype)
     mm = bank.dtype  # GEMMs run in the input dtype (bf16 GEMMs accumulate in fp32), elementwise math in acc
     xh = normalized(x, acc)
-    xh_mm = xh.to(mm)
-    w = bank.contiguous()
     arc = metric == "arc"
+    w = bank.contiguous()
+    shift = fixed_shift(w, tau, metric)
+    # "cos" with a fixed shift: GEMMs on augmented operands [x̂/tau | -shift] . [w | 1] = z - shift (no max
+    # and no subtraction pass), and for fp32/fp64 exp(z - shift) @ [w | 1] = [sum_c e_ic w_c | sum_c e_ic].
+    # (fp32/fp64 only: in bf16 the GEMM output z - shift would round twice as coarsely as z)
+    augment = not arc and shift is not None and mm in (torch.float32, torch.float64)
+    fuse_sum = augment and need_grad
+    if augment:
+        xs = torch.cat([xh / tau, xh.new_full((n, 1), -shift)], 1).to(mm)
+        w_aug = torch.cat([w, w.new_ones(w.shape[0], 1)], 1)
+    else:
+        xs = (xh if arc else xh / tau).to(mm)  # "cos": 1/tau folded into x̂, so the GEMM yields z directly
+        w_aug = w
+    ones = torch.ones(w.shape[0], dtype=acc)
     lse = torch.empty(n, dtype=acc)
     sum_z = torch.empty(n, dtype=acc) if arc and eps > 0 else None
     a_sum = torch.empty(n, d, dtype=acc) if need_grad else None
     b_sum = torch.empty(n, d, dtype=acc) if need_grad and arc and eps > 0 else None
-    step = chunk_rows(bank.shape[0])
+    step = chunk_rows(bank.shape[0], n_rows=n)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        z, s = z_and_slope((xh_mm[r0:r1] @ w.T).to(acc), tau, metric)
-        if sum_z is not None:
-            sum_z[r0:r1] = z.sum(1)
-        m = z.amax(1, keepdim=True)
-        e = z.sub_(m).exp_()  # z is dead after this: reuse its buffer for exp(z - m)
-        l = e.sum(1)
+        s = None
+        if augment:
+            e = (xs[r0:r1] @ w_aug.T).to(acc).exp_()
+            m = torch.full((r1 - r0, 1), shift, dtype=acc)
+        else:
+            z, s = z_and_slope((xs[r0:r1] @ w.T).to(acc), 1.0 if not arc else tau, metric)
+            if sum_z is not None:
+                sum_z[r0:r1] = z @ ones
+            m = z.amax(1, keepdim=True) if shift is None else torch.full((r1 - r0, 1), shift, dtype=acc)
+            e = z.sub_(m).exp_()  # z is dead after this: reuse its buffer for exp(z - m)
+        if fuse_sum:
+            r = e @ w_aug
+            l, a = r[:, d], r[:, :d]
+        else:
+            l = e @ ones  # a GEMV: much faster than e.sum(1) on CPU
+            if a_sum is not None:
+                if s is not None:
+                    e.mul_(s)
+                a = (e.to(mm) @ w).to(acc)
         lse[r0:r1] = m.squeeze(1) + l.log()
         if a_sum is not None:
-            if s is not None:
-                e.mul_(s)
-            a = (e.to(mm) @ w).to(acc)
-            a_sum[r0:r1] = a.div_(l.unsqueeze(1) * (tau if s is None else 1.0))
+            a_sum[r0:r1] = a / (l.unsqueeze(1) * (tau if not arc else 1.0))
         if b_sum is not None:
             b_sum[r0:r1] = (s.to(mm) @ w).to(acc)
     loss, grad = finish_forward(xh, w, target, target_b, lam, tau, metric, eps, ignore_index, lse, sum_z, a_sum,
@@ -162,7 +201,7 @@ def _cpu_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, 
     lam = lam.to(acc)
     ta = torch.where(valid, target, 0).long().unsqueeze(1)
     tb = torch.where(valid, target_b, 0).long().unsqueeze(1)
-    step = chunk_rows(n_cls)
+    step = chunk_rows(n_cls, n_rows=n)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         gc = g[r0:r1].unsqueeze(1)
@@ -185,7 +224,7 @@ def chunked_nearest(x: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.
         return vals, idx
     w = bank.contiguous()
     xh = normalized(x, w.dtype)
-    step = chunk_rows(bank.shape[0], buffers=2)
+    step = chunk_rows(bank.shape[0], buffers=2, n_rows=n)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         v, i = torch.topk((xh[r0:r1] @ w.T).to(acc), k, dim=1, largest=True, sorted=True)
