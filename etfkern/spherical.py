@@ -43,7 +43,7 @@ _DEFAULT_CHUNK_MIB = 64.0
 def chunk_rows(num_classes: int, buffers: int = 3, budget_mib: float | None = None,
                n_rows: int | None = None) -> int:
     """Rows per chunk: ``buffers`` float32 (rows x C) temporaries fit in the budget, and (given ``n_rows``) one
-    temporary holds at most ~1/8 of the N x C logits (but >= 64 rows, so GEMMs stay efficient).
+    temporary holds at most ~1/16 of the N x C logits (but >= 64 rows, so GEMMs stay efficient).
 
     Budget: ``budget_mib`` or env ``ETFKERN_CHUNK_MIB`` (default 64 MiB); at least 1 row.
     """
@@ -51,7 +51,7 @@ def chunk_rows(num_classes: int, buffers: int = 3, budget_mib: float | None = No
         budget_mib = float(os.environ.get("ETFKERN_CHUNK_MIB", _DEFAULT_CHUNK_MIB))
     rows = int(budget_mib * 2**20) // max(1, num_classes * 4 * buffers)
     if n_rows is not None:
-        rows = min(rows, max(64, -(-n_rows // 8)))
+        rows = min(rows, max(64, -(-n_rows // 16)))
     return max(1, rows)
 
 
@@ -181,6 +181,7 @@ def _cpu_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index,
             a_sum[r0:r1] = a / (l.unsqueeze(1) * (tau if not arc else 1.0))
         if b_sum is not None:
             b_sum[r0:r1] = (s.to(mm) @ w).to(acc)
+        e = s = z = None  # free this chunk's (rows x C) buffers before the next chunk allocates its own
     loss, grad = finish_forward(xh, w, target, target_b, lam, tau, metric, eps, ignore_index, lse, sum_z, a_sum,
                                 b_sum)
     return loss, lse, grad if grad is not None else x.new_zeros(0, d, dtype=acc)
@@ -211,6 +212,7 @@ def _cpu_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, 
         coef.scatter_add_(1, tb[r0:r1], -(1 - eps) * (1 - lam[r0:r1]).unsqueeze(1) * gc)
         coef = coef.mul_(s) if s is not None else coef.div_(tau)
         dw += (coef.T.to(mm) @ xh[r0:r1].to(mm)).to(acc)
+        del coef, z, s
     return dw
 
 
