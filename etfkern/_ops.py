@@ -67,6 +67,19 @@ spherical_ce_forward = define(
     "(Tensor x, Tensor bank, Tensor target, Tensor target_b, Tensor lam, float tau, str metric, float eps, "
     "int ignore_index, bool need_grad) -> (Tensor, Tensor, Tensor)",
     _spherical_ce_forward_fake)
+def _spherical_ce_partials_fake(x, bank, tau, metric, need_sumz, need_grad, need_b):
+    acc = _acc(x.dtype)
+    n, d = x.shape
+    return (x.new_empty(n, dtype=acc), x.new_empty(n if need_sumz else 0, dtype=acc),
+            x.new_empty(n if need_grad else 0, d, dtype=acc), x.new_empty(n if need_b else 0, d, dtype=acc))
+
+
+# Class-loop partials over a bank shard (lse, sum_c z, sum_c p s w, sum_c s w): the vocab-parallel building block.
+spherical_ce_partials = define(
+    "spherical_ce_partials",
+    "(Tensor x, Tensor bank, float tau, str metric, bool need_sumz, bool need_grad, bool need_b) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _spherical_ce_partials_fake)
 # dW (C, d) = sum_i g_i (p_ic - t_ic) s_ic x̂_i, recomputing the probabilities from the saved lse.
 spherical_ce_bank_grad = define(
     "spherical_ce_bank_grad",

@@ -128,10 +128,9 @@ def fixed_shift(bank: torch.Tensor, tau: float, metric: str) -> float | None:
     return bound if 2.0 * bound <= 80.0 else None
 
 
-def _cpu_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, need_grad):
+def _cpu_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
+    """Chunked class loop: (x̂, lse, sum_z | None, a_sum | None, b_sum | None), see finish_forward."""
     n, d = x.shape
-    if n == 0 or bank.shape[0] == 0:
-        return _empty_results(x, need_grad)
     acc = acc_dtype(x.dtype)
     mm = bank.dtype  # GEMMs run in the input dtype (bf16 GEMMs accumulate in fp32), elementwise math in acc
     xh = normalized(x, acc)
@@ -151,9 +150,9 @@ def _cpu_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index,
         w_aug = w
     ones = torch.ones(w.shape[0], dtype=acc)
     lse = torch.empty(n, dtype=acc)
-    sum_z = torch.empty(n, dtype=acc) if arc and eps > 0 else None
+    sum_z = torch.empty(n, dtype=acc) if need_sumz else None
     a_sum = torch.empty(n, d, dtype=acc) if need_grad else None
-    b_sum = torch.empty(n, d, dtype=acc) if need_grad and arc and eps > 0 else None
+    b_sum = torch.empty(n, d, dtype=acc) if need_b else None
     step = chunk_rows(bank.shape[0], n_rows=n)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -182,9 +181,36 @@ def _cpu_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index,
         if b_sum is not None:
             b_sum[r0:r1] = (s.to(mm) @ w).to(acc)
         e = s = z = None  # free this chunk's (rows x C) buffers before the next chunk allocates its own
-    loss, grad = finish_forward(xh, w, target, target_b, lam, tau, metric, eps, ignore_index, lse, sum_z, a_sum,
-                                b_sum)
-    return loss, lse, grad if grad is not None else x.new_zeros(0, d, dtype=acc)
+    return xh, lse, sum_z, a_sum, b_sum
+
+
+def _cpu_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, need_grad):
+    n, d = x.shape
+    if n == 0 or bank.shape[0] == 0:
+        return _empty_results(x, need_grad)
+    arc = metric == "arc"
+    xh, lse, sum_z, a_sum, b_sum = _cpu_class_loop(x, bank, tau, metric, arc and eps > 0, need_grad,
+                                                   need_grad and arc and eps > 0)
+    loss, grad = finish_forward(xh, bank, target, target_b, lam, tau, metric, eps, ignore_index, lse, sum_z,
+                                a_sum, b_sum)
+    return loss, lse, grad if grad is not None else x.new_zeros(0, d, dtype=lse.dtype)
+
+
+def partials_or_empty(x, lse, sum_z, a_sum, b_sum):
+    """The spherical_ce_partials results with None replaced by the op's empty placeholders."""
+    acc, d = lse.dtype, x.shape[1]
+    return (lse, sum_z if sum_z is not None else x.new_zeros(0, dtype=acc),
+            a_sum if a_sum is not None else x.new_zeros(0, d, dtype=acc),
+            b_sum if b_sum is not None else x.new_zeros(0, d, dtype=acc))
+
+
+def _cpu_partials(x, bank, tau, metric, need_sumz, need_grad, need_b):
+    if x.shape[0] == 0:
+        n, d = x.shape
+        acc = acc_dtype(x.dtype)
+        return (x.new_zeros(0, dtype=acc), x.new_zeros(0, dtype=acc), x.new_zeros(0, d, dtype=acc),
+                x.new_zeros(0, d, dtype=acc))
+    return partials_or_empty(x, *_cpu_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b)[1:])
 
 
 def _cpu_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, eps, ignore_index):
@@ -237,6 +263,9 @@ def chunked_nearest(x: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.
 _backend.register("spherical_ce_forward", "reference", _ref.spherical_ce_forward)
 _backend.register("spherical_ce_forward", "cpu", _cpu_forward)
 _backend.register("spherical_ce_forward", "triton", "etfkern.triton_kernels.spherical_ce:ce_forward")
+_backend.register("spherical_ce_partials", "reference", _ref.spherical_ce_partials)
+_backend.register("spherical_ce_partials", "cpu", _cpu_partials)
+_backend.register("spherical_ce_partials", "triton", "etfkern.triton_kernels.spherical_ce:ce_partials")
 _backend.register("spherical_ce_bank_grad", "reference", _ref.spherical_ce_bank_grad)
 _backend.register("spherical_ce_bank_grad", "cpu", _cpu_bank_grad)
 _backend.register("spherical_ce_bank_grad", "triton", "etfkern.triton_kernels.spherical_ce:ce_bank_grad")

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from etfkern._backend import triton_interpret
 from etfkern.reference.spherical import ARC_GRAD_EPS, acc_dtype
-from etfkern.spherical import chunked_nearest, finish_forward, normalized
+from etfkern.spherical import chunked_nearest, finish_forward, normalized, partials_or_empty
 
 MAX_REG_D = 256  # d above this keeps the (rows x d) accumulators in a global slab instead of registers
 MAX_FUSED_K = 64  # nearest(): larger k falls back to chunked torch topk on the device
@@ -260,31 +260,45 @@ def _config(d: int) -> dict:
                 num_stages=2)
 
 
-def ce_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, need_grad):
+def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
+    """Launch the fused class loop: (x̂ in acc dtype, lse, sum_z | None, a_sum | None, b_sum | None)."""
     n, d = x.shape
-    n_cls = bank.shape[0]
     acc = acc_dtype(x.dtype)
     xh_acc = normalized(x, acc)
-    if n == 0:
-        return (x.new_zeros(0, dtype=acc), x.new_zeros(0, dtype=acc), x.new_zeros(0, d, dtype=acc))
     xh = xh_acc.to(bank.dtype)
-    arc = metric == "arc"
-    need_sumz = arc and eps > 0
-    need_b = need_grad and arc and eps > 0
     lse = x.new_empty(n, dtype=acc)
     sum_z = x.new_empty(n, dtype=acc) if need_sumz else lse
     a_sum = x.new_zeros(n, d, dtype=acc) if need_grad else lse
     b_sum = x.new_zeros(n, d, dtype=acc) if need_b else a_sum
     cfg = _config(d)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
-    _ce_fwd_kernel[grid](xh, bank, lse, sum_z, a_sum, b_sum, n, n_cls, d, xh.stride(0), xh.stride(1),
+    _ce_fwd_kernel[grid](xh, bank, lse, sum_z, a_sum, b_sum, n, bank.shape[0], d, xh.stride(0), xh.stride(1),
                          bank.stride(0), bank.stride(1), 1.0 / tau, ARC_GRAD_EPS,
-                         ARC=arc, NEED_SUMZ=need_sumz, NEED_GRAD=need_grad, NEED_B=need_b,
+                         ARC=metric == "arc", NEED_SUMZ=need_sumz, NEED_GRAD=need_grad, NEED_B=need_b,
                          ACC=_tl_acc(x.dtype), PREC=_precision(x.dtype), **cfg)
-    loss, grad = finish_forward(xh_acc, bank, target, target_b, lam, tau, metric, eps, ignore_index, lse,
-                                sum_z if need_sumz else None, a_sum if need_grad else None,
-                                b_sum if need_b else None)
+    return (xh_acc, lse, sum_z if need_sumz else None, a_sum if need_grad else None, b_sum if need_b else None)
+
+
+def ce_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, need_grad):
+    n, d = x.shape
+    acc = acc_dtype(x.dtype)
+    if n == 0:
+        return (x.new_zeros(0, dtype=acc), x.new_zeros(0, dtype=acc), x.new_zeros(0, d, dtype=acc))
+    arc = metric == "arc"
+    xh_acc, lse, sum_z, a_sum, b_sum = _class_loop(x, bank, tau, metric, arc and eps > 0, need_grad,
+                                                   need_grad and arc and eps > 0)
+    loss, grad = finish_forward(xh_acc, bank, target, target_b, lam, tau, metric, eps, ignore_index, lse, sum_z,
+                                a_sum, b_sum)
     return loss, lse, grad if grad is not None else x.new_zeros(0, d, dtype=acc)
+
+
+def ce_partials(x, bank, tau, metric, need_sumz, need_grad, need_b):
+    n, d = x.shape
+    if n == 0:
+        acc = acc_dtype(x.dtype)
+        return (x.new_zeros(0, dtype=acc), x.new_zeros(0, dtype=acc), x.new_zeros(0, d, dtype=acc),
+                x.new_zeros(0, d, dtype=acc))
+    return partials_or_empty(x, *_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b)[1:])
 
 
 def ce_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, eps, ignore_index):

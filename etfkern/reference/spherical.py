@@ -79,6 +79,22 @@ def spherical_ce_forward(x: torch.Tensor, bank: torch.Tensor, target: torch.Tens
     return loss.to(out), lse.to(out), g.to(out)
 
 
+def spherical_ce_partials(x: torch.Tensor, bank: torch.Tensor, tau: float, metric: str, need_sumz: bool,
+                          need_grad: bool, need_b: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class-loop partials over this bank (a shard of the classes): lse (N,), sum_c z_ic (N,) | (0,),
+    sum_c p_ic s_ic w_c (N, d) | (0, d) with p normalised over THESE classes, sum_c s_ic w_c (N, d) | (0, d)."""
+    out = acc_dtype(x.dtype)
+    w = bank.double()
+    z, s = _transform(_normalize(x.double()) @ w.T, tau, metric)
+    empty = z.new_zeros(0, x.shape[1])
+    lse = torch.logsumexp(z, dim=1)
+    sum_z = z.sum(1) if need_sumz else z.new_zeros(0)
+    a = (torch.softmax(z, dim=1) * s) @ w if need_grad else empty
+    b = s @ w if need_b else empty
+    return lse.to(out), sum_z.to(out), a.to(out), b.to(out)
+
+
 def spherical_ce_bank_grad(x: torch.Tensor, bank: torch.Tensor, target: torch.Tensor, target_b: torch.Tensor,
                            lam: torch.Tensor, grad_rows: torch.Tensor, lse: torch.Tensor, tau: float, metric: str,
                            eps: float, ignore_index: int) -> torch.Tensor:
