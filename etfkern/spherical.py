@@ -392,10 +392,12 @@ def spherical_logits(x: torch.Tensor, bank: torch.Tensor, *, tau: float = 0.07, 
     return _arccos_finite_grad(cos) / -tau
 
 
-def _prepare(x, bank, target, tau, metric, label_smoothing, ignore_index, target_b, lam, validate):
+def _prepare(x, bank, target, tau, metric, label_smoothing, ignore_index, target_b, lam, validate,
+             num_classes: int | None = None):
+    """Validate the arguments; return (target_b, per-row lam). num_classes: total C (default bank rows)."""
     _check_x_bank(x, bank)
     _check_tau_metric(tau, metric)
-    n, n_cls = x.shape[0], bank.shape[0]
+    n, n_cls = x.shape[0], num_classes if num_classes is not None else bank.shape[0]
     _check_labels("target", target, n, x.device)
     if target_b is None:
         target_b = target

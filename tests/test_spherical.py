@@ -358,3 +358,18 @@ def test_ebv_head_and_compile_fullgraph():
     feats = torch.randn(5, 8)
     assert head.predict(feats).shape == (5,) and head.predict(feats, k=3).shape == (5, 3)
     assert torch.equal(head.predict(bank[[4, 7]] * 3), torch.tensor([4, 7]))
+
+
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+def test_partials_op_matches_reference(device, metric):
+    x, bank, _ = _inputs(20, 11, 33, device=device, strided=True)
+    ref = R.spherical_ce_partials(x, bank, 0.07, metric, True, True, True)
+    for backend in backends_for("spherical_ce_partials", device):
+        with etfkern.use_backend(backend):
+            out = _ops.spherical_ce_partials(x, bank, 0.07, metric, True, True, True)
+            lean = _ops.spherical_ce_partials(x, bank, 0.07, metric, False, False, False)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5, msg=lambda m: f"{backend}: {m}")
+        assert [t.shape[0] for t in lean[1:]] == [0, 0, 0]
+        torch.testing.assert_close(lean[0], ref[0], atol=3e-5, rtol=3e-5)
+    torch.library.opcheck(_ops.spherical_ce_partials, (x.contiguous(), bank, 0.07, metric, True, True, True))
