@@ -150,9 +150,9 @@ def _cpu_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
         w_aug = w
     ones = torch.ones(w.shape[0], dtype=acc)
     lse = torch.empty(n, dtype=acc)
-    sum_z = torch.empty(n, dtype=acc) if need_sumz else None
+    sum_z = torch.empty(n, dtype=acc) if need_sumz and arc else None
     a_sum = torch.empty(n, d, dtype=acc) if need_grad else None
-    b_sum = torch.empty(n, d, dtype=acc) if need_b else None
+    b_sum = torch.empty(n, d, dtype=acc) if need_b and arc else None
     step = chunk_rows(bank.shape[0], n_rows=n)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
@@ -181,6 +181,10 @@ def _cpu_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
         if b_sum is not None:
             b_sum[r0:r1] = (s.to(mm) @ w).to(acc)
         e = s = z = None  # free this chunk's (rows x C) buffers before the next chunk allocates its own
+    if not arc and (need_sumz or need_b):  # "cos": s = 1/tau, so both come from the bank's column sum
+        colsum = w.to(acc).sum(0) / tau
+        sum_z = xh @ colsum if need_sumz else None
+        b_sum = colsum.expand(n, d).clone() if need_b else None
     return xh, lse, sum_z, a_sum, b_sum
 
 
