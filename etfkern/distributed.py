@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from etfkern import _ops
 from etfkern.reference.spherical import acc_dtype
-from etfkern.spherical import REDUCTIONS, _prepare, normalize_backward, normalized, z_and_slope
+from etfkern.spherical import REDUCTIONS, _prepare, normalize_backward, normalized, reduce_rows, z_and_slope
 
 __all__ = ["spherical_cross_entropy", "nearest"]
 
@@ -117,12 +117,7 @@ def spherical_cross_entropy(x: torch.Tensor, bank_shard: torch.Tensor, target: t
                                validate, num_classes=num_classes)
     loss = _VocabParallelCE.apply(x, bank_shard, target, target_b, lam_t, class_start, num_classes, float(tau),
                                   metric, float(label_smoothing), int(ignore_index), group)
-    if reduction == "none":
-        return loss.to(x.dtype)
-    total = loss.sum()
-    if reduction == "mean":
-        total = total / (target != ignore_index).sum().clamp_min(1).to(total.dtype)
-    return total.to(x.dtype)
+    return reduce_rows(loss, target, ignore_index, reduction, x.dtype)
 
 
 def nearest(x: torch.Tensor, bank_shard: torch.Tensor, *, class_start: int, k: int = 1, group=None

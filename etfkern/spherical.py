@@ -210,10 +210,7 @@ def partials_or_empty(x, lse, sum_z, a_sum, b_sum):
 
 def _cpu_partials(x, bank, tau, metric, need_sumz, need_grad, need_b):
     if x.shape[0] == 0:
-        n, d = x.shape
-        acc = acc_dtype(x.dtype)
-        return (x.new_zeros(0, dtype=acc), x.new_zeros(0, dtype=acc), x.new_zeros(0, d, dtype=acc),
-                x.new_zeros(0, d, dtype=acc))
+        return partials_or_empty(x, x.new_zeros(0, dtype=acc_dtype(x.dtype)), None, None, None)
     return partials_or_empty(x, *_cpu_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b)[1:])
 
 
@@ -264,18 +261,15 @@ def chunked_nearest(x: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.
     return vals, idx
 
 
-_backend.register("spherical_ce_forward", "reference", _ref.spherical_ce_forward)
-_backend.register("spherical_ce_forward", "cpu", _cpu_forward)
-_backend.register("spherical_ce_forward", "triton", "etfkern.triton_kernels.spherical_ce:ce_forward")
-_backend.register("spherical_ce_partials", "reference", _ref.spherical_ce_partials)
-_backend.register("spherical_ce_partials", "cpu", _cpu_partials)
-_backend.register("spherical_ce_partials", "triton", "etfkern.triton_kernels.spherical_ce:ce_partials")
-_backend.register("spherical_ce_bank_grad", "reference", _ref.spherical_ce_bank_grad)
-_backend.register("spherical_ce_bank_grad", "cpu", _cpu_bank_grad)
-_backend.register("spherical_ce_bank_grad", "triton", "etfkern.triton_kernels.spherical_ce:ce_bank_grad")
-_backend.register("spherical_nearest", "reference", _ref.spherical_nearest)
-_backend.register("spherical_nearest", "cpu", chunked_nearest)
-_backend.register("spherical_nearest", "triton", "etfkern.triton_kernels.spherical_ce:nearest")
+_TRITON = "etfkern.triton_kernels.spherical_ce:"
+for _op, _ref_fn, _cpu_fn, _triton_fn in (
+        ("spherical_ce_forward", _ref.spherical_ce_forward, _cpu_forward, "ce_forward"),
+        ("spherical_ce_partials", _ref.spherical_ce_partials, _cpu_partials, "ce_partials"),
+        ("spherical_ce_bank_grad", _ref.spherical_ce_bank_grad, _cpu_bank_grad, "ce_bank_grad"),
+        ("spherical_nearest", _ref.spherical_nearest, chunked_nearest, "nearest")):
+    _backend.register(_op, "reference", _ref_fn)
+    _backend.register(_op, "cpu", _cpu_fn)
+    _backend.register(_op, "triton", _TRITON + _triton_fn)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,12 +468,18 @@ def spherical_cross_entropy(x: torch.Tensor, bank: torch.Tensor, target: torch.T
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     loss, _ = spherical_ce_rows(x, bank, target, tau=tau, metric=metric, label_smoothing=label_smoothing,
                                 ignore_index=ignore_index, target_b=target_b, lam=lam, validate=validate)
+    return reduce_rows(loss, target, ignore_index, reduction, x.dtype)
+
+
+def reduce_rows(loss: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Apply ``reduction`` to per-row losses ("mean": over rows whose target != ignore_index, 0 if none)."""
     if reduction == "none":
-        return loss.to(x.dtype)
+        return loss.to(dtype)
     total = loss.sum()
     if reduction == "mean":
         total = total / (target != ignore_index).sum().clamp_min(1).to(total.dtype)
-    return total.to(x.dtype)
+    return total.to(dtype)
 
 
 def nearest(x: torch.Tensor, bank: torch.Tensor, *, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -293,11 +293,8 @@ def ce_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, n
 
 
 def ce_partials(x, bank, tau, metric, need_sumz, need_grad, need_b):
-    n, d = x.shape
-    if n == 0:
-        acc = acc_dtype(x.dtype)
-        return (x.new_zeros(0, dtype=acc), x.new_zeros(0, dtype=acc), x.new_zeros(0, d, dtype=acc),
-                x.new_zeros(0, d, dtype=acc))
+    if x.shape[0] == 0:
+        return partials_or_empty(x, x.new_zeros(0, dtype=acc_dtype(x.dtype)), None, None, None)
     return partials_or_empty(x, *_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b)[1:])
 
 
