@@ -1,8 +1,8 @@
 """Spherical logits, fused spherical cross-entropy and fused top-k nearest against a fixed bank of vectors.
 
 Layers (one family, one file per layer):
-  etfkern/_ops.py                       schemas + fake kernels: spherical_ce_forward, spherical_ce_bank_grad,
-                                        spherical_nearest
+  etfkern/_ops.py                       schemas + fake kernels: spherical_ce_forward, spherical_ce_partials,
+                                        spherical_ce_bank_grad, spherical_nearest
   etfkern/reference/spherical.py        float64 oracle (materialises N x C; tests only / last resort)
   this file                             chunked-torch CPU backend, autograd, validation, public functions
   etfkern/triton_kernels/spherical_ce.py  GPU kernels (N x C logits never stored)
@@ -13,6 +13,10 @@ pass as the log-sum-exp (the "P @ V" of attention with V = bank) when x needs a 
 is O(N d). The target part needs only the two target rows of the bank plus, for label smoothing, sum_c z_ic and
 sum_c s_ic w_c: for "cos" these are x̂ . colsum(W) / tau and colsum(W) / tau (one O(C d) column sum), for "arc"
 they are accumulated in the class loop.
+
+CPU path: chunks of rows (chunk_rows(): a memory budget, default 64 MiB, and at most ~1/16 of the logits per
+temporary); for "cos" a fixed shift bound/tau replaces the row max and is folded into augmented GEMM operands.
+The Triton path uses an online row max instead (deterministic: one program walks its class tiles in order).
 
 Host syncs: on CPU tensors the labels, lam and x are checked eagerly (ValueError). On CUDA tensors (and under
 torch.compile) the same checks run on the device with ``torch._assert_async`` (no host sync; a failure surfaces at
