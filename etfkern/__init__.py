@@ -31,6 +31,8 @@ from etfkern._backend import BackendUnavailableError, use_backend  # noqa: E402
 # banks
 from etfkern.banks import bank_stats, ebv_bank, load_bank, save_bank, simplex_etf, sparse_etf  # noqa: E402
 # spherical
+from etfkern import nn  # noqa: E402
+from etfkern.spherical import nearest, spherical_cross_entropy, spherical_logits  # noqa: E402
 
 # collapse
 from etfkern.collapse import CollapseMeter, ncc_mismatch  # noqa: E402
@@ -45,6 +47,7 @@ __all__ = [
     # banks
     "simplex_etf", "ebv_bank", "sparse_etf", "bank_stats", "save_bank", "load_bank",
     # spherical
+    "spherical_logits", "spherical_cross_entropy", "nearest", "nn",
 
     # collapse
     "CollapseMeter", "ncc_mismatch",

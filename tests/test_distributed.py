@@ -1,0 +1,95 @@
+"""Vocab-parallel spherical CE / nearest (etfkern.distributed) with gloo on 127.0.0.1: world sizes 2 and 3,
+uneven shards; every rank must get the full-bank loss and x-gradient."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.distributed
+
+SPLITS = {2: [5, 18], 3: [9, 1, 13]}  # uneven shards of C = 23 (one of a single class)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, queue) -> None:
+    try:
+        os.environ.pop("TRITON_INTERPRET", None)
+        torch.set_num_threads(1)
+        import torch.distributed as dist
+
+        import etfkern
+        import etfkern.distributed as edist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        gen = torch.Generator().manual_seed(0)
+        n, d, c = 14, 6, 23
+        x0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        bank = F.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64), dim=1)
+        target = torch.randint(0, c, (n,), generator=gen)
+        target[2] = -100
+        target_b = torch.randint(0, c, (n,), generator=gen)
+        lam = torch.rand(n, generator=gen, dtype=torch.float64)
+        sizes = SPLITS[world]
+        start = sum(sizes[:rank])
+        shard = bank[start:start + sizes[rank]]
+        for metric in ("cos", "arc"):
+            for eps in (0.0, 0.1):
+                kw = dict(metric=metric, label_smoothing=eps, target_b=target_b, lam=lam, reduction="sum")
+                xf = x0.clone().requires_grad_()
+                full = etfkern.spherical_cross_entropy(xf, bank, target, **kw)
+                full.backward()
+                xs = x0.clone().requires_grad_()
+                part = edist.spherical_cross_entropy(xs, shard, target, class_start=start, **kw)
+                part.backward()
+                torch.testing.assert_close(part, full, atol=1e-10, rtol=1e-10)
+                torch.testing.assert_close(xs.grad, xf.grad, atol=1e-10, rtol=1e-10)
+        rows = edist.spherical_cross_entropy(x0, shard, target, class_start=start, reduction="none")
+        torch.testing.assert_close(rows, etfkern.spherical_cross_entropy(x0, bank, target, reduction="none"))
+        for k in (1, 4):
+            v, i = edist.nearest(x0, shard, class_start=start, k=k)
+            rv, ri = etfkern.nearest(x0, bank, k=k)
+            assert torch.equal(i, ri)
+            torch.testing.assert_close(v, rv)
+        try:
+            edist.spherical_cross_entropy(x0, shard, target, class_start=start + 1)
+            raise AssertionError("overlapping shards were accepted")
+        except ValueError as exc:
+            assert "tile" in str(exc)
+        dist.destroy_process_group()
+        queue.put((rank, None))
+    except Exception:  # noqa: BLE001 - report to the parent
+        queue.put((rank, traceback.format_exc()))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_full_bank(world):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(world):
+            rank, err = queue.get(timeout=180)
+            results[rank] = err
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = {r: e for r, e in results.items() if e}
+    assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
+    assert sorted(results) == list(range(world))

@@ -1,0 +1,375 @@
+"""Spherical logits, fused spherical cross-entropy and nearest (issue 3): every backend vs the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import backends_for
+
+import etfkern
+from etfkern import _backend, _ops
+from etfkern.reference import spherical as R
+
+OPS = ("spherical_ce_forward", "spherical_ce_bank_grad", "spherical_nearest")
+
+
+def _bank(c, d, dtype=torch.float32, device="cpu"):
+    return F.normalize(torch.randn(c, d, dtype=torch.float64), dim=1).to(dtype).to(device)
+
+
+def _inputs(n, d, c, dtype=torch.float32, device="cpu", strided=False, ignore=True):
+    if strided:  # non-contiguous x and bank (column stride 2 / transposed storage)
+        x = torch.randn(n, 2 * d, dtype=dtype, device=device)[:, ::2]
+        bank = _bank(c, d, dtype, device).T.contiguous().T
+    else:
+        x = torch.randn(n, d, dtype=dtype, device=device)
+        bank = _bank(c, d, dtype, device)
+    target = torch.randint(0, c, (n,), device=device)
+    if ignore and n > 2:
+        target[1] = -100
+    return x, bank, target
+
+
+def _lam(mode, n, dtype, device):
+    if mode == "none":
+        return None
+    if mode == "scalar":
+        return 0.3
+    return torch.rand(n, dtype=R.acc_dtype(dtype), device=device)
+
+
+def _explicit_loss(x, bank, target, tau, metric, eps, ignore_index, reduction, target_b, lam):
+    """Autograd through the materialised float64 logits: an independent route to loss and gradients."""
+    z = etfkern.spherical_logits(x, bank, tau=tau, metric=metric)
+    n = x.shape[0]
+    lam_t = torch.ones(n, dtype=torch.float64) if lam is None else torch.as_tensor(lam, dtype=torch.float64
+                                                                                       ).expand(n)
+    t, valid = R.soft_targets(target, target if target_b is None else target_b, lam_t, bank.shape[0], eps,
+                              ignore_index)
+    rows = torch.where(valid, torch.logsumexp(z, 1) - (t * z).sum(1), torch.zeros_like(z[:, 0]))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / valid.sum().clamp_min(1)
+
+
+def _tol(dtype):
+    return dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-4, rtol=2e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("lam_mode", ["none", "scalar", "rows"])
+def test_forward_op_matches_reference(device, metric, eps, lam_mode):
+    n, d, c = 19, 10, 37  # odd sizes: C not a multiple of any tile
+    x, bank, target = _inputs(n, d, c, device=device, strided=lam_mode == "rows")
+    target_b = torch.randint(0, c, (n,), device=device)
+    lam = _lam(lam_mode, n, x.dtype, device)
+    lam_t = torch.ones(n) if lam is None else torch.as_tensor(lam, dtype=torch.float32).expand(n).contiguous()
+    lam_t = lam_t.to(device)
+    ref = R.spherical_ce_forward(x, bank, target, target_b, lam_t, 0.07, metric, eps, -100, True)
+    for backend in backends_for("spherical_ce_forward", device):
+        with etfkern.use_backend(backend):
+            out = _ops.spherical_ce_forward(x, bank, target, target_b, lam_t, 0.07, metric, eps, -100, True)
+            no_grad = _ops.spherical_ce_forward(x, bank, target, target_b, lam_t, 0.07, metric, eps, -100, False)
+        for name, a, b in zip(("loss", "lse", "grad_xhat"), out, ref):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5, msg=lambda m: f"{backend} {name}: {m}")
+        assert out[0][1] == 0 and out[2][1].abs().max() == 0  # ignored row
+        assert no_grad[2].shape == (0, d)
+        torch.testing.assert_close(no_grad[0], out[0], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_bank_grad_op_matches_reference(device, metric, eps):
+    n, d, c = 23, 9, 21
+    x, bank, target = _inputs(n, d, c, device=device, strided=True)
+    target_b = torch.randint(0, c, (n,), device=device)
+    lam = torch.rand(n, device=device)
+    g = torch.randn(n, device=device)
+    lse = R.spherical_ce_forward(x, bank, target, target_b, lam, 0.07, metric, eps, -100, False)[1]
+    ref = R.spherical_ce_bank_grad(x, bank, target, target_b, lam, g, lse, 0.07, metric, eps, -100)
+    for backend in backends_for("spherical_ce_bank_grad", device):
+        with etfkern.use_backend(backend):
+            out = _ops.spherical_ce_bank_grad(x, bank, target, target_b, lam, g, lse, 0.07, metric, eps, -100)
+        torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5, msg=lambda m: f"{backend}: {m}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+def test_public_loss_and_gradients_vs_autograd(device, reduction, metric):
+    n, d, c = 17, 8, 29
+    x0, bank0, target = _inputs(n, d, c, dtype=torch.float64, device=device)
+    target_b = torch.randint(0, c, (n,), device=device)
+    lam = torch.rand(n, dtype=torch.float64, device=device)
+    kw = dict(tau=0.1, metric=metric, label_smoothing=0.1, ignore_index=-100, reduction=reduction,
+              target_b=target_b, lam=lam)
+    xr, br = x0.clone().requires_grad_(), bank0.clone().requires_grad_()
+    ref = _explicit_loss(xr, br, target, 0.1, metric, 0.1, -100, reduction, target_b, lam)
+    up = torch.randn_like(ref)
+    ref.backward(up)
+    for backend in ("reference", "cpu", "triton"):
+        if backend not in backends_for("spherical_ce_forward", device):
+            continue
+        x, b = x0.clone().requires_grad_(), bank0.clone().requires_grad_()
+        with etfkern.use_backend(backend):
+            loss = etfkern.spherical_cross_entropy(x, b, target, **kw)
+            loss.backward(up)
+        tol = _tol(torch.float64) if backend != "triton" or metric == "cos" else dict(atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loss, ref.detach(), **tol)
+        torch.testing.assert_close(x.grad, xr.grad, **tol)
+        torch.testing.assert_close(b.grad, br.grad, **tol)
+
+
+def test_frozen_bank_skips_bank_gradient(monkeypatch):
+    calls = []
+    orig = _backend.implementation
+
+    def spy(op, backend, device_type):
+        calls.append(op)
+        return orig(op, backend, device_type)
+
+    monkeypatch.setattr(_backend, "implementation", spy)
+    x, bank, target = _inputs(12, 8, 20)
+    x.requires_grad_()
+    etfkern.spherical_cross_entropy(x, bank, target).backward()
+    assert calls == ["spherical_ce_forward"] and x.grad is not None
+    calls.clear()
+    bank.requires_grad_()
+    etfkern.spherical_cross_entropy(x, bank, target).backward()
+    assert calls == ["spherical_ce_forward", "spherical_ce_bank_grad"] and bank.grad is not None
+    calls.clear()
+    with torch.no_grad():  # no x gradient requested: the forward skips the P @ W accumulation
+        out = _ops.spherical_ce_forward(x, bank, target, target, torch.ones(12), 0.07, "cos", 0.0, -100, False)
+    assert out[2].shape == (0, 8)
+
+
+def test_triton_slab_mode_for_large_d(monkeypatch):
+    if "triton" not in backends_for("spherical_ce_forward", "cpu"):
+        pytest.skip("triton unavailable")
+    import etfkern.triton_kernels.spherical_ce as tk
+
+    monkeypatch.setattr(tk, "MAX_REG_D", 8)  # d = 20 > 8: the global-slab accumulation path, 2 d-chunks of 16
+    n, d, c = 18, 20, 35
+    x, bank, target = _inputs(n, d, c, strided=True)
+    lam = torch.rand(n)
+    tb = torch.randint(0, c, (n,))
+    g = torch.randn(n)
+    for metric in ("cos", "arc"):
+        ref = R.spherical_ce_forward(x, bank, target, tb, lam, 0.07, metric, 0.1, -100, True)
+        ref_dw = R.spherical_ce_bank_grad(x, bank, target, tb, lam, g, ref[1], 0.07, metric, 0.1, -100)
+        with etfkern.use_backend("triton"):
+            out = _ops.spherical_ce_forward(x, bank, target, tb, lam, 0.07, metric, 0.1, -100, True)
+            dw = _ops.spherical_ce_bank_grad(x, bank, target, tb, lam, g, ref[1], 0.07, metric, 0.1, -100)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5)
+        torch.testing.assert_close(dw, ref_dw, atol=5e-5, rtol=5e-5)
+
+
+def test_cpu_chunking_is_exact(monkeypatch):
+    x, bank, target = _inputs(40, 16, 64, dtype=torch.float64)
+    lam = torch.rand(40, dtype=torch.float64)
+    tb = torch.randint(0, 64, (40,))
+    with etfkern.use_backend("cpu"):
+        whole = _ops.spherical_ce_forward(x, bank, target, tb, lam, 0.07, "arc", 0.1, -100, True)
+        monkeypatch.setenv("ETFKERN_CHUNK_MIB", "0.001")  # 1 KiB: 1 row per chunk
+        assert etfkern.spherical.chunk_rows(64) == 1
+        chunked = _ops.spherical_ce_forward(x, bank, target, tb, lam, 0.07, "arc", 0.1, -100, True)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+def test_gradcheck_float64(metric):
+    n, d, c = 6, 5, 7
+    x, bank, target = _inputs(n, d, c, dtype=torch.float64)
+    x.requires_grad_()
+    bank.requires_grad_()
+    tb = torch.randint(0, c, (n,))
+    lam = torch.rand(n, dtype=torch.float64)
+    for backend in backends_for("spherical_ce_forward", "cpu"):
+        if backend == "triton" and metric == "arc":
+            continue  # in-kernel arccos is a fp32-grade polynomial (|err| 2e-8): too coarse for finite differences
+
+        def f(x_, b_):
+            return etfkern.spherical_cross_entropy(x_, b_, target, metric=metric, label_smoothing=0.1,
+                                                   target_b=tb, lam=lam, reduction="none")
+
+        with etfkern.use_backend(backend):
+            assert torch.autograd.gradcheck(f, (x, bank), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_opcheck():
+    x, bank, target = _inputs(7, 6, 9)
+    tb = torch.randint(0, 9, (7,))
+    lam = torch.rand(7)
+    for dtype in (torch.float32, torch.float64):
+        xd, bd = x.to(dtype).requires_grad_(), bank.to(dtype).requires_grad_()
+        lam_d = lam.to(R.acc_dtype(dtype))
+        torch.library.opcheck(_ops.spherical_ce_forward,
+                              (xd, bd, target, tb, lam_d, 0.07, "arc", 0.1, -100, True))
+        torch.library.opcheck(_ops.spherical_ce_forward,
+                              (xd, bd, target, tb, lam_d, 0.07, "cos", 0.0, -100, False))
+        lse = _ops.spherical_ce_forward(xd, bd, target, tb, lam_d, 0.07, "cos", 0.0, -100, False)[1]
+        torch.library.opcheck(_ops.spherical_ce_bank_grad,
+                              (xd.detach(), bd.detach(), target, tb, lam_d, torch.randn(7, dtype=lam_d.dtype),
+                               lse, 0.07, "cos", 0.1, -100))
+        torch.library.opcheck(_ops.spherical_nearest, (xd.detach(), bd.detach(), 3))
+
+
+def test_empty_all_ignored_single_class():
+    bank = _bank(5, 4)
+    x = torch.randn(0, 4, requires_grad=True)
+    for backend in backends_for("spherical_ce_forward", "cpu"):
+        with etfkern.use_backend(backend):
+            loss = etfkern.spherical_cross_entropy(x, bank, torch.zeros(0, dtype=torch.long))
+            loss.backward()
+            assert loss.item() == 0 and x.grad.shape == (0, 4)
+            xi = torch.randn(4, 4, requires_grad=True)
+            li = etfkern.spherical_cross_entropy(xi, bank, torch.full((4,), -100))
+            li.backward()
+            assert li.item() == 0 and torch.equal(xi.grad, torch.zeros(4, 4))
+            x1 = torch.randn(3, 4, requires_grad=True)
+            l1 = etfkern.spherical_cross_entropy(x1, _bank(1, 4), torch.zeros(3, dtype=torch.long))
+            l1.backward()  # one class: softmax is 1, loss 0, gradient 0
+            assert abs(l1.item()) < 1e-6 and x1.grad.abs().max() < 1e-6
+            v, i = etfkern.nearest(torch.randn(0, 4), bank, k=2)
+            assert v.shape == (0, 2) and i.shape == (0, 2)
+
+
+def test_arc_gradient_finite_at_pole():
+    bank = _bank(6, 5)
+    x = (bank[:3] * 2.0).clone().requires_grad_()  # cos = 1 exactly with rows 0..2
+    b = bank.clone().requires_grad_()
+    for backend in backends_for("spherical_ce_forward", "cpu"):
+        with etfkern.use_backend(backend):
+            loss = etfkern.spherical_cross_entropy(x, b, torch.tensor([1, 2, 0]), metric="arc")
+            gx, gb = torch.autograd.grad(loss, (x, b))
+        assert torch.isfinite(loss) and torch.isfinite(gx).all() and torch.isfinite(gb).all()
+    z = etfkern.spherical_logits(x, b, metric="arc")
+    gx, = torch.autograd.grad(z.sum(), x)
+    assert torch.isfinite(gx).all()
+
+
+def test_spherical_logits_matches_reference():
+    x, bank, _ = _inputs(9, 6, 11, strided=True)
+    for metric in ("cos", "arc"):
+        torch.testing.assert_close(etfkern.spherical_logits(x, bank, tau=0.05, metric=metric),
+                                   R.spherical_logits(x, bank, 0.05, metric), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_nearest_matches_reference(device, k):
+    x, bank, _ = _inputs(21, 12, 45, device=device, strided=True)
+    ref_v, ref_i = R.spherical_nearest(x, bank, k)
+    for backend in backends_for("spherical_nearest", device):
+        with etfkern.use_backend(backend):
+            v, i = etfkern.nearest(x, bank, k=k)
+        assert torch.equal(i, ref_i), backend
+        torch.testing.assert_close(v, ref_v.to(v.dtype), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_no_worse_than_twice_plain_torch():
+    n, d, c = 64, 32, 300
+    x, bank, target = _inputs(n, d, c)
+    tb = torch.randint(0, c, (n,))
+    kw = dict(label_smoothing=0.1, target_b=tb, lam=0.7)
+    xr = x.double().requires_grad_()
+    ref = _explicit_loss(xr, bank.double(), target, 0.07, "cos", 0.1, -100, "none", tb, 0.7)
+    ref.sum().backward()
+    # plain torch in bf16: normalize + matmul + soft-target cross-entropy
+    xp = x.bfloat16().requires_grad_()
+    logits = F.normalize(xp, dim=1) @ bank.bfloat16().T / 0.07
+    valid = (target != -100).unsqueeze(1)
+    soft = 0.7 * F.one_hot(target.clamp_min(0), c) + 0.3 * F.one_hot(tb, c)
+    plain = F.cross_entropy(logits, (soft * valid).bfloat16(), label_smoothing=0.1, reduction="none") \
+        * valid.squeeze(1)
+    plain.sum().backward()
+    with etfkern.use_backend("cpu"):
+        xe = x.bfloat16().requires_grad_()
+        ours = etfkern.spherical_cross_entropy(xe, bank.bfloat16(), target, reduction="none", **kw)
+        ours.float().sum().backward()
+    err = lambda a: (a.double() - ref.detach()).abs().max().item()  # noqa: E731
+    gerr = lambda g: (g.double() - xr.grad).abs().max().item()  # noqa: E731
+    assert ours.dtype == torch.bfloat16
+    assert err(ours) <= 2 * err(plain) + 1e-6
+    assert gerr(xe.grad) <= 2 * gerr(xp.grad) + 1e-6
+
+
+def test_bad_inputs_raise_value_error():
+    x, bank, target = _inputs(6, 4, 8)
+    ce = etfkern.spherical_cross_entropy
+    cases = [
+        (lambda: ce(x, bank, torch.tensor([0, 1, 2, 3, 4, 8])), "target"),
+        (lambda: ce(x, bank, torch.tensor([0, 1, 2, 3, 4, -1])), "target"),
+        (lambda: ce(x, bank, target, target_b=torch.full((6,), 9)), "target_b"),
+        (lambda: ce(x, bank, target[:5]), "target"),
+        (lambda: ce(x, bank, target.float()), "target"),
+        (lambda: ce(x, bank[:, :3], target), "bank"),
+        (lambda: ce(x, bank.double(), target), "dtype"),
+        (lambda: ce(x[0], bank, target), "x"),
+        (lambda: ce(torch.full_like(x, float("nan")), bank, target), "finite"),
+        (lambda: ce(x, bank, target, lam=1.5), "lam"),
+        (lambda: ce(x, bank, target, lam=torch.full((6,), -0.1)), "lam"),
+        (lambda: ce(x, bank, target, lam=torch.ones(5)), "lam"),
+        (lambda: ce(x, bank, target, tau=0.0), "tau"),
+        (lambda: ce(x, bank, target, metric="dot"), "metric"),
+        (lambda: ce(x, bank, target, reduction="avg"), "reduction"),
+        (lambda: ce(x, bank, target, label_smoothing=1.0), "label_smoothing"),
+        (lambda: etfkern.nearest(x, bank, k=9), "k"),
+        (lambda: etfkern.nearest(x, bank, k=0), "k"),
+        (lambda: etfkern.spherical_logits(x, bank, metric="l2"), "metric"),
+    ]
+    for fn, word in cases:
+        with pytest.raises(ValueError, match=word):
+            fn()
+    # validate=False skips the data checks (caller vouches for the labels)
+    assert torch.isfinite(ce(x, bank, target, validate=False))
+
+
+def test_ebv_head_and_compile_fullgraph():
+    torch.manual_seed(1)
+    bank = _bank(30, 8)
+    head = etfkern.nn.EBVHead(bank, tau=0.1, label_smoothing=0.1)
+    assert "bank" in dict(head.named_buffers()) and not list(head.parameters())
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(12, 8)
+            self.head = head
+
+        def forward(self, inp, target):
+            return self.head(self.body(inp), target)
+
+    model = Model()
+    inp, target = torch.randn(16, 12), torch.randint(0, 30, (16,))
+    eager = model(inp, target)
+    eager.backward()
+    g_eager = model.body.weight.grad.clone()
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(inp, target)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(model.body.weight.grad, g_eager)
+    feats = torch.randn(5, 8)
+    assert head.predict(feats).shape == (5,) and head.predict(feats, k=3).shape == (5, 3)
+    assert torch.equal(head.predict(bank[[4, 7]] * 3), torch.tensor([4, 7]))
+
+
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+def test_partials_op_matches_reference(device, metric):
+    x, bank, _ = _inputs(20, 11, 33, device=device, strided=True)
+    ref = R.spherical_ce_partials(x, bank, 0.07, metric, True, True, True)
+    for backend in backends_for("spherical_ce_partials", device):
+        with etfkern.use_backend(backend):
+            out = _ops.spherical_ce_partials(x, bank, 0.07, metric, True, True, True)
+            lean = _ops.spherical_ce_partials(x, bank, 0.07, metric, False, False, False)
+        for a, b in zip(out, ref):
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5, msg=lambda m: f"{backend}: {m}")
+        assert [t.shape[0] for t in lean[1:]] == [0, 0, 0]
+        torch.testing.assert_close(lean[0], ref[0], atol=3e-5, rtol=3e-5)
+    torch.library.opcheck(_ops.spherical_ce_partials, (x.contiguous(), bank, 0.07, metric, True, True, True))
