@@ -11,6 +11,7 @@ ifeq ($(origin PYTHON), undefined)
 else
   PY := $(PYTHON)
   STAMP_DIR := build
+  DEPS_FLAGS := --any-torch
 endif
 DEPS_STAMP := $(STAMP_DIR)/.etfkern-deps
 BUILD_STAMP := $(STAMP_DIR)/.etfkern-build
@@ -26,7 +27,7 @@ $(VENV)/bin/python:
 # Installs only what is missing, so an interpreter with torch preinstalled and no registry works too.
 $(DEPS_STAMP): requirements-dev.txt | $(if $(filter undefined,$(origin PYTHON)),$(VENV)/bin/python)
 	@mkdir -p $(STAMP_DIR)
-	$(PY) tools/install_deps.py requirements-dev.txt
+	$(PY) tools/install_deps.py requirements-dev.txt $(DEPS_FLAGS)
 	@touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

@@ -30,7 +30,9 @@ def test_compiled_library_loaded_and_reports_build():
     for key in ("compiler", "cuda", "cuda_archs", "openmp", "torch"):
         assert key in info
     assert info["openmp"] is True
-    assert info["cuda"] == (torch.version.cuda is not None and info["cuda"])
+    assert isinstance(info["cuda"], bool)
+    if torch.version.cuda is None:  # a CPU torch can never have produced the CUDA kernels
+        assert info["cuda"] is False and info["cuda_archs"] == ""
 
 
 def test_import_works_without_compiled_library_and_triton(tmp_path):
@@ -100,3 +102,18 @@ def test_info_command(capsys):
 
 def test_cli_without_command_is_usage_error(capsys):
     assert cli_main([]) == 2
+
+
+def test_install_deps_keeps_a_preinstalled_torch_only_when_asked():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "tools"))
+    try:
+        import install_deps
+    finally:
+        sys.path.pop(0)
+    have = torch.__version__.split("+")[0]
+    other = "1.0.0" if have != "1.0.0" else "1.0.1"
+    assert install_deps.missing([f"torch=={have}"]) == []
+    assert install_deps.missing([f"torch=={other}"]) == [f"torch=={other}"]
+    assert install_deps.missing([f"torch=={other}"], any_torch=True) == []
+    assert install_deps.missing(["surely-not-an-installed-package-xyz"]) == ["surely-not-an-installed-package-xyz"]
