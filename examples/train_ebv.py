@@ -1,12 +1,13 @@
 """Train a small model with an EBV head (fixed bank, fused spherical cross-entropy) on synthetic 10k-class data.
 
-    python examples/train_ebv.py [--classes 10000] [--dim 64] [--epochs 6] [--device cpu]
+    python examples/train_ebv.py [--classes 10000] [--dim 256] [--epochs 6] [--device cpu]
 
 Data: every class c has a random prototype in input space; a sample is its prototype plus Gaussian noise.
 The model (MLP -> d features) is trained with etfkern.nn.EBVHead (tau 0.07, label smoothing 0.1, mixup pairs
-every other step); the bank is fixed (etfkern.ebv_bank when the banks module is installed, else random unit
-vectors). Prints training loss and held-out top-1 accuracy (argmax cosine via EBVHead.predict) per epoch;
-both must improve. About a minute on a 2-core CPU.
+every other step); the bank is fixed (etfkern.ebv_bank; at d=256 a Kerdock subset, instant). The data is drawn
+from a random stream independent of the bank. Prints training loss and held-out top-1 accuracy (argmax cosine via
+EBVHead.predict) per epoch: at the defaults held-out top-1 rose from 0 to 12.5% (chance 0.01%) in 6 epochs,
+about 1.5 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -14,17 +15,13 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import etfkern
 
 
 def make_bank(classes: int, dim: int, seed: int) -> torch.Tensor:
-    if hasattr(etfkern, "ebv_bank"):
-        return etfkern.ebv_bank(classes, dim, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(classes, dim, generator=gen), dim=1)
+    return etfkern.ebv_bank(classes, dim, seed=seed)
 
 
 def make_data(classes: int, in_dim: int, per_class: int, noise: float, gen: torch.Generator):
@@ -37,18 +34,20 @@ def make_data(classes: int, in_dim: int, per_class: int, noise: float, gen: torc
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, default=10000)
-    p.add_argument("--dim", type=int, default=64, help="feature / bank dimension d")
+    p.add_argument("--dim", type=int, default=256, help="feature / bank dimension d (256: a Kerdock bank, instant)")
     p.add_argument("--in-dim", type=int, default=64)
-    p.add_argument("--per-class", type=int, default=2, help="training samples per class")
-    p.add_argument("--noise", type=float, default=1.0)
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--per-class", type=int, default=10, help="training samples per class")
+    p.add_argument("--noise", type=float, default=0.5)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch", type=int, default=512)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+    # The data must not share a random stream with the bank: with the same seed, randn prototypes would equal
+    # a random bank start row for row (d == in_dim) and the task would be the identity map.
+    gen = torch.Generator().manual_seed(args.seed + 1_000_003)
     x_tr, y_tr, protos = make_data(args.classes, args.in_dim, args.per_class, args.noise, gen)
     y_te = torch.arange(args.classes)
     x_te = protos + args.noise * torch.randn(args.classes, args.in_dim, generator=gen)
