@@ -46,6 +46,7 @@ _DEFAULT_CHUNK_MIB = 64.0
 # at ~0.57x of eager. Square-ish tiles keep MKL efficient and the tile in a smaller working set.
 _TILE_ROWS = 1024
 _TILE_CLASSES = 2048
+_TILE_MIN_DIM = 256  # below this d the class loop is not split (whole-C row chunks, as before)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -66,10 +67,13 @@ def chunk_rows(num_classes: int, buffers: int = 3, budget_mib: float | None = No
     return max(1, rows)
 
 
-def class_tile(n_rows: int, num_classes: int, budget_mib: float | None = None) -> tuple[int, int]:
+def class_tile(n_rows: int, num_classes: int, budget_mib: float | None = None, dim: int | None = None
+               ) -> tuple[int, int]:
     """(rows, classes) of one logits tile for the CPU fixed-shift path (no row max, so the class loop can be split):
     at most _TILE_CLASSES classes, rows from chunk_rows() on that width (3 tiles fit the budget) capped at
     _TILE_ROWS and, as chunk_rows() does, one tile <= ~1/16 of the N x C logits (but >= 64 rows)."""
+    if dim is not None and dim < _TILE_MIN_DIM:  # small d: whole-C row chunks measured as good (1.3-1.6x eager)
+        return min(n_rows, chunk_rows(num_classes, budget_mib=budget_mib, n_rows=n_rows)), max(1, num_classes)
     k = max(1, min(num_classes, _TILE_CLASSES))
     rows = min(chunk_rows(k, budget_mib=budget_mib), _TILE_ROWS, max(64, n_rows * num_classes // 16 // k))
     return max(1, min(rows, n_rows)), k
@@ -199,7 +203,7 @@ def _cos_tiles(xs, w, tau, lse, a_sum, ones):
     n, n_cls = xs.shape[0], w.shape[0]
     acc = lse.dtype
     same = xs.dtype == acc  # fp32/fp64: GEMMs write straight into the fp32/fp64 buffers
-    rows, k = class_tile(n, n_cls)
+    rows, k = class_tile(n, n_cls, dim=xs.shape[1])
     buf = torch.empty(rows * k, dtype=acc)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)

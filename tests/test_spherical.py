@@ -191,6 +191,7 @@ def test_cpu_cos_class_tiles_are_exact(monkeypatch, dtype):
         whole = _ops.spherical_ce_forward(x, bank, target, tb, lam, 0.07, "cos", 0.1, -100, True)
         monkeypatch.setattr(etfkern.spherical, "_TILE_ROWS", 3)
         monkeypatch.setattr(etfkern.spherical, "_TILE_CLASSES", 7)
+        monkeypatch.setattr(etfkern.spherical, "_TILE_MIN_DIM", 1)
         assert etfkern.spherical.class_tile(40, 64) == (3, 7)
         tiled = _ops.spherical_ce_forward(x, bank, target, tb, lam, 0.07, "cos", 0.1, -100, True)
     tol = 1e-12 if dtype == torch.float64 else 3e-5
