@@ -181,6 +181,24 @@ def test_cpu_chunking_is_exact(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_cos_class_tiles_are_exact(monkeypatch, dtype):
+    """"cos" fixed-shift path: many (rows x classes) tiles accumulate to the single-tile result."""
+    x, bank, target = _inputs(40, 16, 64, dtype=dtype)
+    lam = torch.rand(40, dtype=torch.float64)
+    tb = torch.randint(0, 64, (40,))
+    with etfkern.use_backend("cpu"):
+        whole = _ops.spherical_ce_forward(x, bank, target, tb, lam, 0.07, "cos", 0.1, -100, True)
+        monkeypatch.setattr(etfkern.spherical, "_TILE_ROWS", 3)
+        monkeypatch.setattr(etfkern.spherical, "_TILE_CLASSES", 7)
+        monkeypatch.setattr(etfkern.spherical, "_TILE_MIN_DIM", 1)
+        assert etfkern.spherical.class_tile(40, 64) == (3, 7)
+        tiled = _ops.spherical_ce_forward(x, bank, target, tb, lam, 0.07, "cos", 0.1, -100, True)
+    tol = 1e-12 if dtype == torch.float64 else 3e-5
+    for a, b in zip(whole, tiled):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("metric", ["cos", "arc"])
 def test_gradcheck_float64(metric):
     n, d, c = 6, 5, 7
