@@ -22,7 +22,7 @@ all: test
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=70" wheel
+	$(VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=77" wheel
 
 # Installs only what is missing, so an interpreter with torch preinstalled and no registry works too.
 $(DEPS_STAMP): requirements-dev.txt | $(if $(filter undefined,$(origin PYTHON)),$(VENV)/bin/python)
