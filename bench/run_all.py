@@ -39,6 +39,8 @@ def families() -> dict[str, str]:
 def _load(name: str, path: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    # Registered under its file name so that functions it hands to spawned processes pickle by reference.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
 
