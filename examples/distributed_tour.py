@@ -107,6 +107,7 @@ def main() -> int:
     if rank == 0:
         print(f"distributed tour on {world} ranks ({'nccl' if args.cuda else 'gloo'}): "
               f"{'all checks passed' if int(status) == 0 else f'{int(status)} check(s) failed'}")
+    dist.barrier()  # no rank tears down while another is still working
     dist.destroy_process_group()
     return 0 if int(status) == 0 else 1
 

@@ -54,6 +54,7 @@ def _worker(rank: int, world: int, port: int, disjoint: bool, out_dir: str) -> N
             m.update(xs[i:i + 25], ys[i:i + 25])
         m.all_reduce()
         torch.save(m.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears down gloo while another is still working (else: SIGABRT under load)
     finally:
         dist.destroy_process_group()
 

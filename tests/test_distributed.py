@@ -66,6 +66,7 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
             raise AssertionError("overlapping shards were accepted")
         except ValueError as exc:
             assert "tile" in str(exc)
+        dist.barrier()  # no rank tears down gloo while another is still working
         dist.destroy_process_group()
         queue.put((rank, None))
     except Exception:  # noqa: BLE001 - report to the parent

@@ -107,6 +107,7 @@ def _worker(rank: int, world: int, mode: str, name: str, port: int, out: str) ->
             final = [_gather(s.detach(), f.shape, rank, world) for s, f in zip(shards, full)]
         if rank == 0:
             torch.save(final, out)
+        dist.barrier()  # no rank tears down gloo while another is still working (else: SIGABRT under load)
     finally:
         dist.destroy_process_group()
 
