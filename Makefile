@@ -53,11 +53,10 @@ test-fast: build
 bench: build
 	$(PY) bench/run_all.py
 
-# One go on a GPU machine: build (with CUDA), test everything, benchmark; results land in bench/results/.
-gpu-check: build
-	$(PY) -m etfkern info
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
-	$(PY) bench/run_all.py
+# One time-boxed go on a GPU machine (fits one 10-minute device call): build with CUDA, GPU tests, then the rest,
+# then benchmarks; log + results in $$OUT (or bench/results/gpu-check). Stages/budget: see tools/gpu_check.sh.
+gpu-check: deps
+	PYTHON=$(PY) bash tools/gpu_check.sh
 
 clean:
 	rm -rf build dist *.egg-info etfkern/*.so .pytest_cache

@@ -45,7 +45,15 @@ def _load(name: str, path: str):
     return module
 
 
-def run(only: list[str] | None, quick: bool, device: str) -> dict[str, Any]:
+def _save(result: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+
+
+def run(only: list[str] | None, quick: bool, device: str, save_to: str | None = None) -> dict[str, Any]:
+    """Run the families in name order; with ``save_to``, rewrite that JSON after each family (a run cut short
+    by a time limit keeps what finished)."""
     out: dict[str, Any] = {"environment": environment(device), "quick": quick, "families": {}}
     for name, path in families().items():
         if only and name not in only:
@@ -59,6 +67,8 @@ def run(only: list[str] | None, quick: bool, device: str) -> dict[str, Any]:
             traceback.print_exc()
             out["families"][name] = {"rows": [], "error": f"{type(exc).__name__}: {exc}",
                                      "seconds": time.perf_counter() - t0}
+        if save_to:
+            _save(out, save_to)
     return out
 
 
@@ -168,13 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"run_all: unknown families {sorted(unknown)}; have {sorted(families())}", file=sys.stderr)
             return 2
-        result = run(only, args.quick, device)
-        env = result["environment"]
+        env = environment(device)
         slug = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()[:40]
         out = args.out or os.path.join(RESULTS_DIR, f"{slug}-{env['date'][:10]}{'-quick' if args.quick else ''}.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        result = run(only, args.quick, device, save_to=out)
+        _save(result, out)
         print(f"results: {out}")
     charts = render_report(result, args.report, os.path.join(os.path.dirname(args.report), "charts"))
     print(f"report: {args.report}" + (f" (+{len(charts)} charts)" if charts else ""))
