@@ -159,6 +159,19 @@ std::vector<at::Tensor> contiguous(at::TensorList ts) {
   return out;
 }
 
+// What every pass reads besides the tensor lists: contiguous grads and the host copies of the 0-dim scalars.
+struct PassInputs {
+  std::vector<at::Tensor> grads;
+  double scale_old, scale_new, grad_scale;
+  bool has_grad_scale;
+};
+
+PassInputs pass_inputs(at::TensorList grads_in, const std::optional<at::Tensor>& scale_old,
+                       const std::optional<at::Tensor>& scale_new, const std::optional<at::Tensor>& grad_scale) {
+  return {contiguous(grads_in), read_scalar(scale_old, 0.0), read_scalar(scale_new, 0.0),
+          read_scalar(grad_scale, 1.0), grad_scale.has_value() && grad_scale->defined()};
+}
+
 // The step was skipped (found_inf): the state is unchanged, report its squared norm.
 at::Tensor unchanged_norm(at::TensorList bufs) {
   double total = 0.0;
@@ -176,10 +189,10 @@ at::Tensor msam_sq_norm_cpu(at::TensorList params, at::TensorList grads_in, at::
   check_lists("msam_sq_norm", params, grads_in, bufs, std::nullopt, momentum.size());
   TORCH_CHECK_VALUE(grad_coef.size() == params.size() && weight_decay.size() == params.size(),
                     "msam_sq_norm: grad_coef and weight_decay need one entry per tensor");
-  const auto grads = contiguous(grads_in);
-  const double s = read_scalar(scale, 0.0);
-  const bool has_gs = grad_scale.has_value() && grad_scale->defined();
-  const double gs = read_scalar(grad_scale, 1.0);
+  const auto in = pass_inputs(grads_in, scale, std::nullopt, grad_scale);
+  const auto& grads = in.grads;
+  const double s = in.scale_old, gs = in.grad_scale;
+  const bool has_gs = in.has_grad_scale;
   const double total = for_chunks(params, [&](const Work& w, auto p_tag, auto t_tag) {
     using P = decltype(p_tag);
     using T = decltype(t_tag);
@@ -212,10 +225,10 @@ at::Tensor msam_sgd_step_cpu(at::TensorList params, at::TensorList grads_in, at:
                         nesterov.size() == params.size(),
                     "msam_sgd_step: momentum, weight_decay and nesterov need one entry per tensor");
   if (read_scalar(found_inf, 0.0) != 0.0) return unchanged_norm(bufs);  // GradScaler: skip the whole step
-  const auto grads = contiguous(grads_in);
-  const double so = read_scalar(scale_old, 0.0), sn = read_scalar(scale_new, 0.0);
-  const bool has_gs = grad_scale.has_value() && grad_scale->defined();
-  const double gs = read_scalar(grad_scale, 1.0);
+  const auto in = pass_inputs(grads_in, scale_old, scale_new, grad_scale);
+  const auto& grads = in.grads;
+  const double so = in.scale_old, sn = in.scale_new, gs = in.grad_scale;
+  const bool has_gs = in.has_grad_scale;
   const double total = for_chunks(params, [&](const Work& w, auto p_tag, auto t_tag) {
     using P = decltype(p_tag);
     using T = decltype(t_tag);
@@ -251,11 +264,11 @@ at::Tensor msam_adamw_step_cpu(at::TensorList params, at::TensorList grads_in, a
   TORCH_CHECK_VALUE(beta1.size() == n && beta2.size() == n && eps.size() == n && weight_decay.size() == n,
                     "msam_adamw_step: beta1, beta2, eps and weight_decay need one entry per tensor");
   if (read_scalar(found_inf, 0.0) != 0.0) return unchanged_norm(exp_avgs);
-  const auto grads = contiguous(grads_in);
   const double t = read_scalar(step, 1.0);
-  const double so = read_scalar(scale_old, 0.0), sn = read_scalar(scale_new, 0.0);
-  const bool has_gs = grad_scale.has_value() && grad_scale->defined();
-  const double gs = read_scalar(grad_scale, 1.0);
+  const auto in = pass_inputs(grads_in, scale_old, scale_new, grad_scale);
+  const auto& grads = in.grads;
+  const double so = in.scale_old, sn = in.scale_new, gs = in.grad_scale;
+  const bool has_gs = in.has_grad_scale;
   const double total = for_chunks(params, [&](const Work& w, auto p_tag, auto t_tag) {
     using P = decltype(p_tag);
     using T = decltype(t_tag);
