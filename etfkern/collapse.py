@@ -36,6 +36,14 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 # ----------------------------------------------------------------------------------------------------------
 # CPU (chunked torch, float64) backends
 # ----------------------------------------------------------------------------------------------------------
+# Largest message of CollapseMeter.all_reduce (rows of the (C, d) means and the (d, d) scatter per collective).
+_ALL_REDUCE_CHUNK_BYTES = 256 << 20
+
+
+def _chunk_rows(d: int) -> int:
+    return max(1, _ALL_REDUCE_CHUNK_BYTES // (8 * max(d, 1)))
+
+
 def _small_gram(a: torch.Tensor) -> torch.Tensor:
     """The smaller Gram matrix of a (n, m): a^T a (m x m) when n > m, else a a^T (n x n), exactly symmetric.
 
@@ -308,8 +316,9 @@ class CollapseMeter:
 
     def all_reduce(self, group: Any = None) -> None:
         """Exact merge across the ranks of ``group`` (torch.distributed); afterwards every rank holds the
-        statistics of all data. Three all-reduces of the counts and weighted means, then one of the
-        within-class terms plus each rank's between-rank correction sum_c n_rc (mu_rc - mu_c)(mu_rc - mu_c)^T.
+        statistics of all data. All-reduces of the counts and weighted means, then of the within-class terms plus
+        each rank's between-rank correction sum_c n_rc (mu_rc - mu_c)(mu_rc - mu_c)^T. The (C, d) means and the
+        (d, d) scatter travel in row chunks of at most 256 MiB, so the extra memory is one chunk, not a (C, d) copy.
         Ranks may have seen disjoint or overlapping class sets."""
         import torch.distributed as dist
 
@@ -318,16 +327,27 @@ class CollapseMeter:
         n_r = self._counts.clone()
         counts = self._counts.clone()
         dist.all_reduce(counts, group=group)
-        sums = self._means * n_r[:, None].to(torch.float64)
-        dist.all_reduce(sums, group=group)
-        means = sums / counts.clamp_min(1)[:, None].to(torch.float64)
-        seen_here = n_r > 0
-        delta = torch.where(seen_here[:, None], self._means - means, torch.zeros_like(means))
         w = n_r.to(torch.float64)
-        m2 = self._m2 + w * (delta * delta).sum(1)
-        sw = self._sw + (delta * w[:, None]).T @ delta
+        total = counts.clamp_min(1).to(torch.float64)
+        seen_here = n_r > 0
+        means = torch.empty_like(self._means)
+        m2 = self._m2.clone()
+        sw = self._sw.clone()
+        # class rows in chunks: bounded messages and bounded extra memory (one chunk of weighted sums and
+        # deltas) instead of a full (C, d) float64 copy in one collective
+        rows = _chunk_rows(self.dim)
+        for r0 in range(0, self.num_classes, rows):
+            sl = slice(r0, r0 + rows)
+            chunk = self._means[sl] * w[sl, None]
+            dist.all_reduce(chunk, group=group)
+            chunk /= total[sl, None]
+            means[sl] = chunk
+            delta = torch.where(seen_here[sl, None], self._means[sl] - chunk, 0.0)
+            m2[sl] += w[sl] * (delta * delta).sum(1)
+            sw += (delta * w[sl, None]).T @ delta
         dist.all_reduce(m2, group=group)
-        dist.all_reduce(sw, group=group)
+        for r0 in range(0, self.dim, rows):  # sw rows are contiguous views: reduced in place
+            dist.all_reduce(sw[r0:r0 + rows], group=group)
         self._counts, self._means, self._m2, self._sw = counts, means, m2, sw
 
     # -- checkpointing ----------------------------------------------------------------------------------
