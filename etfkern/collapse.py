@@ -47,12 +47,12 @@ def _chunk_rows(d: int) -> int:
 def _small_gram(a: torch.Tensor) -> torch.Tensor:
     """The smaller Gram matrix of a (n, m): a^T a (m x m) when n > m, else a a^T (n x n), exactly symmetric.
 
-    Only the upper block triangle is multiplied (one GEMM per row panel of 128+ columns, ~(p+1)/(2p) of the
-    flops for p panels), then mirrored."""
+    Only the upper block triangle is multiplied (one GEMM per row panel, ~(p+1)/(2p) of the
+    flops for p panels of >= 64 columns), then mirrored."""
     if a.shape[0] <= a.shape[1]:
         a = a.T
     m = a.shape[1]
-    panels = max(1, min(8, m // 128))
+    panels = max(1, min(8, m // 64))
     if panels == 1:
         g = a.T @ a
         return 0.5 * (g + g.T)

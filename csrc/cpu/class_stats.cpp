@@ -140,8 +140,8 @@ std::tuple<Tensor, Tensor, Tensor> collapse_update_cpu(const Tensor& features, c
     for (int64_t r = 0; r < n; ++r) perm[fill[y[r]]++] = r;
   }
 
-  // row panels of the symmetric product: 128 wide (d <= 256 gets 2), at most 8 panels
-  const int64_t npanels = std::max<int64_t>(1, std::min<int64_t>(8, d / 128));
+  // row panels of the symmetric product: >= 64 wide, at most 8 (d = 256: 4 panels, 5/8 of the full flops)
+  const int64_t npanels = std::max<int64_t>(1, std::min<int64_t>(8, d / 64));
   const int64_t bs = (d + npanels - 1) / npanels;
   // row chunks of A: whole batch up to 32 MiB of float64 operand (deep GEMMs), never fewer than 256 rows
   const int64_t step = std::min<int64_t>(n, std::max<int64_t>(256, (int64_t{1} << 22) / d));
