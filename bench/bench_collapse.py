@@ -8,7 +8,8 @@ Peers, measured in the same run on the same batches:
                  batch (float64), the same second pass.
   gemm_floor     X^T X per batch in the input dtype: the matmul work one update cannot avoid (on GPU the
                  bf16 tensor-core floor the issue's 70% target refers to).
-Ratios (> 1: etfkern faster): one_pass_vs_two_pass = (two_pass update + NC1) / (etfkern update + compute without
+etfkern update, compute without pair metrics, two_pass and its NC1 are timed in interleaved rounds (median of 5,
+or 7 without --quick). Ratios (> 1: etfkern faster): one_pass_vs_two_pass = (two_pass update + NC1) / (etfkern update + compute without
 the pair metrics: the same statistics plus the Gram metrics); one_pass_all_metrics_vs_two_pass_nc1 the same with
 every metric (the O(C'^2 d) pair kernel included); onehot_over_etfkern = onehot update / etfkern update.
 
@@ -108,14 +109,22 @@ def run(quick: bool, device: str) -> list[dict]:
 
         results = {}
         rep = 3
-        results["etfkern"] = time_ms(one_pass, device, warmup=1, rep=rep)
-        results["compute"] = time_ms(lambda: (meter.compute(), sync(device)), device, warmup=1, rep=rep)
-        results["compute_nc1"] = time_ms(lambda: (meter.compute(pair_metrics=False), sync(device)), device,
-                                         warmup=1, rep=rep)
-        results["two_pass"] = time_ms(lambda: _two_pass_stats(batches, c, d, device, False), device, warmup=1,
-                                      rep=rep)
         stats = _two_pass_stats(batches, c, d, device, False)
-        results["two_pass_nc1"] = time_ms(lambda: _two_pass_nc1(*stats), device, warmup=1, rep=rep)
+        # the four timings the one-pass/two-pass ratio is built from: interleaved rounds, medians (a shared
+        # machine's load then hits both pipelines alike)
+        paired = {"etfkern": one_pass, "compute_nc1": lambda: (meter.compute(pair_metrics=False), sync(device)),
+                  "two_pass": lambda: _two_pass_stats(batches, c, d, device, False),
+                  "two_pass_nc1": lambda: _two_pass_nc1(*stats)}
+        for fn in paired.values():
+            fn()  # warm-up
+        rounds = 5 if quick else 7
+        samples: dict[str, list[float]] = {key: [] for key in paired}
+        for _ in range(rounds):
+            for key, fn in paired.items():
+                samples[key].append(time_ms(fn, device, warmup=0, rep=1))
+        for key, vals in samples.items():
+            results[key] = sorted(vals)[len(vals) // 2]
+        results["compute"] = time_ms(lambda: (meter.compute(), sync(device)), device, warmup=1, rep=rep)
         results["onehot"] = time_ms(lambda: _two_pass_stats(batches, c, d, device, True), device, warmup=0,
                                     rep=1 if device == "cpu" else rep)
         results["gemm_floor"] = time_ms(gemm_floor, device, warmup=1, rep=rep)

@@ -7,7 +7,8 @@ scatter S_W = sum_i (h_i - mu_{y_i})(h_i - mu_{y_i})^T (d x d, float64). A batch
 S_W += (X - M_old[Y])^T (X - M_new[Y]) (summed over classes this is S_batch + sum_c n_o n_b/(n_o+n_b) dd^T, d the
 batch-minus-old mean difference), which never forms raw second moments, so a large common offset costs nothing.
 What is never stored: per-sample features, a C x C matrix, an N x C matrix, or per-batch C x d buffers (each
-batch touches only the K <= N classes it contains).
+batch touches only the K <= N classes it contains). The CPU paths evaluate the merge as one symmetric product
+A^T A, A = X - P[Y] centred on p_c = m_b - sqrt(n_o/(n_o+n_b)) d (exact: the cross term vanishes).
 
 Ops (``torch.ops.etfkern.*``, routed by :mod:`etfkern._backend`): ``collapse_update`` (batch merge),
 ``collapse_pair_stats`` (tiled pair kernel over c < c' for CDNV, GNC2, max-angle) and ``collapse_ncc`` (NC4
@@ -35,13 +36,45 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 # ----------------------------------------------------------------------------------------------------------
 # CPU (chunked torch, float64) backends
 # ----------------------------------------------------------------------------------------------------------
+# Largest message of CollapseMeter.all_reduce (rows of the (C, d) means and the (d, d) scatter per collective).
+_ALL_REDUCE_CHUNK_BYTES = 256 << 20
+
+
+def _chunk_rows(d: int) -> int:
+    return max(1, _ALL_REDUCE_CHUNK_BYTES // (8 * max(d, 1)))
+
+
+def _small_gram(a: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of a (n, m): a^T a (m x m) when n > m, else a a^T (n x n), exactly symmetric.
+
+    Only the upper block triangle is multiplied (one GEMM per row panel, ~(p+1)/(2p) of the
+    flops for p panels of >= 64 columns), then mirrored."""
+    if a.shape[0] <= a.shape[1]:
+        a = a.T
+    m = a.shape[1]
+    panels = max(1, min(8, m // 64))
+    if panels == 1:
+        g = a.T @ a
+        return 0.5 * (g + g.T)
+    bs = -(-m // panels)
+    g = torch.zeros(m, m, dtype=a.dtype, device=a.device)
+    for i0 in range(0, m, bs):
+        g[i0:i0 + bs, i0:].addmm_(a[:, i0:i0 + bs].T, a[:, i0:])
+    g = g.triu_()
+    return g + g.triu(1).T
+
+
 def _row_chunk(d: int, budget: int = 1 << 22) -> int:
     return max(1, budget // max(d, 1))
 
 
 def _update_cpu(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor,
                 n_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """S_W += (X - M_old[Y])^T (X - M_new[Y]) in float64, rows in chunks (bounded float64 copies)."""
+    """Chan's merge with one symmetric float64 operand, rows in chunks (bounded float64 copies).
+
+    Class c's rows are centred on p_c = m_b - sqrt(n_o / (n_o + n_b)) (m_b - m_o): then
+    sum_r (x_r - p_c)(x_r - p_c)^T = S_b + n_o n_b / (n_o + n_b) u u^T, exactly the term
+    (X - M_old[Y])^T (X - M_new[Y]) adds (see csrc/cpu/class_stats.cpp), as one A^T A."""
     n, d = features.shape
     k = m_old.shape[0]
     step = _row_chunk(d)
@@ -50,18 +83,19 @@ def _update_cpu(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor,
     for r0 in range(0, n, step):
         sums.index_add_(0, inv[r0:r0 + step], features[r0:r0 + step].to(torch.float64))
     n_o = n_old.to(torch.float64)
+    n_tot = (n_o + n_b).clamp_min(1.0)
     m_b = sums / n_b.clamp_min(1.0)[:, None]
     m_o = torch.where((n_o > 0)[:, None], m_old.to(torch.float64), m_b)
-    m_new = m_o + (m_b - m_o) * (n_b / (n_o + n_b).clamp_min(1.0))[:, None]
+    u = m_b - m_o
+    m_new = m_o + u * (n_b / n_tot)[:, None]
+    p = m_b - u * (n_o / n_tot).sqrt()[:, None]
     sw = torch.zeros(d, d, dtype=torch.float64)
     m2 = torch.zeros(k, dtype=torch.float64)
     for r0 in range(0, n, step):
         lab = inv[r0:r0 + step]
-        x = features[r0:r0 + step].to(torch.float64)
-        a = x - m_o[lab]
-        b = x - m_new[lab]
-        sw.addmm_(a.T, b)
-        m2.index_add_(0, lab, (a * b).sum(1))
+        a = features[r0:r0 + step].to(torch.float64) - p[lab]
+        sw.addmm_(a.T, a)
+        m2.index_add_(0, lab, (a * a).sum(1))
     return m_new, m2, 0.5 * (sw + sw.T)
 
 
@@ -282,8 +316,9 @@ class CollapseMeter:
 
     def all_reduce(self, group: Any = None) -> None:
         """Exact merge across the ranks of ``group`` (torch.distributed); afterwards every rank holds the
-        statistics of all data. Three all-reduces of the counts and weighted means, then one of the
-        within-class terms plus each rank's between-rank correction sum_c n_rc (mu_rc - mu_c)(mu_rc - mu_c)^T.
+        statistics of all data. All-reduces of the counts and weighted means, then of the within-class terms plus
+        each rank's between-rank correction sum_c n_rc (mu_rc - mu_c)(mu_rc - mu_c)^T. The (C, d) means and the
+        (d, d) scatter travel in row chunks of at most 256 MiB, so the extra memory is one chunk, not a (C, d) copy.
         Ranks may have seen disjoint or overlapping class sets."""
         import torch.distributed as dist
 
@@ -292,16 +327,27 @@ class CollapseMeter:
         n_r = self._counts.clone()
         counts = self._counts.clone()
         dist.all_reduce(counts, group=group)
-        sums = self._means * n_r[:, None].to(torch.float64)
-        dist.all_reduce(sums, group=group)
-        means = sums / counts.clamp_min(1)[:, None].to(torch.float64)
-        seen_here = n_r > 0
-        delta = torch.where(seen_here[:, None], self._means - means, torch.zeros_like(means))
         w = n_r.to(torch.float64)
-        m2 = self._m2 + w * (delta * delta).sum(1)
-        sw = self._sw + (delta * w[:, None]).T @ delta
+        total = counts.clamp_min(1).to(torch.float64)
+        seen_here = n_r > 0
+        means = torch.empty_like(self._means)
+        m2 = self._m2.clone()
+        sw = self._sw.clone()
+        # class rows in chunks: bounded messages and bounded extra memory (one chunk of weighted sums and
+        # deltas) instead of a full (C, d) float64 copy in one collective
+        rows = _chunk_rows(self.dim)
+        for r0 in range(0, self.num_classes, rows):
+            sl = slice(r0, r0 + rows)
+            chunk = self._means[sl] * w[sl, None]
+            dist.all_reduce(chunk, group=group)
+            chunk /= total[sl, None]
+            means[sl] = chunk
+            delta = torch.where(seen_here[sl, None], self._means[sl] - chunk, 0.0)
+            m2[sl] += w[sl] * (delta * delta).sum(1)
+            sw += (delta * w[sl, None]).T @ delta
         dist.all_reduce(m2, group=group)
-        dist.all_reduce(sw, group=group)
+        for r0 in range(0, self.dim, rows):  # sw rows are contiguous views: reduced in place
+            dist.all_reduce(sw[r0:r0 + rows], group=group)
         self._counts, self._means, self._m2, self._sw = counts, means, m2, sw
 
     # -- checkpointing ----------------------------------------------------------------------------------
@@ -358,13 +404,13 @@ class CollapseMeter:
             raise ValueError(f"compute needs at least 2 classes with samples, got {k}")
         n = self._counts[seen].to(torch.float64)
         total = n.sum()
-        mu = self._means[seen]
+        mu = self._means if k == c else self._means[seen]  # no (C', d) copy when every class was seen
         sigma_w = 0.5 * (self._sw + self._sw.T) / total
         mu_g = mu.mean(0) if self.global_mean == "class" else (n[:, None] * mu).sum(0) / total
         mt = mu - mu_g
         out: dict[str, float] = {"num_classes_seen": k}
         rtol = d * torch.finfo(torch.float64).eps if pinv_rtol is None else float(pinv_rtol)
-        gram_m = mt.T @ mt if k > d else mt @ mt.T  # d x d or C' x C', whichever is smaller
+        gram_m = _small_gram(mt)  # d x d or C' x C', whichever is smaller
         if k > d:
             lam, vec = torch.linalg.eigh(gram_m / k)  # Sigma_B, d x d
             keep = lam > rtol * lam.max().clamp_min(0.0)
@@ -375,17 +421,18 @@ class CollapseMeter:
             keep = lam > rtol * lam.max().clamp_min(0.0)
             t = vec[:, keep].T @ mt  # (r, d)
             out["nc1"] = float(((t @ sigma_w) * t).sum(1).div(lam[keep] ** 2).sum())
-        tr_b = (mt * mt).sum() / k
+        norms = torch.linalg.vector_norm(mt, dim=1)
+        sum_sq = norms.square().sum()  # sum_c |mt_c|^2, without an elementwise (C', d) product
+        tr_b = sum_sq / k
         out["nc1_quotient"] = float(torch.trace(sigma_w) / tr_b)
-        norms = mt.norm(dim=1)
         out["nc2_equinorm"] = float(norms.std(unbiased=False) / norms.mean())
         u = mt / norms[:, None]
         pairs = k * (k - 1)
-        gram_u = u.T @ u if k > d else u @ u.T  # same Frobenius norm, the smaller one
+        gram_u = _small_gram(u)  # same Frobenius norm as the C' x C' cosine matrix, the smaller one
         mean_cos = (u.sum(0).pow(2).sum() - k) / pairs
         mean_cos2 = (gram_u.pow(2).sum() - k) / pairs
         out["nc2_equiangular"] = float((mean_cos2 - mean_cos ** 2).clamp_min(0.0).sqrt())
-        g_dot_b = ((mt * mt).sum() - mt.sum(0).pow(2).sum() / k) / math.sqrt(k - 1)  # <G, (I - J/C')/sqrt(C'-1)>
+        g_dot_b = (sum_sq - mt.sum(0).pow(2).sum() / k) / math.sqrt(k - 1)  # <G, (I - J/C')/sqrt(C'-1)>
         out["nc2_etf_error"] = float((2.0 - 2.0 * g_dot_b / gram_m.norm()).clamp_min(0.0).sqrt())
         if pair_metrics:
             shift = -0.5 * math.log(2.0 * k / (k - 1))  # log(1/|u_c - u_c'|) of a simplex ETF

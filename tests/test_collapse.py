@@ -97,6 +97,25 @@ def test_update_op_bf16_within_twice_plain_torch_error(backend):
     assert err <= 2 * plain_err + 1e-12, (err, plain_err)
 
 
+def test_cpu_update_single_operand_far_from_origin():
+    # The CPU paths centre class c on p_c = m_b - sqrt(n_o/(n_o+n_b)) (m_b - m_o) and form one A^T A; check it
+    # against the textbook two-operand reference where cancellation would show: offset 1e4, old means close to
+    # the batch means, old counts large, fp32 input, several rows per class, a class new to the meter.
+    gen = torch.Generator().manual_seed(3)
+    n, k, d = 300, 7, 9
+    inv = torch.cat([torch.arange(k), torch.randint(0, k, (n - k,), generator=gen)])
+    centres = torch.randn(k, d, generator=gen, dtype=torch.float64) + 1e4
+    x = (centres[inv] + 0.1 * torch.randn(n, d, generator=gen, dtype=torch.float64)).float()
+    m_old = centres + 0.01 * torch.randn(k, d, generator=gen, dtype=torch.float64)
+    n_old = torch.randint(1, 10**6, (k,), generator=gen)
+    n_old[2] = 0
+    want = ref.collapse_update(x, inv, m_old, n_old)
+    for got in (torch.ops.etfkern.collapse_update_native(x, inv, m_old, n_old), col._update_cpu(x, inv, m_old, n_old)):
+        for g, w, name in zip(got, want, ("m_new", "m2_delta", "sw_delta")):
+            _close(g, w, rtol=1e-9, atol=1e-9 * float(w.abs().max()), msg=name)
+        assert torch.equal(got[2], got[2].T)
+
+
 @pytest.mark.parametrize("k,d", [(2, 3), (5, 20), (37, 7)])
 def test_pair_op_every_backend(device, k, d):
     mt = torch.randn(k, d, dtype=torch.float64)

@@ -41,7 +41,9 @@ def _worker(rank: int, world: int, port: int, disjoint: bool, out_dir: str) -> N
     import torch.distributed as dist
 
     import etfkern
+    from etfkern import collapse as col
 
+    col._ALL_REDUCE_CHUNK_BYTES = 8 * D * 4  # 4 rows per message: the chunked path with a ragged last chunk
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=60))

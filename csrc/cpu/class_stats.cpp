@@ -7,10 +7,18 @@
 //   m2_delta[k] = sum_{r in k} (x_r - m_old[k]) . (x_r - m_new[k]).
 // A class new to the meter (n_old == 0) is centred on its batch mean (m_old is ignored there).
 //
-// Pass 1 (OpenMP over classes, rows bucketed by a stable counting sort): float64 class sums, merged means and
-// m2 in a fixed order per class (deterministic). Pass 2 (row chunks): the centred float64 operands
-// A = X - M_old[Y], B = X - M_new[Y] built in parallel, then BLAS GEMMs on the upper block triangle only (the
-// exact sum is symmetric), mirrored at the end.
+// One symmetric operand. With the batch class mean m_b, u = m_b - m_old, w = n_old n_b / (n_old + n_b), Chan's
+// term is S_b + w u u^T (S_b the batch scatter about m_b). Centring class c's rows on the shifted point
+//   p_c = m_b - t u,   t = sqrt(n_old / (n_old + n_b))
+// gives sum_r (x_r - p_c)(x_r - p_c)^T = S_b + n_b t^2 u u^T = S_b + w u u^T exactly (the cross term is
+// sum_r (x_r - m_b) = 0). So sw_delta = A^T A with the single centred operand A = X - P[Y] (N x d, float64):
+// no second operand, no correction rows, a sum of PSD outer products (no cancellation however far the
+// features sit from the origin), and m2_delta[c] = sum_{r in c} |a_r|^2.
+//
+// Pass 1 (OpenMP over classes, rows bucketed by a stable counting sort): float64 class sums -> m_b, p, m_new.
+// Pass 2 (row chunks of the class-sorted order, bounded buffer): A rows in parallel with their squared norms,
+// then A^T A on the upper block triangle only (BLAS GEMMs on row panels), mirrored at the end. m2 sums the
+// stored row norms per class in a fixed order: deterministic for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,6 +27,7 @@
 #include "class_stats.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -27,9 +36,10 @@ namespace {
 
 using at::Tensor;
 
+// Per class: batch mean m_b, the centring point p (see the header comment) and the merged mean m_new.
 template <typename scalar_t>
 void class_pass(const scalar_t* x, int64_t d, const int64_t* perm, const int64_t* seg, const double* m_old,
-                const int64_t* n_old, double* m_new, double* m_eff, double* m2, int64_t k) {
+                const int64_t* n_old, double* m_new, double* p_out, int64_t k) {
   at::parallel_for(0, k, 1, [&](int64_t k0, int64_t k1) {
     std::vector<double> acc(d);
     for (int64_t c = k0; c < k1; ++c) {
@@ -37,65 +47,55 @@ void class_pass(const scalar_t* x, int64_t d, const int64_t* perm, const int64_t
       const double nb = static_cast<double>(end - start);
       const double no = static_cast<double>(n_old[c]);
       std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t p = start; p < end; ++p) {
-        const scalar_t* row = x + perm[p] * d;
+      for (int64_t q = start; q < end; ++q) {
+        const scalar_t* row = x + perm[q] * d;
         for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<double>(row[j]);
       }
       double* mn = m_new + c * d;
-      double* mo = m_eff + c * d;
+      double* pc = p_out + c * d;
       const double* mold = m_old + c * d;
-      const double frac = (no + nb) > 0 ? nb / (no + nb) : 0.0;
+      if (nb == 0) {  // not in this batch (cannot happen with compact ids, kept total): nothing changes
+        for (int64_t j = 0; j < d; ++j) mn[j] = mold[j];
+        continue;
+      }
+      const double frac = nb / (no + nb);
+      const double t = std::sqrt(no / (no + nb));
       for (int64_t j = 0; j < d; ++j) {
-        const double mb = nb > 0 ? acc[j] / nb : 0.0;
+        const double mb = acc[j] / nb;
+        const double u = no > 0 ? mb - mold[j] : 0.0;
         const double o = no > 0 ? mold[j] : mb;
-        mo[j] = o;
         mn[j] = o + (mb - o) * frac;
+        pc[j] = mb - t * u;
       }
-      std::fill(acc.begin(), acc.end(), 0.0);  // reused: per-column partial m2 (vectorisable, fixed order)
-      for (int64_t p = start; p < end; ++p) {
-        const scalar_t* row = x + perm[p] * d;
-        for (int64_t j = 0; j < d; ++j) {
-          const double v = static_cast<double>(row[j]);
-          acc[j] += (v - mo[j]) * (v - mn[j]);
-        }
-      }
-      double q = 0.0;
-      for (int64_t j = 0; j < d; ++j) q += acc[j];
-      m2[c] = q;
     }
   });
 }
 
+// A[i] = x[perm[q0 + i]] - p[y[perm[q0 + i]]] and rowsq[q0 + i] = |A[i]|^2 for i < rows.
 template <typename scalar_t>
-void centre_chunk(const scalar_t* x, int64_t d, const int64_t* inv, int64_t r0, int64_t rows, const double* m_eff,
-                  const double* m_new, double* a, double* b) {
+void centre_chunk(const scalar_t* x, int64_t d, const int64_t* perm, const int64_t* y, int64_t q0, int64_t rows,
+                  const double* p, double* a, double* rowsq) {
   at::parallel_for(0, rows, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = r0 + i;
+      const int64_t r = perm[q0 + i];
       const scalar_t* row = x + r * d;
-      const double* mo = m_eff + inv[r] * d;
-      const double* mn = m_new + inv[r] * d;
+      const double* pc = p + y[r] * d;
       double* ai = a + i * d;
-      double* bi = b + i * d;
-      for (int64_t j = 0; j < d; ++j) {
-        const double v = static_cast<double>(row[j]);
-        ai[j] = v - mo[j];
-        bi[j] = v - mn[j];
-      }
+      for (int64_t j = 0; j < d; ++j) ai[j] = static_cast<double>(row[j]) - pc[j];
+      double s = 0.0;
+      for (int64_t j = 0; j < d; ++j) s += ai[j] * ai[j];
+      rowsq[q0 + i] = s;
     }
   });
 }
 
-// sw += A^T B on the upper block triangle only (BLAS GEMMs on column blocks: ~(nb+1)/(2 nb) of the flops);
-// valid because the exact sum over all rows is symmetric.
-void gemm_upper(Tensor& sw, const Tensor& a, const Tensor& b, int64_t bs) {
+// sw[i0:i0+ib, i0:] += A[:, i0:i0+ib]^T A[:, i0:] for each row panel: the upper block triangle of A^T A
+// ((nb+1)/(2 nb) of the full product's flops), one GEMM per panel so the GEMMs stay wide.
+void syrk_upper(Tensor& sw, const Tensor& a, int64_t bs) {
   const int64_t d = sw.size(0);
   for (int64_t i0 = 0; i0 < d; i0 += bs) {
     const int64_t ib = std::min(bs, d - i0);
-    for (int64_t j0 = i0; j0 < d; j0 += bs) {
-      const int64_t jb = std::min(bs, d - j0);
-      sw.narrow(0, i0, ib).narrow(1, j0, jb).addmm_(a.narrow(1, i0, ib).t(), b.narrow(1, j0, jb));
-    }
+    sw.narrow(0, i0, ib).narrow(1, i0, d - i0).addmm_(a.narrow(1, i0, ib).t(), a.narrow(1, i0, d - i0));
   }
 }
 
@@ -106,9 +106,8 @@ void mirror_upper(Tensor& sw, int64_t bs) {
     const int64_t ib = std::min(bs, d - i0);
     Tensor diag = sw.narrow(0, i0, ib).narrow(1, i0, ib);
     diag.copy_(diag.add(diag.t()).mul_(0.5));
-    for (int64_t j0 = i0 + bs; j0 < d; j0 += bs) {
-      const int64_t jb = std::min(bs, d - j0);
-      sw.narrow(0, j0, jb).narrow(1, i0, ib).copy_(sw.narrow(0, i0, ib).narrow(1, j0, jb).t());
+    if (i0 + ib < d) {
+      sw.narrow(0, i0 + ib, d - i0 - ib).narrow(1, i0, ib).copy_(sw.narrow(0, i0, ib).narrow(1, i0 + ib, d - i0 - ib).t());
     }
   }
 }
@@ -123,7 +122,7 @@ std::tuple<Tensor, Tensor, Tensor> collapse_update_cpu(const Tensor& features, c
   Tensor mold = m_old.to(at::kDouble).contiguous();
   Tensor nold = n_old.to(at::kLong).contiguous();
   Tensor m_new = at::empty({k, d}, f64);
-  Tensor m_eff = at::empty({k, d}, f64);
+  Tensor p = at::empty({k, d}, f64);
   Tensor m2 = at::zeros({k}, f64);
   Tensor sw = at::zeros({d, d}, f64);
   if (k == 0 || d == 0) return {m_new, m2, sw};
@@ -141,25 +140,33 @@ std::tuple<Tensor, Tensor, Tensor> collapse_update_cpu(const Tensor& features, c
     for (int64_t r = 0; r < n; ++r) perm[fill[y[r]]++] = r;
   }
 
-  // column blocks for the symmetric product: at most 4 (GEMMs stay large), at least 128 wide
-  const int64_t nblocks = std::max<int64_t>(1, std::min<int64_t>(4, d / 128));
-  const int64_t bs = (d + nblocks - 1) / nblocks;
+  // row panels of the symmetric product: >= 64 wide, at most 8 (d = 256: 4 panels, 5/8 of the full flops)
+  const int64_t npanels = std::max<int64_t>(1, std::min<int64_t>(8, d / 64));
+  const int64_t bs = (d + npanels - 1) / npanels;
+  // row chunks of A: whole batch up to 32 MiB of float64 operand (deep GEMMs), never fewer than 256 rows
+  const int64_t step = std::min<int64_t>(n, std::max<int64_t>(256, (int64_t{1} << 22) / d));
+  std::vector<double> rowsq(n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "collapse_update_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     class_pass<scalar_t>(xp, d, perm.data(), seg.data(), mold.data_ptr<double>(), nold.data_ptr<int64_t>(),
-                         m_new.data_ptr<double>(), m_eff.data_ptr<double>(), m2.data_ptr<double>(), k);
-    // small row chunks: the two operand buffers stay cache-sized (and cheap to allocate), GEMMs stay >= 256 deep
-    const int64_t step = std::min<int64_t>(n, std::max<int64_t>(256, (int64_t{1} << 17) / std::max<int64_t>(d, 1)));
+                         m_new.data_ptr<double>(), p.data_ptr<double>(), k);
     Tensor a = at::empty({step, d}, f64);
-    Tensor b = at::empty({step, d}, f64);
-    for (int64_t r0 = 0; r0 < n; r0 += step) {
-      const int64_t rows = std::min(step, n - r0);
-      centre_chunk<scalar_t>(xp, d, y, r0, rows, m_eff.data_ptr<double>(), m_new.data_ptr<double>(),
-                             a.data_ptr<double>(), b.data_ptr<double>());
-      gemm_upper(sw, a.narrow(0, 0, rows), b.narrow(0, 0, rows), bs);
+    for (int64_t q0 = 0; q0 < n; q0 += step) {
+      const int64_t rows = std::min(step, n - q0);
+      centre_chunk<scalar_t>(xp, d, perm.data(), y, q0, rows, p.data_ptr<double>(), a.data_ptr<double>(),
+                             rowsq.data());
+      syrk_upper(sw, a.narrow(0, 0, rows), bs);
     }
   });
   mirror_upper(sw, bs);
+  double* m2p = m2.data_ptr<double>();
+  at::parallel_for(0, k, 256, [&](int64_t k0, int64_t k1) {
+    for (int64_t c = k0; c < k1; ++c) {
+      double s = 0.0;
+      for (int64_t q = seg[c]; q < seg[c + 1]; ++q) s += rowsq[q];
+      m2p[c] = s;
+    }
+  });
   return {m_new, m2, sw};
 }
 
