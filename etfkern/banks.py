@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -400,7 +401,9 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
         w = w - (lr * 0.003 ** frac) * g
         w = (w / w.norm(dim=1, keepdim=True)).contiguous()
         if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
-            bar.write(f"ebv_bank: time budget of {time_budget_s:g} s reached after {step + 1}/{steps} steps")
+            warnings.warn(f"ebv_bank: time budget of {time_budget_s:g} s reached after {step + 1}/{steps} steps; "
+                          "returning the best iterate so far (pass time_budget_s=None for all steps)",
+                          RuntimeWarning, stacklevel=3)
             break
     bar.close()
     # The per-step maxima may come from TF32 products (GPU): re-measure the candidates exactly before choosing.

@@ -240,6 +240,16 @@ def test_ebv_progress_bar(capsys):
     assert "ebv_bank" not in capsys.readouterr().err
 
 
+def test_ebv_time_budget_stops_early():
+    with pytest.warns(RuntimeWarning, match="time budget of 1e-09 s reached after 1/1000 steps"):
+        b = etfkern.ebv_bank(60, 8, seed=4, method="optimize", steps=1000, progress=False, time_budget_s=1e-9)
+    assert b.shape == (60, 8)
+    torch.testing.assert_close(b.norm(dim=1), torch.ones(60), atol=1e-6, rtol=0)
+    for bad in (0, -1.0, "10"):
+        with pytest.raises(ValueError, match="time_budget_s"):
+            etfkern.ebv_bank(60, 8, time_budget_s=bad)
+
+
 def test_ebv_optimize_triton_backend_agrees_with_cpu():
     if "triton" not in backends_for("ebv_dir", "cpu"):
         pytest.skip("triton interpreter unavailable")
