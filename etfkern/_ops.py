@@ -48,20 +48,13 @@ bank_pair_stats = define("bank_pair_stats", "(Tensor bank, int bins, float lo, f
                          _bank_pair_stats_fake)
 
 
-def _ebv_row_stats_fake(bank, beta):
-    return bank.new_empty((bank.shape[0],)), bank.new_empty((bank.shape[0],))
+def _ebv_dir_fake(bank, beta):
+    return torch.empty_like(bank), bank.new_empty((bank.shape[0],))
 
 
-# ebv_bank optimiser pass 1: per row max_{j != i} |c_ij| and lse_i = log sum_{j != i} exp(beta |c_ij|)
-ebv_row_stats = define("ebv_row_stats", "(Tensor bank, float beta) -> (Tensor, Tensor)", _ebv_row_stats_fake)
-
-
-def _ebv_grad_fake(bank, lse, beta):
-    return torch.empty_like(bank)
-
-
-# ebv_bank optimiser pass 2: grad_i = sum_{j != i} (e^{beta a_ij - lse_i} + e^{beta a_ij - lse_j}) sign(c_ij) w_j
-ebv_grad = define("ebv_grad", "(Tensor bank, Tensor lse, float beta) -> Tensor", _ebv_grad_fake)
+# ebv_bank optimiser step, one tiled pass over the pairs: rowmax_i = max_{j != i} |c_ij| and
+# dir_i = sum_{j != i} e^{beta (|c_ij| - rowmax_i)} sign(c_ij) w_j (row-scaled gradient of the soft-max coherence)
+ebv_dir = define("ebv_dir", "(Tensor bank, float beta) -> (Tensor, Tensor)", _ebv_dir_fake)
 
 
 # ==========================================================================================================

@@ -2,11 +2,11 @@
 their quality statistics and storage.
 
 Memory: every generator and statistic here is O(C*d) (plus O(d^2) for a random rotation); no C x C matrix is
-ever stored. Pairwise work goes through three routed ops defined in :mod:`etfkern._ops`:
+ever stored. Pairwise work goes through two routed ops defined in :mod:`etfkern._ops`:
 
 * ``bank_pair_stats`` (max / sum / histogram of |cos| over pairs i < j) -- backs :func:`bank_stats`;
-* ``ebv_row_stats`` and ``ebv_grad`` -- pass 1 (per-row max and log-sum-exp) and pass 2 (gradient) of the
-  soft-max coherence objective minimised by ``ebv_bank(method="optimize")``.
+* ``ebv_dir`` -- one step of ``ebv_bank(method="optimize")``: per-row max |cos| and the row-scaled gradient of
+  the soft-max coherence objective, in ONE pass over the pairs (two GEMM-sized products per step).
 
 Backends: "reference" (dense float64, :mod:`etfkern.reference.banks`), "cpu" (row strips of chunked torch
 matmuls, O(strip * C) scratch), "triton" (tiled kernels, :mod:`etfkern.triton_kernels.banks`).
@@ -17,6 +17,8 @@ import json
 import math
 import os
 import sys
+import time
+import warnings
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ HIST_BINS = 2048  # bank_stats: coarse bins over [0, 1], then the same number of
 P999_RESOLUTION = 1.0 / HIST_BINS**2  # p99.9 is the upper edge of a fine bin: error in [0, 2.4e-7]
 AUTO_WELCH_RATIO = 1.05  # ebv_bank(method="auto") keeps a structured start this close to the Welch bound
 _STRIP_ELEMS = 1 << 22  # cpu backend: rows per strip chosen so that one strip holds <= 4M cosines (16 MiB fp32)
+_DIR_STRIP_ELEMS = 1 << 21  # ebv_dir on cpu: two reused (strip, C) buffers of <= 2M entries
 
 
 # ==========================================================================================================
@@ -216,10 +219,6 @@ def _kerdock_subset(num_classes: int, dim: int, gen: torch.Generator, dtype: tor
 # ==========================================================================================================
 # Routed ops: cpu backends (row strips of torch matmuls) and registration
 # ==========================================================================================================
-def _strip_rows(c: int) -> int:
-    return max(1, min(c, _STRIP_ELEMS // max(1, c)))
-
-
 def _pair_stats_cpu(bank: torch.Tensor, bins: int, lo: float, hi: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     c = bank.shape[0]
@@ -241,41 +240,36 @@ def _pair_stats_cpu(bank: torch.Tensor, bins: int, lo: float, hi: float
     return mx, total, hist
 
 
-def _row_stats_cpu(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    c = bank.shape[0]
+def _dir_cpu(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ebv_dir`` on CPU: one pass of row strips. Per strip: one GEMM for the cosines, four in-place
+    elementwise passes into two reused (strip, C) buffers (no allocation per strip: fresh multi-MiB tensors
+    cost page faults that dominated the old step), one GEMM for the weighted sum of rows."""
+    c, d = bank.shape
     w = bank.contiguous()
-    rowmax = torch.empty(c, dtype=bank.dtype, device=bank.device)
-    lse = torch.empty(c, dtype=bank.dtype, device=bank.device)
-    rows = _strip_rows(c)
+    out = torch.empty_like(w)
+    rowmax = torch.zeros(c, dtype=w.dtype, device=w.device)
+    if c == 0:
+        return out, rowmax
+    rows = max(1, min(c, _DIR_STRIP_ELEMS // c))
+    w_t = w.T.contiguous()
+    cos_buf = torch.empty(rows, c, dtype=w.dtype, device=w.device)
+    p_buf = torch.empty_like(cos_buf)
+    diag = torch.arange(rows, device=w.device)
     for i0 in range(0, c, rows):
         i1 = min(c, i0 + rows)
-        a = (w[i0:i1] @ w.T).abs()
-        ar = torch.arange(i1 - i0, device=bank.device)
-        a[ar, ar + i0] = float("-inf")
-        rowmax[i0:i1] = a.max(dim=1).values.clamp(min=0.0)  # a single row: -inf -> 0
-        lse[i0:i1] = torch.logsumexp(a * beta, dim=1)
-    return rowmax, lse
-
-
-def _grad_cpu(bank: torch.Tensor, lse: torch.Tensor, beta: float) -> torch.Tensor:
-    c = bank.shape[0]
-    w = bank.contiguous()
-    grad = torch.empty_like(w)
-    rows = _strip_rows(c)
-    for i0 in range(0, c, rows):
-        i1 = min(c, i0 + rows)
-        cos = w[i0:i1] @ w.T
-        ba = cos.abs() * beta
-        p = torch.exp(ba - lse[i0:i1, None]) + torch.exp(ba - lse[None, :])
-        ar = torch.arange(i1 - i0, device=bank.device)
-        p[ar, ar + i0] = 0.0
-        grad[i0:i1] = (p * torch.sign(cos)) @ w
-    return grad
+        cos, p, ar = cos_buf[: i1 - i0], p_buf[: i1 - i0], diag[: i1 - i0]
+        torch.matmul(w[i0:i1], w_t, out=cos)
+        cos[ar, ar + i0] = 0.0  # sign(0) = 0 drops the diagonal from dir; rowmax >= 0 anyway
+        torch.abs(cos, out=p)
+        m = p.amax(dim=1, keepdim=True)
+        rowmax[i0:i1] = m[:, 0]
+        p.sub_(m).mul_(beta).exp_().mul_(cos.sign_())
+        torch.matmul(p, w, out=out[i0:i1])
+    return out, rowmax
 
 
 for _op, _cpu, _ref_fn, _tri in (("bank_pair_stats", _pair_stats_cpu, _ref.bank_pair_stats, "pair_stats"),
-                                 ("ebv_row_stats", _row_stats_cpu, _ref.ebv_row_stats, "row_stats"),
-                                 ("ebv_grad", _grad_cpu, _ref.ebv_grad, "grad")):
+                                 ("ebv_dir", _dir_cpu, _ref.ebv_dir, "ebv_dir")):
     _backend.register(_op, "reference", _ref_fn)
     _backend.register(_op, "cpu", _cpu)
     _backend.register(_op, "triton", f"etfkern.triton_kernels.banks:{_tri}")
@@ -377,12 +371,13 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
     return best[2], best[1], best[0]
 
 
-def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, start_max: float | None
-              ) -> tuple[torch.Tensor, float]:
-    """Projected gradient descent on the unit sphere of f = (1/beta) sum_i log sum_{j != i} e^{beta |c_ij|},
-    beta annealed geometrically from 3/Welch to 300/Welch; each row moves along its normalised Riemannian
-    gradient by a step annealed from lr to 0.003 lr (tuned on (60, 8) and (1000, 100)). Returns the iterate
-    with the smallest max |cos| seen (the start included) and that value."""
+def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, start_max: float | None,
+              time_budget_s: float | None = None) -> tuple[torch.Tensor, float]:
+    """Projected gradient descent on the unit sphere of F = (1/beta) log sum_{i != j} e^{beta |c_ij|}, beta
+    annealed geometrically from 3/Welch to 300/Welch; each row moves along its normalised Riemannian gradient
+    (from one ``ebv_dir`` pass per step) by an angle annealed from lr to 0.003 lr. Stops early when
+    ``time_budget_s`` seconds have passed (then the result depends on the machine's speed). Returns the
+    iterate with the smallest max |cos| seen (the start included) and that value."""
     from tqdm.auto import tqdm
 
     c, d = bank.shape
@@ -392,19 +387,25 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(range(steps), desc=f"ebv_bank C={c} d={d}", disable=not progress, leave=False)
+    t0 = time.perf_counter()
     for step in bar:
         frac = step / max(1, steps - 1)
         beta = (3.0 / welch) * 100.0 ** frac
-        rowmax, lse = _ops.ebv_row_stats(w, beta)
+        g, rowmax = _ops.ebv_dir(w, beta)
         cur = float(rowmax.max())
         if cur < best_max:
             best, best_max = w.clone(), cur
         bar.set_postfix(max_cos=f"{cur:.5f}", best=f"{best_max:.5f}", refresh=False)
-        g = _ops.ebv_grad(w, lse, beta)
         g = g - (g * w).sum(dim=1, keepdim=True) * w  # Riemannian gradient: drop the radial part
         g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)  # every row moves by the same angle
         w = w - (lr * 0.003 ** frac) * g
         w = (w / w.norm(dim=1, keepdim=True)).contiguous()
+        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+            warnings.warn(f"ebv_bank: time budget of {time_budget_s:g} s reached after {step + 1}/{steps} steps; "
+                          "returning the best iterate so far (pass time_budget_s=None for all steps)",
+                          RuntimeWarning, stacklevel=3)
+            break
+    bar.close()
     # The per-step maxima may come from TF32 products (GPU): re-measure the candidates exactly before choosing.
     start_exact = bank_max_abs_cos(bank) if start_max is None else start_max
     cands = [(start_exact, bank.to(torch.float32)), (bank_max_abs_cos(w), w)]
@@ -414,14 +415,16 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
     return best.contiguous(), best_max
 
 
-# Default optimiser budget in units of C^2 d per device: a step costs ~6 C^2 d FLOPs (three tiled products).
-_GPU_STEP_BUDGET = 2e15
-_CPU_STEP_BUDGET = 1.5e11
+# Default optimiser budget in units of C^2 d per device: a step is one ebv_dir pass, ~4 C^2 d FLOPs (two
+# GEMM-sized products). CPU: ~100 steps at (10k, 64), ~200 at (5000, 128), the 1000-step cap at (1000, 100).
+_GPU_STEP_BUDGET = 3e15
+_CPU_STEP_BUDGET = 6.4e11
+_MAX_STEPS = 1000
 
 
 def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto", steps: int | None = None,
-             lr: float = 3e-2, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-             progress: bool | None = None) -> torch.Tensor:
+             lr: float = 0.1, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+             progress: bool | None = None, time_budget_s: float | None = 120.0) -> torch.Tensor:
     """Equiangular Basis Vectors: C unit vectors in R^d with the smallest max |cos| we can reach.
 
     * C <= d: a random orthonormal set (max |cos| = 0); C = d + 1: the simplex ETF (meets the Welch bound).
@@ -429,17 +432,18 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
       Z4-Kerdock bank, every pairwise |cos| in {0, 1/sqrt(d)} (Levenshtein bound); entries {0, +-sqrt(2/d)}
       when C <= d^2/2. Only the C chosen rows are generated (O(C*d) memory).
     * ``method="optimize"``: starts from the best structured bank available (see ``_structured_start``) and
-      runs ``steps`` projected-gradient steps on the annealed per-row soft-max of |cos| (tiled passes, never a
-      C x C matrix; float32, on ``device``); returns the iterate with the smallest max |cos| (never worse
-      than the start).
-    * ``method="auto"``: the structured start if it is within 5% of the Welch bound (the optimiser never
-      improved a Kerdock start in our runs: its many exactly tied pairs leave the soft-max no descent
-      direction), else ``optimize`` (which returns the start when it cannot beat it).
+      runs ``steps`` projected-gradient steps on the annealed soft-max of |cos| over all pairs (one tiled
+      ``ebv_dir`` pass per step, never a C x C matrix; float32, on ``device``); returns the iterate with the
+      smallest max |cos| (never worse than the start).
+    * ``method="auto"``: the structured start if it is within 5% of the Welch bound (the optimiser has not
+      improved a Kerdock start in our runs, also not after perturbing it to break the exact ties), else
+      ``optimize``.
 
-    ``steps`` (optimiser) defaults to min(1000, max(20, budget / (C^2 d))) with a budget sized to the device
-    (each step is three C x C x d tiled products): on GPU 2e15 (1000 steps at (1000, 100), 200 at (100k, 1000));
-    on CPU 1.5e11 (1000 at (1000, 100); 23 at (10k, 64), measured 157 s on two shared cores). ``lr``: initial step (radians per row).
-    Deterministic for a seed on a given device. ``progress``: tqdm bar (default: when stderr is a tty).
+    ``steps`` (optimiser) defaults to min(1000, max(20, budget / (C^2 d))), budget 6.4e11 on CPU (~100 steps
+    at (10k, 64)) and 3e15 on GPU (300 at (100k, 1000)). ``time_budget_s`` (default 120 s, None: no limit)
+    stops the optimiser early when it runs longer; the best iterate so far is returned (a run cut short
+    depends on the machine's speed; otherwise the result is deterministic for a seed on a given device).
+    ``lr``: initial step, radians per row. ``progress``: tqdm bar (default: when stderr is a tty).
     Returns (C, d) ``dtype`` on ``device`` (CPU by default).
     """
     _check_sizes(num_classes, dim)
@@ -448,11 +452,13 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     if steps is None:
         on_gpu = device is not None and torch.device(device).type == "cuda"
         budget = _GPU_STEP_BUDGET if on_gpu else _CPU_STEP_BUDGET
-        steps = int(min(1000, max(20, budget / (float(num_classes) ** 2 * dim))))
+        steps = int(min(_MAX_STEPS, max(20, budget / (float(num_classes) ** 2 * dim))))
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
+    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+        raise ValueError(f"time_budget_s must be a number > 0 or None, got {time_budget_s!r}")
     gen = _generator(seed)
     if method == "kerdock":
         if kerdock_size(dim) < num_classes:
@@ -470,7 +476,7 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     near_optimal = start_max is not None and start_max <= AUTO_WELCH_RATIO * welch_bound(num_classes, dim)
     if method == "auto" and near_optimal:
         return start.to(dtype)
-    best, _ = _optimize(start, steps, lr, progress, start_max)
+    best, _ = _optimize(start, steps, lr, progress, start_max, time_budget_s)
     return best.to(dtype)
 
 

@@ -71,34 +71,56 @@ def test_pair_stats_every_backend_matches_reference(device, c, d, noncontig):
 
 
 @pytest.mark.parametrize("c,d,noncontig", [(37, 13, False), (29, 7, True), (1, 3, False), (17, 40, False)])
-def test_row_stats_and_grad_every_backend_match_reference(device, c, d, noncontig):
+def test_ebv_dir_every_backend_matches_reference(device, c, d, noncontig, monkeypatch):
+    monkeypatch.setattr(banks, "_DIR_STRIP_ELEMS", 150)  # cpu backend: strips of 4..8 rows, a ragged last one
     w = _unit(c, d, noncontig=noncontig).to(device)
     beta = 7.5
-    rowmax_ref, lse_ref = ref.ebv_row_stats(w, beta)
-    grad_ref = ref.ebv_grad(w, lse_ref, beta)
-    if c > 1:  # the gradient really is d/dW of (1/beta) sum_i lse_i (autograd on the dense float64 form)
+    dir_ref, rowmax_ref = ref.ebv_dir(w, beta)
+    if c > 1:  # dir_i is d/dw_i of F = (1/beta) log sum_{k != l} e^{beta |c_kl|}, times Z e^{-beta rowmax_i} / 2
         x = w.clone().requires_grad_(True)
-        a = (x @ x.T).abs().masked_fill(torch.eye(c, dtype=torch.bool, device=device), float("-inf"))
-        (torch.logsumexp(beta * a, 1).sum() / beta).backward()
-        torch.testing.assert_close(grad_ref, x.grad, atol=1e-10, rtol=1e-10)
-    for backend in backends_for("ebv_row_stats", device):
+        eye = torch.eye(c, dtype=torch.bool, device=device)
+        a = (x @ x.T).abs().masked_fill(eye, float("-inf"))
+        (torch.logsumexp(beta * a.flatten(), 0) / beta).backward()
+        z = torch.exp(beta * (w @ w.T).abs()).masked_fill(eye, 0.0).sum()
+        torch.testing.assert_close(dir_ref * (2 * torch.exp(beta * rowmax_ref) / z)[:, None], x.grad,
+                                   atol=1e-12, rtol=1e-10)
+        dense = (w @ w.T).abs().masked_fill(eye, 0.0)
+        torch.testing.assert_close(rowmax_ref, dense.max(dim=1).values, atol=0, rtol=0)
+    else:
+        assert (rowmax_ref == 0).all() and (dir_ref == 0).all()
+    for backend in backends_for("ebv_dir", device):
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+            if backend == "triton":
+                tol = max(tol, 2e-5)  # float32 inside
+            with etfkern.use_backend(backend):
+                got_dir, got_max = _ops.ebv_dir(w.to(dtype), beta)
+            assert got_dir.dtype == dtype and got_max.dtype == dtype and got_dir.shape == (c, d)
+            torch.testing.assert_close(got_max, rowmax_ref.to(dtype), atol=tol, rtol=0, msg=backend)
+            torch.testing.assert_close(got_dir, dir_ref.to(dtype), atol=tol * 10, rtol=tol, msg=backend)
+
+
+def test_ebv_dir_kerdock_ties_and_exact_zeros():
+    """Kerdock rows: |cos| in {0, 1/4}, so every pair at the max gets weight 1 (up to rounding of the tie) and the
+    zero-cos pairs e^{-beta/4} ~ 0 at beta = 200, on every backend: dir_i = sum over tied j of sign(c_ij) w_j."""
+    w = etfkern.ebv_bank(144, 16, method="kerdock", dtype=torch.float64)
+    dir_ref, rowmax_ref = ref.ebv_dir(w, 200.0)
+    g = w @ w.T
+    want = (g.abs() > 0.2).to(torch.float64) * torch.sign(g)
+    want.fill_diagonal_(0.0)
+    torch.testing.assert_close(dir_ref, want @ w, atol=1e-12, rtol=0)
+    torch.testing.assert_close(rowmax_ref, torch.full((144,), 0.25, dtype=torch.float64), atol=1e-15, rtol=0)
+    for backend in backends_for("ebv_dir", "cpu"):
         with etfkern.use_backend(backend):
-            rowmax, lse = _ops.ebv_row_stats(w.float(), beta)
-            grad = _ops.ebv_grad(w.float(), lse_ref.float(), beta)
-        torch.testing.assert_close(rowmax, rowmax_ref.float(), atol=2e-6, rtol=0, msg=backend)
-        if c > 1:
-            torch.testing.assert_close(lse, lse_ref.float(), atol=2e-5, rtol=1e-6, msg=backend)
-        else:
-            assert torch.isneginf(lse).all() and (rowmax == 0).all()
-        torch.testing.assert_close(grad, grad_ref.float(), atol=1e-4, rtol=1e-4, msg=backend)
+            got_dir, got_max = _ops.ebv_dir(w.float(), 200.0)
+        torch.testing.assert_close(got_dir, (want @ w).float(), atol=1e-4, rtol=0, msg=backend)
+        torch.testing.assert_close(got_max, torch.full((144,), 0.25), atol=1e-6, rtol=0, msg=backend)
 
 
 def test_opcheck_bank_ops():
     w = _unit(9, 5, dtype=torch.float32)
-    _, lse = ref.ebv_row_stats(w, 3.0)
     torch.library.opcheck(torch.ops.etfkern.bank_pair_stats.default, (w, 16, 0.0, 1.0))
-    torch.library.opcheck(torch.ops.etfkern.ebv_row_stats.default, (w, 3.0))
-    torch.library.opcheck(torch.ops.etfkern.ebv_grad.default, (w, lse, 3.0))
+    torch.library.opcheck(torch.ops.etfkern.ebv_dir.default, (w, 3.0))
+    torch.library.opcheck(torch.ops.etfkern.ebv_dir.default, (w.double(), 3.0))
 
 
 def test_ops_trace_under_torch_compile():
@@ -106,11 +128,13 @@ def test_ops_trace_under_torch_compile():
 
     @torch.compile(fullgraph=True, backend="eager")
     def step(x):
-        _, lse = torch.ops.etfkern.ebv_row_stats(x, 4.0)
-        return torch.ops.etfkern.ebv_grad(x, lse, 4.0)
+        g, rowmax = torch.ops.etfkern.ebv_dir(x, 4.0)
+        return x - 0.01 * g, rowmax
 
-    _, lse = ref.ebv_row_stats(w, 4.0)
-    torch.testing.assert_close(step(w), ref.ebv_grad(w, lse, 4.0), atol=1e-5, rtol=1e-5)
+    want_dir, want_max = ref.ebv_dir(w, 4.0)
+    got, got_max = step(w)
+    torch.testing.assert_close(got, w - 0.01 * want_dir, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_max, want_max, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,8 +240,18 @@ def test_ebv_progress_bar(capsys):
     assert "ebv_bank" not in capsys.readouterr().err
 
 
+def test_ebv_time_budget_stops_early():
+    with pytest.warns(RuntimeWarning, match="time budget of 1e-09 s reached after 1/1000 steps"):
+        b = etfkern.ebv_bank(60, 8, seed=4, method="optimize", steps=1000, progress=False, time_budget_s=1e-9)
+    assert b.shape == (60, 8)
+    torch.testing.assert_close(b.norm(dim=1), torch.ones(60), atol=1e-6, rtol=0)
+    for bad in (0, -1.0, "10"):
+        with pytest.raises(ValueError, match="time_budget_s"):
+            etfkern.ebv_bank(60, 8, time_budget_s=bad)
+
+
 def test_ebv_optimize_triton_backend_agrees_with_cpu():
-    if "triton" not in backends_for("ebv_grad", "cpu"):
+    if "triton" not in backends_for("ebv_dir", "cpu"):
         pytest.skip("triton interpreter unavailable")
     out = {}
     for backend in ("cpu", "triton"):
@@ -404,10 +438,8 @@ cases = [
     (tk._pair_stats_kernel, {**ptr, "lo": "fp32", "scale": "fp32", "top": "fp32", "nslots": "i32",
                              "max_ptr": "*fp32", "sum_ptr": "*fp64", "hist_ptr": "*i64"},
      {"BLOCK": 64, "BLOCK_K": 32, "NB": 4096}, {"num_warps": 4}),
-    (tk._row_stats_kernel, {**ptr, "beta": "fp32", "rowmax_ptr": "*fp32", "lse_ptr": "*fp32"},
-     {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "TF32": True}, {"num_warps": 4}),
-    (tk._grad_kernel, {"w_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*fp32", "C": "i32", "D": "i32",
-                       "stride_w": "i32", "stride_o": "i32", "beta": "fp32"},
+    (tk._dir_kernel, {"w_ptr": "*fp32", "out_ptr": "*fp32", "rowmax_ptr": "*fp32", "C": "i32", "D": "i32",
+                      "stride_w": "i32", "stride_o": "i32", "beta": "fp32"},
      {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 256, "TF32": True}, {"num_warps": 8, "num_stages": 2}),
 ]
 out = {}
@@ -435,6 +467,6 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
         pytest.skip("no ptxas available")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(report) == {"_pair_stats_kernel", "_row_stats_kernel", "_grad_kernel"}
+    assert set(report) == {"_pair_stats_kernel", "_dir_kernel"}
     for name, r in report.items():
         assert r["sm90"] and 0 < r["shared"] <= 227 * 1024, (name, r)

@@ -4,9 +4,9 @@
   tiles; per-row max and float64 sums are kept per program and reduced on the host side in a fixed order;
   the histogram is a per-tile ``tl.histogram`` added to a global int64 histogram with integer atomics
   (integer addition: the result does not depend on the order).
-* ``row_stats`` (pass 1 of the EBV optimiser): online max / sum-exp over all column blocks, per row.
-* ``grad`` (pass 2): recomputes each cos tile, forms the soft-max weights from the pass-1 lse of both rows
-  and accumulates P @ W_J for its (row block, feature block); no atomics.
+* ``ebv_dir`` (one EBV optimiser step): per (row block, feature block), online row max of |cos| and
+  accumulation of P @ W_J with P = e^{beta (|cos| - running max)} sign(cos), rescaled when the max grows
+  (flash-attention style); no atomics.
 Inputs are computed in float32 (float64 banks are cast); outputs are cast back to the bank's dtype.
 """
 from __future__ import annotations
@@ -67,58 +67,43 @@ def _pair_stats_kernel(w_ptr, C, D, stride_w, lo, scale, top, nslots, max_ptr, s
 
 
 @triton.jit
-def _row_stats_kernel(w_ptr, C, D, stride_w, beta, rowmax_ptr, lse_ptr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TF32: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < C
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for j0 in range(0, C, BLOCK_N):
-        cols = j0 + tl.arange(0, BLOCK_N)
-        cmask = cols < C
-        a = tl.abs(_dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, TF32))
-        valid = (rows[:, None] != cols[None, :]) & rmask[:, None] & cmask[None, :]
-        a = tl.where(valid, a, float("-inf"))
-        m_new = tl.maximum(m, tl.max(a, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(beta * (m - m_safe)) + tl.sum(tl.exp(beta * (a - m_safe[:, None])), axis=1)
-        m = m_new
-    tl.store(rowmax_ptr + rows, tl.maximum(m, 0.0), mask=rmask)
-    lse = tl.where(s > 0, beta * m + tl.log(tl.where(s > 0, s, 1.0)), float("-inf"))  # no pair: -inf
-    tl.store(lse_ptr + rows, lse, mask=rmask)
-
-
-@triton.jit
-def _grad_kernel(w_ptr, lse_ptr, out_ptr, C, D, stride_w, stride_o, beta,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                 TF32: tl.constexpr):
+def _dir_kernel(w_ptr, out_ptr, rowmax_ptr, C, D, stride_w, stride_o, beta,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                TF32: tl.constexpr):
+    """One (row block, feature block): flash-attention style online rescaling. acc holds
+    sum_j e^{beta (a_ij - m_i)} sign(c_ij) W[j, dcols] for the running row max m_i; when m_i grows, acc is
+    scaled by e^{beta (m_old - m_new)} <= 1. Every exponent is <= 0, so nothing overflows."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < C
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
-    lse_i = tl.load(lse_ptr + rows, mask=rmask, other=float("inf"))  # masked lanes: exp(. - inf) = 0
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for j0 in range(0, C, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < C
         cos = _dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
-        lse_j = tl.load(lse_ptr + cols, mask=cmask, other=float("inf"))
-        ba = beta * tl.abs(cos)
-        p = tl.exp(ba - lse_i[:, None]) + tl.exp(ba - lse_j[None, :])
         valid = (rows[:, None] != cols[None, :]) & rmask[:, None] & cmask[None, :]
+        a = tl.where(valid, tl.abs(cos), float("-inf"))
+        m_new = tl.maximum(m, tl.max(a, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.where(m == float("-inf"), 0.0, tl.exp(beta * (m - m_safe)))  # no column yet: acc is 0
         sgn = tl.where(cos > 0, 1.0, tl.where(cos < 0, -1.0, 0.0))
-        p = tl.where(valid, p * sgn, 0.0)
+        p = tl.where(valid, tl.exp(beta * (a - m_safe[:, None])) * sgn, 0.0)
         wj = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + dcols[None, :],
                      mask=cmask[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None]
         if TF32:
             acc = tl.dot(p, wj, acc, input_precision="tf32")
         else:
             acc = tl.dot(p, wj, acc, input_precision="ieee")
+        m = m_new
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + dcols[None, :], acc,
              mask=rmask[:, None] & dmask[None, :])
+    if pid_d == 0:
+        tl.store(rowmax_ptr + rows, tl.maximum(m, 0.0), mask=rmask)
 
 
 def _f32(bank: torch.Tensor) -> torch.Tensor:
@@ -148,33 +133,20 @@ def pair_stats(bank: torch.Tensor, bins: int, lo: float, hi: float
     return maxes.max().to(torch.float64), sums.sum(), hist
 
 
-def row_stats(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher for ``etfkern::ebv_row_stats`` (float32 inside; TF32 dot products on GPU)."""
-    w = _f32(bank)
-    c, d = w.shape
-    rowmax = torch.zeros(c, dtype=torch.float32, device=w.device)
-    lse = torch.full((c,), float("-inf"), dtype=torch.float32, device=w.device)
-    if c > 0:
-        bm, bn, bk = (16, 16, 16) if _interp() else (64, 64, 32)
-        _row_stats_kernel[(triton.cdiv(c, bm),)](w, c, d, w.stride(0), float(beta), rowmax, lse,
-                                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, TF32=not _interp(),
-                                                 num_warps=4)
-    return rowmax.to(bank.dtype), lse.to(bank.dtype)
-
-
-def grad(bank: torch.Tensor, lse: torch.Tensor, beta: float) -> torch.Tensor:
-    """Launcher for ``etfkern::ebv_grad``: grid (row blocks, feature blocks of <= 256); float32 inside."""
+def ebv_dir(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher for ``etfkern::ebv_dir``: grid (row blocks, feature blocks of <= 256; each feature block
+    recomputes its cosine tiles, so d <= 256 is one pass); float32 inside, TF32 dot products on GPU."""
     w = _f32(bank)
     c, d = w.shape
     out = torch.zeros(c, d, dtype=torch.float32, device=w.device)
+    rowmax = torch.zeros(c, dtype=torch.float32, device=w.device)
     if c > 0 and d > 0:
         if _interp():
             bm, bn, bk, bd, warps = 16, 16, 16, min(32, triton.next_power_of_2(d)), 4
         else:
-            # W_J tile (BLOCK_N x BLOCK_D fp32) = 32 KB per pipeline stage; d > 256 is split over grid axis 1
+            # W_J tile (BLOCK_N x BLOCK_D fp32) = 32 KB per pipeline stage
             bm, bn, bk, bd, warps = 32, 32, 32, min(256, max(16, triton.next_power_of_2(d))), 8
         grid = (triton.cdiv(c, bm), triton.cdiv(d, bd))
-        _grad_kernel[grid](w, lse.detach().to(torch.float32).contiguous(), out, c, d, w.stride(0), out.stride(0),
-                           float(beta), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_D=max(16, bd),
-                           TF32=not _interp(), num_warps=warps, num_stages=2)
-    return out.to(bank.dtype)
+        _dir_kernel[grid](w, out, rowmax, c, d, w.stride(0), out.stride(0), float(beta), BLOCK_M=bm, BLOCK_N=bn,
+                          BLOCK_K=bk, BLOCK_D=max(16, bd), TF32=not _interp(), num_warps=warps, num_stages=2)
+    return out.to(bank.dtype), rowmax.to(bank.dtype)

@@ -31,29 +31,19 @@ def bank_pair_stats(bank: torch.Tensor, bins: int, lo: float, hi: float
     return a.max(), a.sum(), torch.bincount(k, minlength=bins + 2)
 
 
-def ebv_row_stats(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row i: rowmax_i = max_{j != i} |c_ij| and lse_i = log sum_{j != i} exp(beta |c_ij|), c = bank bank^T.
+def ebv_dir(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the EBV optimiser, c = bank bank^T, a = |c| (rows used as given):
 
-    Both (C,) in the bank's dtype (computed in float64); a single row gives rowmax 0 and lse -inf.
+    rowmax_i = max_{j != i} a_ij (0 for a single row) and dir_i = sum_{j != i} e^{beta (a_ij - rowmax_i)}
+    sign(c_ij) w_j (sign(0) = 0). dir_i is the gradient of F = (1/beta) log sum_{k != l} e^{beta a_kl} with
+    respect to w_i times the positive factor Z e^{-beta rowmax_i} / 2 (Z the sum inside the log): the
+    row-local shift keeps every exponent <= 0. Returns (dir (C, d), rowmax (C,)) in the bank's dtype,
+    computed in float64.
     """
-    c = bank.shape[0]
-    a = _abs_gram(bank)
-    eye = torch.eye(c, dtype=torch.bool, device=bank.device)
-    a = a.masked_fill(eye, float("-inf"))
-    rowmax = a.max(dim=1).values.clamp(min=0.0) if c > 1 else torch.zeros(c, dtype=torch.float64,
-                                                                          device=bank.device)
-    lse = torch.logsumexp(beta * a, dim=1)
-    return rowmax.to(bank.dtype), lse.to(bank.dtype)
-
-
-def ebv_grad(bank: torch.Tensor, lse: torch.Tensor, beta: float) -> torch.Tensor:
-    """Euclidean gradient of f(W) = (1/beta) sum_i lse_i(W) at the given per-row lse (from ebv_row_stats):
-    grad_i = sum_{j != i} (exp(beta a_ij - lse_i) + exp(beta a_ij - lse_j)) sign(c_ij) w_j, a = |c|.
-    (C, d) in the bank's dtype."""
     w = bank.detach().to(torch.float64)
     c = w @ w.T
-    l = lse.to(torch.float64)
-    ba = beta * c.abs()
-    p = torch.exp(ba - l[:, None]) + torch.exp(ba - l[None, :])
-    p.fill_diagonal_(0.0)
-    return ((p * torch.sign(c)) @ w).to(bank.dtype)
+    eye = torch.eye(len(w), dtype=torch.bool, device=bank.device)
+    a = c.abs().masked_fill(eye, float("-inf"))
+    rowmax = a.max(dim=1).values.clamp(min=0.0) if len(w) else a.new_zeros(0)
+    p = torch.exp(beta * (c.abs() - rowmax[:, None])).masked_fill(eye, 0.0)
+    return ((p * torch.sign(c)) @ w).to(bank.dtype), rowmax.to(bank.dtype)
