@@ -14,7 +14,10 @@ is O(N d). The target part needs only the two target rows of the bank plus, for 
 sum_c s_ic w_c: for "cos" these are x̂ . colsum(W) / tau and colsum(W) / tau (one O(C d) column sum), for "arc"
 they are accumulated in the class loop.
 
-CPU path: chunks of rows (chunk_rows(): a memory budget, default 64 MiB, and at most ~1/16 of the logits per
+CPU path: the C++ tile kernels of csrc/cpu/spherical_ce.cpp when etfkern._C is built ("cos" class loop with the fixed
+shift: BLAS GEMM into the class_tile() buffer, then ONE fused vectorised pass exp + row sum in place, then the P @ W
+GEMM; nearest: 256 x 1024 GEMM tiles + a running top-k merge per row), else the torch path below.
+Torch path: chunks of rows (chunk_rows(): a memory budget, default 64 MiB, and at most ~1/16 of the logits per
 temporary); for "cos" with a fixed shift (no row max needed, the usual case) the class loop is split as well:
 2-D tiles from class_tile() (1024 x 2048, one preallocated buffer, sums accumulated with addmv_/addmm_), which keeps
 both GEMMs square enough for MKL at large d.
