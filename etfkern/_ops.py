@@ -106,8 +106,23 @@ spherical_ce_bank_grad = define(
     "str metric, float eps, int ignore_index) -> Tensor",
     _spherical_ce_bank_grad_fake)
 # (top-k cosines (N, k), int64 indices (N, k)), sorted descending; no N x C buffer.
+# C++: csrc/cpu/spherical_ce.cpp (GEMM tiles + running top-k merge); torch fallback: spherical.chunked_nearest.
 spherical_nearest = define("spherical_nearest", "(Tensor x, Tensor bank, int k) -> (Tensor, Tensor)",
-                           _spherical_nearest_fake)
+                           _spherical_nearest_fake, native=True)
+
+
+def _spherical_cos_tiles_fake(xs, bank, tau, need_grad, tile_rows, tile_classes):
+    acc = _acc(xs.dtype)
+    n, d = xs.shape
+    return xs.new_empty(n, dtype=acc), xs.new_empty(n if need_grad else 0, d, dtype=acc)
+
+
+# CPU-internal: the "cos" fixed-shift class loop over (tile_rows x tile_classes) tiles of z = xs @ bank^T
+# (xs = x̂ / tau): (lse (N,), sum_c exp(z) w_c / (tau sum_c exp(z)) (N, d) | (0, d)). C++: csrc/cpu/spherical_ce.cpp.
+spherical_cos_tiles = define(
+    "spherical_cos_tiles",
+    "(Tensor xs, Tensor bank, float tau, bool need_grad, int tile_rows, int tile_classes) -> (Tensor, Tensor)",
+    _spherical_cos_tiles_fake, native=True)
 
 
 # ==========================================================================================================

@@ -14,7 +14,10 @@ is O(N d). The target part needs only the two target rows of the bank plus, for 
 sum_c s_ic w_c: for "cos" these are x̂ . colsum(W) / tau and colsum(W) / tau (one O(C d) column sum), for "arc"
 they are accumulated in the class loop.
 
-CPU path: chunks of rows (chunk_rows(): a memory budget, default 64 MiB, and at most ~1/16 of the logits per
+CPU path: the C++ tile kernels of csrc/cpu/spherical_ce.cpp when etfkern._C is built ("cos" class loop with the fixed
+shift: BLAS GEMM into the class_tile() buffer, then ONE fused vectorised pass exp + row sum in place, then the P @ W
+GEMM; nearest: 256 x 1024 GEMM tiles + a running top-k merge per row), else the torch path below.
+Torch path: chunks of rows (chunk_rows(): a memory budget, default 64 MiB, and at most ~1/16 of the logits per
 temporary); for "cos" with a fixed shift (no row max needed, the usual case) the class loop is split as well:
 2-D tiles from class_tile() (1024 x 2048, one preallocated buffer, sums accumulated with addmv_/addmm_), which keeps
 both GEMMs square enough for MKL at large d.
@@ -163,14 +166,16 @@ def _cpu_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
     w = bank.contiguous()
     shift = fixed_shift(w, tau, metric)
     xs = (xh if arc else xh / tau).to(mm)  # "cos": 1/tau folded into x̂, so the GEMM yields z directly
-    ones = torch.ones(w.shape[0], dtype=acc)
-    lse = torch.empty(n, dtype=acc)
-    sum_z = torch.empty(n, dtype=acc) if need_sumz and arc else None
-    a_sum = torch.empty(n, d, dtype=acc) if need_grad else None
-    b_sum = torch.empty(n, d, dtype=acc) if need_b and arc else None
+    sum_z = b_sum = None
     if not arc and shift is not None:  # no max pass: sum_c exp(z) and sum_c exp(z) w_c add up over class tiles
-        _cos_tiles(xs, w, tau, lse, a_sum, ones)
+        lse, a_sum = run_cos_tiles(xs, w, float(tau), need_grad, *class_tile(n, w.shape[0], dim=d))
+        a_sum = a_sum if need_grad else None
     else:
+        ones = torch.ones(w.shape[0], dtype=acc)
+        lse = torch.empty(n, dtype=acc)
+        sum_z = torch.empty(n, dtype=acc) if need_sumz and arc else None
+        a_sum = torch.empty(n, d, dtype=acc) if need_grad else None
+        b_sum = torch.empty(n, d, dtype=acc) if need_b and arc else None
         step = chunk_rows(bank.shape[0], n_rows=n)
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
@@ -197,18 +202,36 @@ def _cpu_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
     return xh, lse, sum_z, a_sum, b_sum
 
 
-def _cos_tiles(xs, w, tau, lse, a_sum, ones):
-    """"cos" with a fixed shift of 0: lse = log sum_c exp(z), a_sum = sum_c exp(z) w_c / (l tau), over 2-D tiles
-    (class_tile()) written into one preallocated tile buffer; the sums accumulate in place (addmv_/addmm_)."""
+def run_cos_tiles(xs: torch.Tensor, w: torch.Tensor, tau: float, need_grad: bool, tile_rows: int,
+                  tile_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``etfkern::spherical_cos_tiles_native`` (C++) when built, else :func:`cos_tiles`. Called directly, not
+    through the router: it is an internal step of the CPU backend, never a backend choice of its own."""
+    if _backend.has_native("spherical_cos_tiles", "cpu"):
+        return torch.ops.etfkern.spherical_cos_tiles_native(xs, w, tau, need_grad, tile_rows, tile_classes)
+    return cos_tiles(xs, w, tau, need_grad, tile_rows, tile_classes)
+
+
+def cos_tiles(xs: torch.Tensor, w: torch.Tensor, tau: float, need_grad: bool, tile_rows: int, tile_classes: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch path of ``etfkern::spherical_cos_tiles`` ("cos" with a fixed shift of 0; the C++ kernel in
+    csrc/cpu/spherical_ce.cpp is preferred when built): z = xs @ w^T over (tile_rows x tile_classes) tiles written
+    into one preallocated buffer; lse = log sum_c exp(z) and a_sum = sum_c exp(z) w_c / (l tau) accumulate in
+    place (addmv_/addmm_). Returns (lse (N,), a_sum (N, d) or (0, d)) in the accumulation dtype."""
     n, n_cls = xs.shape[0], w.shape[0]
-    acc = lse.dtype
+    acc = acc_dtype(xs.dtype)
+    lse = torch.empty(n, dtype=acc)
+    a_sum = torch.empty(n if need_grad else 0, xs.shape[1], dtype=acc)
+    if n == 0:
+        return lse, a_sum
+    w = w.contiguous()
     same = xs.dtype == acc  # fp32/fp64: GEMMs write straight into the fp32/fp64 buffers
-    rows, k = class_tile(n, n_cls, dim=xs.shape[1])
+    rows, k = max(1, min(tile_rows, n)), max(1, min(tile_classes, n_cls))
     buf = torch.empty(rows * k, dtype=acc)
+    ones = torch.ones(k, dtype=acc)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         xr, l = xs[r0:r1], lse[r0:r1]
-        a = a_sum[r0:r1] if a_sum is not None else None
+        a = a_sum[r0:r1] if need_grad else None
         for c0 in range(0, n_cls, k):
             c1 = min(n_cls, c0 + k)
             wt = w[c0:c1]
@@ -234,6 +257,7 @@ def _cos_tiles(xs, w, tau, lse, a_sum, ones):
         if a is not None:
             a.div_(l.unsqueeze(1) * tau)
         l.log_()
+    return lse, a_sum
 
 
 def _cpu_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, need_grad):
@@ -292,7 +316,8 @@ def _cpu_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, 
 
 
 def chunked_nearest(x: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k by cosine over row chunks (any device): extra memory O(chunk x C), never N x C."""
+    """Top-k by cosine over row chunks (any device): extra memory O(chunk x C), never N x C. The torch path of
+    ``etfkern::spherical_nearest`` (the C++ tile kernel in csrc/cpu/spherical_ce.cpp is preferred when built)."""
     n = x.shape[0]
     acc = acc_dtype(x.dtype)
     vals = x.new_empty(n, k, dtype=acc)
@@ -304,7 +329,8 @@ def chunked_nearest(x: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.
     step = chunk_rows(bank.shape[0], buffers=2, n_rows=n)
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        v, i = torch.topk((xh[r0:r1] @ w.T).to(acc), k, dim=1, largest=True, sorted=True)
+        cos = (xh[r0:r1] @ w.T).to(acc)
+        v, i = cos.max(dim=1, keepdim=True) if k == 1 else torch.topk(cos, k, dim=1, largest=True, sorted=True)
         vals[r0:r1], idx[r0:r1] = v, i
     return vals, idx
 
@@ -318,6 +344,7 @@ for _op, _ref_fn, _cpu_fn, _triton_fn in (
     _backend.register(_op, "reference", _ref_fn)
     _backend.register(_op, "cpu", _cpu_fn)
     _backend.register(_op, "triton", _TRITON + _triton_fn)
+_backend.register("spherical_cos_tiles", "cpu", cos_tiles)  # CPU-internal; _cpu_class_loop calls run_cos_tiles
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -199,6 +199,47 @@ def test_cpu_cos_class_tiles_are_exact(monkeypatch, dtype):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cos_tiles_op_torch_and_native_match_reference(dtype):
+    """etfkern::spherical_cos_tiles (the "cos" class loop): the routed kernel (C++ when built) and the torch path,
+    at odd tile sizes (partial last tiles in both directions), against float64 partials of the reference."""
+    n, d, c, tau = 37, 12, 53, 0.07
+    x, bank, _ = _inputs(n, d, c, strided=True)
+    xh = F.normalize(x.double(), dim=1)
+    ref_lse, _, ref_a, _ = R.spherical_ce_partials(xh, bank.double(), tau, "cos", False, True, False)
+    xs, w = (xh / tau).to(dtype), bank.to(dtype)
+    # bf16: z and p are rounded to 8 bits before each GEMM; |a_sum| <= 1/tau = 14, so 0.3 is ~2% of its scale
+    tol = dict(atol=3e-5, rtol=3e-5) if dtype != torch.bfloat16 else dict(atol=0.3, rtol=0.05)
+    acc = R.acc_dtype(dtype)
+    for tiles in ((8, 16), (37, 53), (100, 5)):
+        outs = {"torch": etfkern.spherical.cos_tiles(xs, w, tau, True, *tiles)}
+        outs["routed"] = etfkern.spherical.run_cos_tiles(xs, w, tau, True, *tiles)  # C++ when built
+        lean = etfkern.spherical.run_cos_tiles(xs, w, tau, False, *tiles)
+        for name, (lse, a) in outs.items():
+            assert lse.dtype == a.dtype == acc, name
+            torch.testing.assert_close(lse, ref_lse.to(acc), **tol, msg=lambda m: f"{name} {tiles} lse: {m}")
+            torch.testing.assert_close(a, ref_a.to(acc), **tol, msg=lambda m: f"{name} {tiles} a_sum: {m}")
+        assert lean[1].shape == (0, d)
+        torch.testing.assert_close(lean[0], outs["routed"][0], atol=1e-6, rtol=1e-6)
+    torch.library.opcheck(_ops.spherical_cos_tiles, (xs.contiguous(), w, tau, True, 8, 16))
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_nearest_many_tiles_torch_and_native(k):
+    """nearest over several row and class tiles of the C++ kernel (256 x 1024) and the torch chunked path."""
+    x, bank, _ = _inputs(300, 8, 2100, strided=True)
+    ref_v, ref_i = R.spherical_nearest(x, bank, k)
+    with etfkern.use_backend("cpu"):
+        routed = _ops.spherical_nearest(x, bank, k)
+    for name, (v, i) in (("routed", routed), ("torch", etfkern.spherical.chunked_nearest(x, bank, k))):
+        assert torch.equal(i, ref_i), name
+        torch.testing.assert_close(v, ref_v.float(), atol=1e-5, rtol=1e-5)
+    xd, bd = x.double(), bank.double()
+    v64, i64 = _ops.spherical_nearest(xd, bd, k)
+    assert torch.equal(i64, ref_i) and v64.dtype == torch.float64
+    torch.testing.assert_close(v64, R.spherical_nearest(xd, bd, k)[0], atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("metric", ["cos", "arc"])
 def test_gradcheck_float64(metric):
     n, d, c = 6, 5, 7
@@ -376,6 +417,33 @@ def test_ebv_head_and_compile_fullgraph():
     feats = torch.randn(5, 8)
     assert head.predict(feats).shape == (5,) and head.predict(feats, k=3).shape == (5, 3)
     assert torch.equal(head.predict(bank[[4, 7]] * 3), torch.tensor([4, 7]))
+
+
+def test_ebv_head_compile_inductor_fullgraph():
+    """torch.compile(fullgraph=True) with the DEFAULT backend (inductor: generated C++ around our opaque ops) of a
+    tiny model with EBVHead on CPU: forward loss and both parameter gradients equal eager."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh())
+    head = etfkern.nn.EBVHead(_bank(11, 5), tau=0.1, label_smoothing=0.1)
+    inp, target = torch.randn(9, 6), torch.randint(0, 11, (9,))
+    target[2] = -100
+
+    def step(fn):
+        model.zero_grad()
+        loss = fn(inp, target)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def loss_fn(inp_, target_):
+        return head(model(inp_), target_, lam=0.6, target_b=target_.flip(0).clamp_min(0))
+
+    eager, g_eager = step(loss_fn)
+    torch._dynamo.reset()
+    compiled, g_compiled = step(torch.compile(loss_fn, fullgraph=True))
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert g_eager[0].abs().max() > 0
 
 
 @pytest.mark.parametrize("metric", ["cos", "arc"])
