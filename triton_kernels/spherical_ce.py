@@ -301,16 +301,18 @@ def _config(d: int, dtype: torch.dtype) -> dict:
 
     GPU: BLOCK_N = 64 rows is one wgmma M per warpgroup; the (BLOCK_N x BLOCK_DV) fp32 accumulator(s) stay in
     registers up to d = MAX_REG_D (64 x 256 or 32 x 512 fp32 = 64 KiB: 64 registers per thread at 8 warps, two
-    of them for "arc" with label smoothing); BLOCK_K = 64 bf16/fp16 (128-byte rows), 32 for fp32/fp64 so the
-    3-stage pipelined K loop of the cos tile needs <= 3 x (64 + 64) x 32 x 4 B = 48 KiB of shared memory next to
-    the (BLOCK_C x BLOCK_DV) bank tile of the P @ W dot.
+    of them for "arc" with label smoothing). The (BLOCK_C x BLOCK_DV) bank tile of the P @ W dot is held to
+    64 KiB of shared memory (BLOCK_C = 32 for fp32 at d = 512), next to the 3-stage pipelined K loop of the cos
+    tile: BLOCK_K = 64 for bf16/fp16 (128-byte rows), 32 for fp32/fp64, <= 3 x (64 + 64) x 32 x 4 B = 48 KiB.
+    Of the 228 KiB per SM that leaves room for the layout-conversion scratch of the epilogue.
     """
     reg = d <= MAX_REG_D
     dv = max(16, triton.next_power_of_2(d)) if reg else 128
     if triton_interpret():
         return dict(BLOCK_N=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DV=dv if reg else 16, REG_ACC=reg)
-    return dict(BLOCK_N=64 if dv <= 256 else 32, BLOCK_C=64, BLOCK_K=64 if dtype.itemsize <= 2 else 32,
-                BLOCK_DV=dv, REG_ACC=reg, num_warps=4 if dv <= 64 else 8, num_stages=3)
+    return dict(BLOCK_N=64 if dv <= 256 else 32, BLOCK_C=max(16, min(64, 2**16 // (dv * dtype.itemsize))),
+                BLOCK_K=64 if dtype.itemsize <= 2 else 32, BLOCK_DV=dv, REG_ACC=reg,
+                num_warps=4 if dv <= 128 else 8, num_stages=3)
 
 
 _SHIFTS: dict[int, tuple] = {}
@@ -326,7 +328,10 @@ def _shift(bank: torch.Tensor, tau: float, metric: str) -> float | None:
     hit = _SHIFTS.get(key)
     if hit is not None and hit[0]() is bank and hit[1] == stamp:
         return hit[2]
-    value = fixed_shift(bank, tau, metric)
+    # fixed_shift() needs only the row norms: hand it those as a (C, 1) "bank" (same bound), which avoids
+    # its full-size float32 copy of a bf16 bank (4 GiB at C = 262144, d = 4096)
+    norms = torch.linalg.vector_norm(bank.detach(), dim=1, dtype=acc_dtype(bank.dtype))
+    value = fixed_shift(norms.unsqueeze(1), tau, metric)
     _SHIFTS[key] = (weakref.ref(bank, lambda _ref, k=key: _SHIFTS.pop(k, None)), stamp, value)
     return value
 
@@ -435,8 +440,9 @@ def ce_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, ep
     wa = (g * (1 - eps) * lam).contiguous()
     wb = (g * (1 - eps) * (1 - lam)).contiguous()
     cfg = _config(d, bank.dtype)
-    if not triton_interpret():  # the (BLOCK_C x BLOCK_DV) accumulator here plays the forward's (BLOCK_N x ...)
-        cfg.update(BLOCK_N=64, BLOCK_C=cfg["BLOCK_N"])
+    # roles swap: the (BLOCK_C x BLOCK_DV) accumulator here is the forward's (BLOCK_N x BLOCK_DV) one and the
+    # (BLOCK_N x BLOCK_DV) x tile of coef^T @ x the forward's (BLOCK_C x BLOCK_DV) bank tile
+    cfg.update(BLOCK_N=cfg["BLOCK_C"], BLOCK_C=cfg["BLOCK_N"])
     grid = (triton.cdiv(n_cls, cfg["BLOCK_C"]),)
     _ce_dw_kernel[grid](xh, bank, lse.to(acc).contiguous(), g, ta, tb, wa, wb, dw, n, n_cls, d,
                         xh.stride(0), xh.stride(1), bank.stride(0), bank.stride(1), 1.0 / tau, ARC_GRAD_EPS,
