@@ -307,12 +307,12 @@ def _config(d: int, dtype: torch.dtype) -> dict:
     Of the 228 KiB per SM that leaves room for the layout-conversion scratch of the epilogue.
     """
     reg = d <= MAX_REG_D
-    dv = max(16, triton.next_power_of_2(d)) if reg else 128
+    dv = max(16, triton.next_power_of_2(d)) if reg else 64  # slab: 128 spilled ~1 KB (ptxas, sm_90a)
     if triton_interpret():
         return dict(BLOCK_N=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DV=dv if reg else 16, REG_ACC=reg)
     return dict(BLOCK_N=64 if dv <= 256 else 32, BLOCK_C=max(16, min(64, 2**16 // (dv * dtype.itemsize))),
                 BLOCK_K=64 if dtype.itemsize <= 2 else 32, BLOCK_DV=dv, REG_ACC=reg,
-                num_warps=4 if dv <= 128 else 8, num_stages=3)
+                num_warps=4 if reg and dv <= 128 else 8, num_stages=3)
 
 
 _SHIFTS: dict[int, tuple] = {}
@@ -377,6 +377,8 @@ def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
     xh_acc = normalized(x, acc)
     xh = xh_acc.to(bank.dtype)
     cfg = _config(d, bank.dtype)
+    if need_b and cfg["REG_ACC"] and cfg["BLOCK_DV"] >= 256 and not triton_interpret():
+        cfg["BLOCK_N"] = 32  # two register accumulators: halve the rows (ptxas: 64 x 256 x 2 spilled ~1.3 KB)
     shift = _shift(bank, tau, metric)
     row_bytes = torch.empty((), dtype=acc).element_size() * (3 + d * (int(need_grad) + int(need_b)))
     s, c_split = _splits(n, n_cls, cfg["BLOCK_N"], cfg["BLOCK_C"], row_bytes, x.device)
