@@ -1,19 +1,25 @@
 """Triton kernels for the spherical family: fused cross-entropy forward (+ x-gradient), bank gradient, top-k.
 
-No kernel stores an N x C tensor. Every reduction is deterministic: one program owns a row block (forward,
-nearest) or a class block (bank gradient) and walks the other axis in a fixed order; there are no atomics.
+No kernel stores an N x C tensor. Every reduction is deterministic: one program owns a (row block, class slab)
+(forward, nearest) or a class block (bank gradient) and walks the other axis in a fixed order; there are no
+atomics, and split partials are combined in torch in a fixed order.
 
-* ``_ce_fwd_kernel``: per row block, for each class tile: cos = x̂ W^T (K loop over d, fp32/fp64 accumulation),
-  z, online max / sum for the log-sum-exp and, when x needs a gradient, A += (p * s) @ W_tile rescaled with
-  the running max (flash-attention style "P @ V", V = bank): 2 matmuls per tile = 4 N C d FLOPs in total and the
-  backward for x is O(N d). d <= MAX_REG_D keeps A in registers; larger d keeps A in a global fp32 slab that
-  the owning program read-modify-writes per class tile (still one pass over the bank, more traffic).
+* ``_ce_fwd_kernel``: per (row block, class slab), for each class tile: cos = x̂ W^T (K loop over d, fp32/fp64
+  accumulation), z, the log-sum-exp and, when x needs a gradient, A += (p * s) @ W_tile (flash-attention style
+  "P @ V", V = bank): 2 matmuls per tile = 4 N C d FLOPs in total and the backward for x is O(N d).
+  FIXED (host decides with etfkern.spherical.fixed_shift(), cached per bank version): p = exp(z - shift), no
+  running max and no per-tile rescale of l and A; otherwise an online max with rescaling.
+  Split-C (_splits()): when the row blocks cannot fill the GPU's SMs, S slabs of the class range run as
+  separate programs writing raw partials (S, N, ...), combined by the launcher. d <= MAX_REG_D keeps A in
+  registers; larger d read-modify-writes a global fp32 slab owned by the program (volatile loads + barrier).
 * ``_ce_dw_kernel`` (bank.requires_grad only): per class tile, for each row block: recompute cos and p from the
   saved lse, coef = g (p - t) s, dW_tile += coef^T @ x̂.
-* ``_nearest_kernel``: per row block, a running sorted top-k merged with each class tile by k selection steps.
+* ``_nearest_kernel``: per (row block, class slab), a running sorted top-k merged with each class tile by k
+  selection steps; slabs merged by a stable sort (lower class index wins ties, as unsplit).
 
 Inputs: x̂ (normalised by the launcher in torch, O(N d)), the bank with any strides, int64 offsets throughout.
-Written for H100/H200 (bf16/fp16/fp32 inputs); tested only under TRITON_INTERPRET=1 at tiny shapes.
+Written for H100/H200 (bf16/fp16/fp32 inputs); tested only under TRITON_INTERPRET=1 at tiny shapes; every
+kernel also compiles offline for sm_90a (see _config()). Test hook: env ETFKERN_TRITON_SPLIT_C=S forces S.
 """
 from __future__ import annotations
 
