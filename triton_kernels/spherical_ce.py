@@ -305,7 +305,8 @@ def _precision(dtype: torch.dtype) -> str:
 def _config(d: int, dtype: torch.dtype) -> dict:
     """Tile sizes: tiny under the interpreter (tests); for H100/H200 otherwise (reasoned, never run on a GPU).
 
-    GPU: BLOCK_N = 64 rows is one wgmma M per warpgroup; the (BLOCK_N x BLOCK_DV) fp32 accumulator(s) stay in
+    GPU (8 warps; checked by an offline sm_90a compile with ptxas -v, no GPU run): BLOCK_N = 64 rows is one
+    wgmma M per warpgroup; the (BLOCK_N x BLOCK_DV) fp32 accumulator(s) stay in
     registers up to d = MAX_REG_D (64 x 256 or 32 x 512 fp32 = 64 KiB: 64 registers per thread at 8 warps, two
     of them for "arc" with label smoothing). The (BLOCK_C x BLOCK_DV) bank tile of the P @ W dot is held to
     64 KiB of shared memory (BLOCK_C = 32 for fp32 at d = 512), next to the 3-stage pipelined K loop of the cos
@@ -318,7 +319,7 @@ def _config(d: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_N=16, BLOCK_C=16, BLOCK_K=16, BLOCK_DV=dv if reg else 16, REG_ACC=reg)
     return dict(BLOCK_N=64 if dv <= 256 else 32, BLOCK_C=max(16, min(64, 2**16 // (dv * dtype.itemsize))),
                 BLOCK_K=64 if dtype.itemsize <= 2 else 32, BLOCK_DV=dv, REG_ACC=reg,
-                num_warps=4 if reg and dv <= 128 else 8, num_stages=3)
+                num_warps=8, num_stages=3)  # 4 warps spilled 0.2-2 KB at d = 100 (ptxas, sm_90a)
 
 
 _SHIFTS: dict[int, tuple] = {}
@@ -469,7 +470,8 @@ def nearest(x, bank, k):
         return x.new_empty(0, k, dtype=acc), x.new_empty(0, k, dtype=torch.int64)
     xh = normalized(x, bank.dtype)
     cfg = _config(d, bank.dtype)
-    block_n = cfg["BLOCK_N"] if triton_interpret() else 64  # no (rows x d) accumulator in this kernel
+    # no (rows x d) accumulator here; the unrolled k selection steps spill at large k (k = 64: 1.7 KB at 32 rows)
+    block_n = cfg["BLOCK_N"] if triton_interpret() else 64 if k <= 16 else 32
     s, c_split = _splits(n, n_cls, block_n, cfg["BLOCK_C"], 16 * k, x.device)
     vals = x.new_empty(s * n, k, dtype=acc)
     idx = x.new_empty(s * n, k, dtype=torch.int64)
