@@ -26,7 +26,8 @@ import etfkern  # noqa: E402
 
 TAU = 0.07
 GPU_SHAPES = [(8192, 512, 32768), (16384, 1024, 131072), (8192, 4096, 262144),  # LLM-vocabulary scale
-              (8192, 100, 1000), (8192, 256, 10000), (8192, 512, 100000)]  # EBV-style small d
+              (8192, 100, 1000), (8192, 256, 10000), (8192, 512, 100000),  # EBV-style small d
+              (512, 512, 131072), (1024, 1024, 131072)]  # small batches: Triton split-C vs etfkern_unsplit
 CPU_SHAPES = [(4096, 128, 16384), (4096, 100, 10000), (2048, 512, 32768)]
 CPU_QUICK = [(4096, 128, 16384), (4096, 100, 10000)]
 
@@ -39,6 +40,19 @@ def _etfkern(x, bank, target):
     return etfkern.spherical_cross_entropy(x, bank, target, tau=TAU, label_smoothing=0.1)
 
 
+def _etfkern_unsplit(x, bank, target):
+    """etfkern with the Triton split-C grid off (one program per row block, whole class range)."""
+    old = os.environ.get("ETFKERN_TRITON_SPLIT_C")
+    os.environ["ETFKERN_TRITON_SPLIT_C"] = "1"
+    try:
+        return _etfkern(x, bank, target)
+    finally:
+        if old is None:
+            os.environ.pop("ETFKERN_TRITON_SPLIT_C")
+        else:
+            os.environ["ETFKERN_TRITON_SPLIT_C"] = old
+
+
 def _peers(device: str, quick: bool) -> dict[str, Callable | str]:
     """impl name -> loss fn(x, bank, target), or a string saying why it is skipped."""
     peers: dict[str, Callable | str] = {"etfkern": _etfkern, "eager": _eager}
@@ -49,6 +63,7 @@ def _peers(device: str, quick: bool) -> dict[str, Callable | str]:
     if device != "cuda":
         peers["liger"] = peers["cut_cross_entropy"] = "GPU only"
         return peers
+    peers["etfkern_unsplit"] = _etfkern_unsplit
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

@@ -459,3 +459,88 @@ def test_partials_op_matches_reference(device, metric):
         assert [t.shape[0] for t in lean[1:]] == [0, 0, 0]
         torch.testing.assert_close(lean[0], ref[0], atol=3e-5, rtol=3e-5)
     torch.library.opcheck(_ops.spherical_ce_partials, (x.contiguous(), bank, 0.07, metric, True, True, True))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Triton: fixed shift vs online max, split-C (issue 3, GPU half; run here under TRITON_INTERPRET=1)
+# ------------------------------------------------------------------------------------------------------------
+def _triton_module():
+    if "triton" not in backends_for("spherical_ce_forward", "cpu"):
+        pytest.skip("triton unavailable")
+    import etfkern.triton_kernels.spherical_ce as tk
+    return tk
+
+
+def _triton_ce(x, bank, target, tb, lam, tau, metric, eps):
+    with etfkern.use_backend("triton"):
+        fwd = _ops.spherical_ce_forward(x, bank, target, tb, lam, tau, metric, eps, -100, True)
+        part = _ops.spherical_ce_partials(x, bank, tau, metric, True, True, True)
+    return fwd + part
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_fixed_shift_and_online_max_agree(monkeypatch, dtype):
+    """Both class-loop paths (constexpr FIXED) equal the float64 reference; the host picks the one that
+    etfkern.spherical.fixed_shift() proves safe, cached per bank object and version."""
+    tk = _triton_module()
+    n, d, c = 18, 12, 37
+    x, bank, target = _inputs(n, d, c, dtype=dtype, strided=True)
+    tb = torch.randint(0, c, (n,))
+    lam = torch.rand(n, dtype=R.acc_dtype(dtype))
+    picked = []
+    real_shift = tk._shift
+    monkeypatch.setattr(tk, "_shift", lambda *a: picked.append(real_shift(*a)) or picked[-1])
+    for metric, tau in (("cos", 0.07), ("arc", 0.1)):  # both fixed-shift safe: 14.4 and pi / 0.1 <= 40
+        ref = R.spherical_ce_forward(x, bank, target, tb, lam, tau, metric, 0.1, -100, True)
+        ref += R.spherical_ce_partials(x, bank, tau, metric, True, True, True)
+        fixed = _triton_ce(x, bank, target, tb, lam, tau, metric, 0.1)
+        assert picked[-1] == 0.0
+        # fp64 "arc": the in-kernel arccos polynomial is fp32-grade (|err| <= 2e-8 before the 1/tau)
+        tol = dict(atol=3e-5, rtol=3e-5) if dtype == torch.float32 else _tol(dtype) if metric == "cos" \
+            else dict(atol=1e-6, rtol=1e-6)
+        with monkeypatch.context() as m:
+            m.setattr(tk, "_shift", lambda *a: None)  # force the online-max path
+            online = _triton_ce(x, bank, target, tb, lam, tau, metric, 0.1)
+        for a, b, r in zip(fixed, online, ref):
+            torch.testing.assert_close(a, r, **tol)
+            torch.testing.assert_close(b, r, **tol)
+    # a small tau makes "cos" unsafe for a fixed shift; "arc" at tau = 0.07 (pi / tau = 44.9) too
+    assert real_shift(bank, 0.02, "cos") is None and real_shift(bank, 0.07, "arc") is None
+    assert real_shift(bank, 0.07, "cos") == 0.0
+    with torch.no_grad():
+        bank.mul_(4.0)  # in-place update bumps the version: the cached decision is recomputed
+    assert real_shift(bank, 0.07, "cos") is None
+
+
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+def test_triton_split_c_matches_unsplit_and_reference(monkeypatch, metric):
+    """Forced S = 2 (C = 37 not a multiple of S or of the tile) and S = 4 (the last slab holds no class) equal the
+    unsplit kernel and the reference; also in slab mode (d > MAX_REG_D) and for the fused top-k merge."""
+    tk = _triton_module()
+    n, d, c = 18, 12, 37
+    x, bank, target = _inputs(n, d, c, strided=True)
+    bank[35] = bank[3]  # exact tie across slabs (same lane of their tiles): the lower index must win
+    x[:4] = bank[3] * 2.0
+    tb = torch.randint(0, c, (n,))
+    lam = torch.rand(n)
+    tau = 0.07  # "cos": fixed shift; "arc": online max (pi / tau > 40)
+    ref = R.spherical_ce_forward(x, bank, target, tb, lam, tau, metric, 0.1, -100, True)
+    ref += R.spherical_ce_partials(x, bank, tau, metric, True, True, True)
+    assert tk._splits(n, c, 16, 16, 64, x.device) == (1, 48)  # no GPU to fill: unsplit by default
+    whole = _triton_ce(x, bank, target, tb, lam, tau, metric, 0.1)
+    with etfkern.use_backend("triton"):
+        near = etfkern.nearest(x, bank, k=3)
+    for s, slab_mode in ((2, False), (4, False), (4, True)):
+        monkeypatch.setenv("ETFKERN_TRITON_SPLIT_C", str(s))
+        if slab_mode:
+            monkeypatch.setattr(tk, "MAX_REG_D", 8)
+        assert tk._splits(n, c, 16, 16, 64, x.device) == (s, 32 if s == 2 else 16)
+        split = _triton_ce(x, bank, target, tb, lam, tau, metric, 0.1)
+        for a, b, r in zip(split, whole, ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, r, atol=3e-5, rtol=3e-5)
+        if not slab_mode:
+            with etfkern.use_backend("triton"):
+                v, i = etfkern.nearest(x, bank, k=3)
+            assert torch.equal(i, near[1]) and torch.equal(v, near[0])
+    assert torch.equal(near[0][:4, 0], near[0][:4, 1]) and (near[1][:4, :2] == torch.tensor([3, 35])).all()
