@@ -59,21 +59,22 @@ def _tol(dtype):
 
 
 # ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("metric", ["cos", "arc"])
+# (metric, tau): the first of each pair takes the fixed shift, the second the row-max path (see fixed_shift())
+@pytest.mark.parametrize("metric,tau", [("cos", 0.07), ("cos", 0.02), ("arc", 0.07), ("arc", 0.03)])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 @pytest.mark.parametrize("lam_mode", ["none", "scalar", "rows"])
-def test_forward_op_matches_reference(device, metric, eps, lam_mode):
+def test_forward_op_matches_reference(device, metric, tau, eps, lam_mode):
     n, d, c = 19, 10, 37  # odd sizes: C not a multiple of any tile
     x, bank, target = _inputs(n, d, c, device=device, strided=lam_mode == "rows")
     target_b = torch.randint(0, c, (n,), device=device)
     lam = _lam(lam_mode, n, x.dtype, device)
     lam_t = torch.ones(n) if lam is None else torch.as_tensor(lam, dtype=torch.float32).expand(n).contiguous()
     lam_t = lam_t.to(device)
-    ref = R.spherical_ce_forward(x, bank, target, target_b, lam_t, 0.07, metric, eps, -100, True)
+    ref = R.spherical_ce_forward(x, bank, target, target_b, lam_t, tau, metric, eps, -100, True)
     for backend in backends_for("spherical_ce_forward", device):
         with etfkern.use_backend(backend):
-            out = _ops.spherical_ce_forward(x, bank, target, target_b, lam_t, 0.07, metric, eps, -100, True)
-            no_grad = _ops.spherical_ce_forward(x, bank, target, target_b, lam_t, 0.07, metric, eps, -100, False)
+            out = _ops.spherical_ce_forward(x, bank, target, target_b, lam_t, tau, metric, eps, -100, True)
+            no_grad = _ops.spherical_ce_forward(x, bank, target, target_b, lam_t, tau, metric, eps, -100, False)
         for name, a, b in zip(("loss", "lse", "grad_xhat"), out, ref):
             torch.testing.assert_close(a, b, atol=3e-5, rtol=3e-5, msg=lambda m: f"{backend} {name}: {m}")
         assert out[0][1] == 0 and out[2][1].abs().max() == 0  # ignored row
@@ -490,7 +491,7 @@ def test_triton_fixed_shift_and_online_max_agree(monkeypatch, dtype):
     picked = []
     real_shift = tk._shift
     monkeypatch.setattr(tk, "_shift", lambda *a: picked.append(real_shift(*a)) or picked[-1])
-    for metric, tau in (("cos", 0.07), ("arc", 0.1)):  # both fixed-shift safe: 14.4 and pi / 0.1 <= 40
+    for metric, tau in (("cos", 0.07), ("arc", 0.1)):  # both fixed-shift safe: 14.4 and pi / 0.1 <= 80
         ref = R.spherical_ce_forward(x, bank, target, tb, lam, tau, metric, 0.1, -100, True)
         ref += R.spherical_ce_partials(x, bank, tau, metric, True, True, True)
         fixed = _triton_ce(x, bank, target, tb, lam, tau, metric, 0.1)
@@ -504,8 +505,9 @@ def test_triton_fixed_shift_and_online_max_agree(monkeypatch, dtype):
         for a, b, r in zip(fixed, online, ref):
             torch.testing.assert_close(a, r, **tol)
             torch.testing.assert_close(b, r, **tol)
-    # a small tau makes "cos" unsafe for a fixed shift; "arc" at tau = 0.07 (pi / tau = 44.9) too
-    assert real_shift(bank, 0.02, "cos") is None and real_shift(bank, 0.07, "arc") is None
+    # a small tau makes "cos" unsafe for a fixed shift (1 / tau = 50 > 40); "arc" at tau = 0.03 (pi / tau = 104.7 > 80) too
+    assert real_shift(bank, 0.02, "cos") is None and real_shift(bank, 0.03, "arc") is None
+    assert real_shift(bank, 0.07, "arc") == 0.0
     assert real_shift(bank, 0.07, "cos") == 0.0
     with torch.no_grad():
         bank.mul_(4.0)  # in-place update bumps the version: the cached decision is recomputed
@@ -523,7 +525,7 @@ def test_triton_split_c_matches_unsplit_and_reference(monkeypatch, metric):
     x[:4] = bank[3] * 2.0
     tb = torch.randint(0, c, (n,))
     lam = torch.rand(n)
-    tau = 0.07  # "cos": fixed shift; "arc": online max (pi / tau > 40)
+    tau = 0.07 if metric == "cos" else 0.03  # "cos": fixed shift; "arc": online max (pi / tau > 80)
     ref = R.spherical_ce_forward(x, bank, target, tb, lam, tau, metric, 0.1, -100, True)
     ref += R.spherical_ce_partials(x, bank, tau, metric, True, True, True)
     assert tk._splits(n, c, 16, 16, 64, x.device) == (1, 48)  # no GPU to fill: unsplit by default
