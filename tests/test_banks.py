@@ -15,7 +15,7 @@ from etfkern import _ops, banks
 from etfkern.cli import main as cli_main
 from etfkern.reference import banks as ref
 
-from conftest import backends_for
+from conftest import backends_for, compile_triton_for_sm90
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -427,27 +427,18 @@ def test_cli_bank(tmp_path, capsys):
 # GPU build check without a GPU: the Triton kernels lower to PTX and assemble for sm_90 (ptxas ships with triton)
 # ----------------------------------------------------------------------------------------------------------
 _AOT_SCRIPT = r"""
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from etfkern.triton_kernels import banks as tk
 
 ptr = {"w_ptr": "*fp32", "C": "i32", "D": "i32", "stride_w": "i32"}
-cases = [
-    (tk._pair_stats_kernel, {**ptr, "lo": "fp32", "scale": "fp32", "top": "fp32", "nslots": "i32",
-                             "max_ptr": "*fp32", "sum_ptr": "*fp64", "hist_ptr": "*i64"},
-     {"BLOCK": 64, "BLOCK_K": 32, "NB": 4096}, {"num_warps": 4}),
-    (tk._dir_kernel, {"w_ptr": "*fp32", "out_ptr": "*fp32", "rowmax_ptr": "*fp32", "C": "i32", "D": "i32",
-                      "stride_w": "i32", "stride_o": "i32", "beta": "fp32"},
-     {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 256, "TF32": True}, {"num_warps": 8, "num_stages": 2}),
-]
-out = {}
-for fn, sig, consts, opts in cases:
-    sig = {**sig, **{k: "constexpr" for k in consts}}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=opts)
-    out[fn.__name__] = {"shared": k.metadata.shared, "sm90": ".target sm_90" in k.asm["ptx"]}
+out = {
+    "_pair_stats_kernel": build(tk._pair_stats_kernel, {
+        **ptr, "lo": "fp32", "scale": "fp32", "top": "fp32", "nslots": "i32", "max_ptr": "*fp32", "sum_ptr": "*fp64",
+        "hist_ptr": "*i64"}, {"BLOCK": 64, "BLOCK_K": 32, "NB": 4096}, num_warps=4),
+    "_dir_kernel": build(tk._dir_kernel, {
+        "w_ptr": "*fp32", "out_ptr": "*fp32", "rowmax_ptr": "*fp32", "C": "i32", "D": "i32", "stride_w": "i32",
+        "stride_o": "i32", "beta": "fp32"}, {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 256, "TF32": True},
+        num_warps=8, num_stages=2),
+}
 print(json.dumps(out))
 """
 
@@ -455,18 +446,4 @@ print(json.dumps(out))
 def test_triton_kernels_compile_for_sm90(tmp_path):
     """The launch configurations used on GPU lower to PTX and assemble for sm_90 (ptxas ships with triton), in a
     subprocess without TRITON_INTERPRET; shared memory stays within an H100/H200 block's limit."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env)
-    if out.returncode != 0 and ("ptxas" in out.stderr and "not found" in out.stderr):
-        pytest.skip("no ptxas available")
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(report) == {"_pair_stats_kernel", "_dir_kernel"}
-    for name, r in report.items():
-        assert r["sm90"] and 0 < r["shared"] <= 227 * 1024, (name, r)
+    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"_pair_stats_kernel", "_dir_kernel"}

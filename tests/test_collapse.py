@@ -11,7 +11,7 @@ import torch
 import etfkern
 from etfkern import collapse as col
 from etfkern.reference import collapse as ref
-from conftest import backends_for
+from conftest import backends_for, compile_triton_for_sm90
 
 OPS = ("collapse_update", "collapse_pair_stats", "collapse_ncc")
 
@@ -552,3 +552,41 @@ def test_gpu_pair_and_ncc_tiles():
     with etfkern.use_backend("triton"):
         gc, gn = torch.ops.etfkern.collapse_ncc(x, mt[:999], w, b)
     assert float((gc == wc).double().mean()) > 0.999 and float((gn == wn).double().mean()) > 0.999
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU build check without a GPU: the GPU launch configs of every collapse kernel (bf16 inputs,
+# tf32x3 dots)
+# lower to PTX and assemble for sm_90 (the interpreter cannot run 16-bit dots or check types the way ptx does).
+# ------------------------------------------------------------------------------------------------------------
+_AOT_SCRIPT = r"""
+import etfkern.triton_kernels.collapse as tk
+
+
+def scatter(xt, half, prec):
+    sig = dict(x_ptr=xt, stride_xn="i64", stride_xd="i64", inv_ptr="*i64", mo_ptr="*fp32" if half else "*fp64",
+               mn_ptr="*fp32" if half else "*fp64", out_ptr="*fp64", tiles_ptr="*i32", N="i64", D="i32")
+    const = dict(BM=128, BN=128, BK=32, FLUSH=32, CDT=tl.float32 if half else tl.float64, HALF=half, UPCAST=False,
+                 PREC=prec)
+    return build(tk._scatter_gemm_kernel, sig, const, num_warps=8)
+
+out = {
+    "segment_stats_bf16": build(tk._segment_stats_kernel, dict(
+        x_ptr="*bf16", stride_xn="i64", stride_xd="i64", perm_ptr="*i64", seg_ptr="*i64", mold_ptr="*fp64",
+        nold_ptr="*i64", mnew_ptr="*fp64", m2_ptr="*fp64", D="i32", NBD="i32"), dict(BR=32, BD=128), num_warps=4),
+    "scatter_gemm_bf16": scatter("*bf16", True, "ieee"),
+    "scatter_gemm_fp32": scatter("*fp32", False, tk._dot_precision(__import__("torch").float32)),
+    "pair": build(tk._pair_kernel, dict(mt_ptr="*fp32", nsq_ptr="*fp32", s_ptr="*fp32", tiles_ptr="*i32",
+                                        part_ptr="*fp32", K="i32", D="i32", inv_km1="fp32", shift="fp32"),
+                  dict(BM=128, BK=32, PREC="tf32x3"), num_warps=8),
+    "ncc_bf16": build(tk._ncc_kernel, dict(
+        x_ptr="*bf16", stride_xn="i64", stride_xd="i64", w_ptr="*bf16", stride_wc="i64", stride_wd="i64",
+        b_ptr="*bf16", mu_ptr="*fp32", musq_ptr="*fp32", cls_ptr="*i64", ncc_ptr="*i64", N="i32", C="i32", K="i32",
+        D="i32"), dict(HAS_BIAS=True, BM=64, BC=128, BK=32, PREC="tf32x3"), num_warps=4),
+}
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"segment_stats_bf16", "scatter_gemm_bf16", "scatter_gemm_fp32", "pair", "ncc_bf16"}

@@ -11,7 +11,7 @@ import etfkern
 from etfkern.optim import MSAM, AdamWMSAM, recompute_bn_stats
 from etfkern.reference import msam as ref
 
-from conftest import backends_for
+from conftest import backends_for, compile_triton_for_sm90
 
 OPS = ("msam_sq_norm", "msam_sgd_step", "msam_adamw_step")
 SHAPES = [(7, 3), (5,), (1,), (2, 3, 4)]
@@ -513,3 +513,30 @@ def test_trajectories_on_gpu_every_backend():
         ref.adamw_msam_trajectory_step(w, gs, st, rho=0.5, **adam)
         want.append([x.clone() for x in w])
     _check_trajectory("msam_adamw_step", lambda ps: AdamWMSAM(ps, rho=0.5, **adam), init, seq, want, "cuda")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU build check without a GPU: the multi-tensor step kernels with bf16 params and fp32 state
+# lower to PTX and assemble for sm_90 (the interpreter cannot run 16-bit dots or check types the way ptx does).
+# ------------------------------------------------------------------------------------------------------------
+_AOT_SCRIPT = r"""
+import etfkern.triton_kernels.msam_step as tk
+
+tabs = dict(blk_t="*i32", blk_o="*i64", numels="*i64", partial="*fp32")
+common = dict(PT=tl.bfloat16, T=tl.float32, BLOCK=tk.BLOCK)
+out = {
+    "sq_norm_bf16": build(tk._sq_norm_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs,
+                          scale_ptr="*fp32", gs_ptr="*fp32", hyp="*fp32"), dict(HAS_GS=True, USE_WD=True, **common), num_warps=4),
+    "sgd_bf16": build(tk._sgd_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs, so_ptr="*fp32",
+                      sn_ptr="*fp32", gs_ptr="*fp32", fi_ptr="*fp32", hyp="*fp32"),
+                      dict(HAS_GS=True, HAS_FI=True, USE_WD=True, NESTEROV=True, **common), num_warps=4),
+    "adamw_bf16": build(tk._adamw_kernel, dict(p_tab="*i64", g_tab="*i64", m_tab="*i64", q_tab="*i64", **tabs,
+                        so_ptr="*fp32", sn_ptr="*fp32", gs_ptr="*fp32", fi_ptr="*fp32", step_size_ptr="*fp32",
+                        bc2_sqrt_ptr="*fp32", hyp="*fp32"), dict(HAS_GS=True, HAS_FI=True, **common), num_warps=4),
+}
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"sq_norm_bf16", "sgd_bf16", "adamw_bf16"}

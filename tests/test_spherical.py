@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backends_for
+from conftest import backends_for, compile_triton_for_sm90
 
 import etfkern
 from etfkern import _backend, _ops
@@ -546,3 +546,60 @@ def test_triton_split_c_matches_unsplit_and_reference(monkeypatch, metric):
                 v, i = etfkern.nearest(x, bank, k=3)
             assert torch.equal(i, near[1]) and torch.equal(v, near[0])
     assert torch.equal(near[0][:4, 0], near[0][:4, 1]) and (near[1][:4, :2] == torch.tensor([3, 35])).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU build check without a GPU: representative launch configs (bf16 tensor-core dots the interpreter cannot run,
+# fixed shift / online max, split-C, slab mode, bank gradient, fused top-k) lower to PTX and assemble for sm_90.
+# ------------------------------------------------------------------------------------------------------------
+_AOT_SCRIPT = r"""
+import etfkern.triton_kernels.spherical_ce as tk
+
+PT = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+def prec(dtype):
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+def fwd(d, dtype, arc, fixed, split):
+    cfg = tk._config(d, dtype); nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    p = PT[dtype]
+    sig = dict(X=p, W=p, LSE="*fp32", L="*fp32", SUMZ="*fp32", A="*fp32", B="*fp32", N="i32", C="i32", D="i32",
+               sxn="i32", sxd="i32", swc="i32", swd="i32", inv_tau="fp32", arc_eps="fp32", shift="fp32", c_split="i32")
+    const = dict(ARC=arc, NEED_SUMZ=arc, NEED_GRAD=True, NEED_B=arc, FIXED=fixed, SPLIT=split,
+                 ACC=tk._tl_acc(dtype), PREC=prec(dtype), **cfg)
+    return build(tk._ce_fwd_kernel, sig, const, num_warps=nw, num_stages=ns)
+
+def dw(d, dtype, arc):
+    cfg = tk._config(d, dtype); nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    cfg.update(BLOCK_N=cfg["BLOCK_C"], BLOCK_C=cfg["BLOCK_N"])
+    p = PT[dtype]
+    sig = dict(X=p, W=p, LSE="*fp32", G="*fp32", TA="*i64", TB="*i64", WA="*fp32", WB="*fp32", DW="*fp32", N="i32",
+               C="i32", D="i32", sxn="i32", sxd="i32", swc="i32", swd="i32", inv_tau="fp32", arc_eps="fp32",
+               eps_over_c="fp32")
+    const = dict(ARC=arc, ACC=tk._tl_acc(dtype), PREC=prec(dtype), **cfg)
+    return build(tk._ce_dw_kernel, sig, const, num_warps=nw, num_stages=ns)
+
+def nearest(d, dtype, k):
+    cfg = tk._config(d, dtype)
+    p = PT[dtype]
+    sig = dict(X=p, W=p, VALS="*fp32", IDX="*i64", N="i32", C="i32", D="i32", sxn="i32", sxd="i32", swc="i32",
+               swd="i32", c_split="i32")
+    const = dict(K=k, KP=max(2, triton.next_power_of_2(k)), ACC=tk._tl_acc(dtype), PREC=prec(dtype), BLOCK_N=64,
+                 BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"])
+    return build(tk._nearest_kernel, sig, const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+out = {
+    "fwd_bf16_d256_cos_fixed": fwd(256, torch.bfloat16, False, True, False),
+    "fwd_bf16_d1024_arc_online_split_slab": fwd(1024, torch.bfloat16, True, False, True),
+    "fwd_fp32_d512_arc_online_split": fwd(512, torch.float32, True, False, True),
+    "dw_bf16_d512_arc": dw(512, torch.bfloat16, True),
+    "nearest_bf16_d128_k5": nearest(128, torch.bfloat16, 5),
+}
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"fwd_bf16_d256_cos_fixed", "fwd_bf16_d1024_arc_online_split_slab",
+                                                                  "fwd_fp32_d512_arc_online_split", "dw_bf16_d512_arc",
+                                                                  "nearest_bf16_d128_k5"}
