@@ -564,10 +564,11 @@ def nearest(x: torch.Tensor, bank: torch.Tensor, *, k: int = 1) -> tuple[torch.T
     """Top-k bank rows by cosine: (values (N, k) in x.dtype, int64 indices (N, k)), sorted descending.
 
     x (N, d) is normalised inside, bank rows used as given. Fused: no N x C buffer on GPU, O(chunk x C) on CPU.
-    Not differentiable.
+    Not differentiable. A non-finite x raises ValueError on CPU (on CUDA: a device-side assert, no host sync).
     """
     _check_x_bank(x, bank)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must be an int in [1, C={bank.shape[0]}], got {k!r}")
+    _data_checks([(torch.isfinite(x).all(), "x must be finite (found NaN or inf)")], None, x.device)
     vals, idx = _ops.spherical_nearest(x.detach(), bank.detach(), k)
     return vals.to(x.dtype), idx

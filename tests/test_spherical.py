@@ -380,6 +380,7 @@ def test_bad_inputs_raise_value_error():
         (lambda: ce(x, bank, target, label_smoothing=1.0), "label_smoothing"),
         (lambda: etfkern.nearest(x, bank, k=9), "k"),
         (lambda: etfkern.nearest(x, bank, k=0), "k"),
+        (lambda: etfkern.nearest(x.index_fill(0, torch.tensor([2]), float("inf")), bank), "x must be finite"),
         (lambda: etfkern.spherical_logits(x, bank, metric="l2"), "metric"),
     ]
     for fn, word in cases:
