@@ -283,10 +283,15 @@ def partials_or_empty(x, lse, sum_z, a_sum, b_sum):
             b_sum if b_sum is not None else x.new_zeros(0, d, dtype=acc))
 
 
-def _cpu_partials(x, bank, tau, metric, need_sumz, need_grad, need_b):
+def partials_from_class_loop(class_loop, x, bank, tau, metric, need_sumz, need_grad, need_b):
+    """spherical_ce_partials from a backend's class loop (x, bank, ...) -> (x̂, lse, sum_z, a_sum, b_sum)."""
     if x.shape[0] == 0:
         return partials_or_empty(x, x.new_zeros(0, dtype=acc_dtype(x.dtype)), None, None, None)
-    return partials_or_empty(x, *_cpu_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b)[1:])
+    return partials_or_empty(x, *class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b)[1:])
+
+
+def _cpu_partials(x, bank, tau, metric, need_sumz, need_grad, need_b):
+    return partials_from_class_loop(_cpu_class_loop, x, bank, tau, metric, need_sumz, need_grad, need_b)
 
 
 def _cpu_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, eps, ignore_index):

@@ -592,6 +592,7 @@ def nearest(d, dtype, k):
 out = {
     "fwd_bf16_d256_cos_fixed": fwd(256, torch.bfloat16, False, True, False),
     "fwd_bf16_d1024_arc_online_split_slab": fwd(1024, torch.bfloat16, True, False, True),
+    "fwd_bf16_d1024_cos_fixed_slab": fwd(1024, torch.bfloat16, False, True, False),
     "fwd_fp32_d512_arc_online_split": fwd(512, torch.float32, True, False, True),
     "dw_bf16_d512_arc": dw(512, torch.bfloat16, True),
     "nearest_bf16_d128_k5": nearest(128, torch.bfloat16, 5),
@@ -602,5 +603,6 @@ print(json.dumps(out))
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
     assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"fwd_bf16_d256_cos_fixed", "fwd_bf16_d1024_arc_online_split_slab",
+                                                                  "fwd_bf16_d1024_cos_fixed_slab",
                                                                   "fwd_fp32_d512_arc_online_split", "dw_bf16_d512_arc",
                                                                   "nearest_bf16_d128_k5"}

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from etfkern._backend import triton_interpret
 from etfkern.reference.spherical import ARC_GRAD_EPS, acc_dtype
-from etfkern.spherical import chunked_nearest, finish_forward, fixed_shift, normalized, partials_or_empty
+from etfkern.spherical import chunked_nearest, finish_forward, fixed_shift, normalized, partials_from_class_loop
 
 MAX_REG_D = 512  # d above this keeps the (rows x d) accumulators in a global slab instead of registers
 SPLIT_BUDGET_MIB = 48.0  # split-C: at most this much memory for the (S, N, ...) partials
@@ -57,6 +57,17 @@ def _acos(c):
     p = p * a + 1.5707963050
     r = tl.sqrt(1.0 - a) * p
     return tl.where(c < 0, 3.141592653589793 - r, r)
+
+
+@triton.jit
+def _add_dot_in_place(ptr, mask, a, b, row_scale, SCALE: tl.constexpr, PREC: tl.constexpr):
+    """*ptr = (*ptr [* row_scale]) + a @ b for a slab-mode tile this program alone owns. The load is volatile
+    (never cached in registers/L1 nor hoisted) and uses the store's pointers and mask; the caller's
+    tl.debug_barrier() orders these stores before the next class tile's loads across the CTA's threads."""
+    prev = tl.load(ptr, mask=mask, other=0.0, volatile=True)
+    if SCALE:
+        prev = prev * row_scale[:, None]
+    tl.store(ptr, tl.dot(a, b, prev, input_precision=PREC), mask=mask)
 
 
 @triton.jit
@@ -127,6 +138,7 @@ def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_ta
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), 1)
         if FIXED:
             p = tl.exp(z - shift)
+            alpha = tl.full((BLOCK_N,), 1.0, ACC)  # no rescale with a fixed shift (unused below)
         else:
             m_new = tl.maximum(m_i, tl.max(z, 1))  # every tile has >= 1 real class, so m_new is finite
             alpha = tl.exp(m_i - m_new)
@@ -150,25 +162,18 @@ def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_ta
                     accb = tl.dot(sm, wv, accb, input_precision=PREC)
             else:
                 # Slab mode (d > MAX_REG_D): this program alone owns rows prow of A and B (zero-initialised)
-                # and read-modify-writes them once per class tile. Same pointer tensor and mask for the load
-                # and the store; the load is volatile (never cached in registers/L1 nor hoisted) and the
-                # barrier below orders this tile's stores before the next tile's loads across the CTA's
-                # threads (CUDA: bar.sync makes prior global writes visible to the block).
+                # and adds into them once per class tile (_add_dot_in_place); the barrier below orders this
+                # tile's stores before the next tile's loads across the CTA's threads (CUDA: bar.sync makes
+                # prior global writes visible to the block).
                 for d0 in range(0, D, BLOCK_DV):
                     dv = d0 + dv0
                     dmask = row_mask[:, None] & (dv < D)[None, :]
                     wv = tl.load(W + cols[:, None] * swc + dv[None, :] * swd,
                                  mask=col_mask[:, None] & (dv < D)[None, :], other=0.0)
-                    a_ptr = A + prow[:, None] * D + dv[None, :]
-                    prev = tl.load(a_ptr, mask=dmask, other=0.0, volatile=True)
-                    if not FIXED:
-                        prev = prev * alpha[:, None]
-                    tl.store(a_ptr, tl.dot(pm, wv, prev, input_precision=PREC), mask=dmask)
+                    _add_dot_in_place(A + prow[:, None] * D + dv[None, :], dmask, pm, wv, alpha, not FIXED, PREC)
                     if NEED_B:
                         sm = tl.where(col_mask[None, :], slope, 0.0).to(W.dtype.element_ty)
-                        b_ptr = B + prow[:, None] * D + dv[None, :]
-                        prevb = tl.load(b_ptr, mask=dmask, other=0.0, volatile=True)
-                        tl.store(b_ptr, tl.dot(sm, wv, prevb, input_precision=PREC), mask=dmask)
+                        _add_dot_in_place(B + prow[:, None] * D + dv[None, :], dmask, sm, wv, alpha, False, PREC)
                 tl.debug_barrier()
     if SPLIT:
         tl.store(LSE + prow, m_i, mask=row_mask)
@@ -234,9 +239,7 @@ def _ce_dw_kernel(X, W, LSE, G, TA, TB, WA, WB, DW, N, C, D, sxn, sxd, swc, swd,
                 dmask = col_mask[:, None] & (dv < D)[None, :]
                 xv = tl.load(X + rows[:, None] * sxn + dv[None, :] * sxd,
                              mask=row_mask[:, None] & (dv < D)[None, :], other=0.0)
-                d_ptr = DW + cols[:, None] * D + dv[None, :]
-                prev = tl.load(d_ptr, mask=dmask, other=0.0, volatile=True)  # as the forward's slab mode
-                tl.store(d_ptr, tl.dot(coef_t, xv, prev, input_precision=PREC), mask=dmask)
+                _add_dot_in_place(DW + cols[:, None] * D + dv[None, :], dmask, coef_t, xv, col_mask, False, PREC)
             tl.debug_barrier()
     if REG_ACC:
         tl.store(DW + cols[:, None] * D + dv0[None, :], dw, mask=col_mask[:, None] & (dv0 < D)[None, :])
@@ -428,9 +431,7 @@ def ce_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, n
 
 
 def ce_partials(x, bank, tau, metric, need_sumz, need_grad, need_b):
-    if x.shape[0] == 0:
-        return partials_or_empty(x, x.new_zeros(0, dtype=acc_dtype(x.dtype)), None, None, None)
-    return partials_or_empty(x, *_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b)[1:])
+    return partials_from_class_loop(_class_loop, x, bank, tau, metric, need_sumz, need_grad, need_b)
 
 
 def ce_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, eps, ignore_index):
