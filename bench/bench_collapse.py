@@ -2,16 +2,21 @@
 
 Peers, measured in the same run on the same batches:
   etfkern        CollapseMeter.update per batch (one exact pass), then compute() (every metric).
-  two_pass       plain torch, float64: pass 1 class sums (index_add_), pass 2 centred (X - M[Y])^T (X - M[Y]);
-                 then NC1 only, through pinv(Sigma_B) (d x d).
+  two_pass       plain torch: pass 1 class sums (index_add_, float64), pass 2 centred (X - M[Y])^T (X - M[Y]) with
+                 float32 products as etfkern's CPU path for float32 input (on GPU etfkern's are bf16 tensor-core
+                 products, so there this baseline does more work), summed in float64; then NC1 only, through
+                 pinv(Sigma_B) (d x d).
+  two_pass_f64   the same with float64 products (the most accurate plain baseline; also the NC1 reference the
+                 etfkern result is compared with: nc1_rel_diff_vs_two_pass_f64).
   onehot         the public neural-collapse code's accumulators: class sums by a dense one-hot (K x B) @ X per
                  batch (float64), the same second pass.
   gemm_floor     X^T X per batch in the input dtype: the matmul work one update cannot avoid (on GPU the
                  bf16 tensor-core floor the issue's 70% target refers to).
 etfkern update, compute without pair metrics, two_pass and its NC1 are timed in interleaved rounds (median of 5,
 or 7 without --quick). Ratios (> 1: etfkern faster): one_pass_vs_two_pass = (two_pass update + NC1) / (etfkern update + compute without
-the pair metrics: the same statistics plus the Gram metrics); one_pass_all_metrics_vs_two_pass_nc1 the same with
-every metric (the O(C'^2 d) pair kernel included); onehot_over_etfkern = onehot update / etfkern update.
+the pair metrics: the same statistics plus the Gram metrics); one_pass_vs_two_pass_f64 the same against
+two_pass_f64; one_pass_all_metrics_vs_two_pass_nc1 as the first with every metric (the O(C'^2 d) pair kernel
+included); onehot_over_etfkern = onehot update / etfkern update.
 
     python bench/bench_collapse.py [--quick] [--device cpu|cuda] [--threads N] [--no-write]
 """
@@ -46,7 +51,9 @@ def _batches(c: int, d: int, tokens: int, batch: int, dtype: torch.dtype, device
     return out
 
 
-def _two_pass_stats(batches, c, d, device, onehot: bool):
+def _two_pass_stats(batches, c, d, device, onehot: bool, products: torch.dtype = torch.float64):
+    """Pass 1 class sums (float64), pass 2 the centred scatter with its products in ``products`` (summed in
+    float64 across batches)."""
     f64 = dict(dtype=torch.float64, device=device)
     sums = torch.zeros(c, d, **f64)
     counts = torch.zeros(c, **f64)
@@ -66,8 +73,8 @@ def _two_pass_stats(batches, c, d, device, onehot: bool):
     sw = torch.zeros(d, d, **f64)
     n = 0
     for x, y in batches:
-        cen = x.to(torch.float64) - means[y]
-        sw.addmm_(cen.T, cen)
+        cen = (x.to(torch.float64) - means[y]).to(products)
+        sw += (cen.T @ cen).to(torch.float64)
         n += y.shape[0]
     return counts, means, sw / n
 
@@ -109,11 +116,13 @@ def run(quick: bool, device: str) -> list[dict]:
 
         results = {}
         rep = 3
-        stats = _two_pass_stats(batches, c, d, device, False)
-        # the four timings the one-pass/two-pass ratio is built from: interleaved rounds, medians (a shared
-        # machine's load then hits both pipelines alike)
+        stats = _two_pass_stats(batches, c, d, device, False, torch.float32)
+        stats_f64 = _two_pass_stats(batches, c, d, device, False)
+        # the timings the one-pass/two-pass ratios are built from: interleaved rounds, medians (a shared
+        # machine's load then hits every pipeline alike)
         paired = {"etfkern": one_pass, "compute_nc1": lambda: (meter.compute(pair_metrics=False), sync(device)),
-                  "two_pass": lambda: _two_pass_stats(batches, c, d, device, False),
+                  "two_pass": lambda: _two_pass_stats(batches, c, d, device, False, torch.float32),
+                  "two_pass_f64": lambda: _two_pass_stats(batches, c, d, device, False),
                   "two_pass_nc1": lambda: _two_pass_nc1(*stats)}
         for fn in paired.values():
             fn()  # warm-up
@@ -130,9 +139,10 @@ def run(quick: bool, device: str) -> list[dict]:
         results["gemm_floor"] = time_ms(gemm_floor, device, warmup=1, rep=rep)
         # the two pipelines agree (guards the benchmark against measuring something wrong)
         nc1_meter = meter.compute()["nc1"]
-        nc1_two = _two_pass_nc1(*stats)
+        nc1_two = _two_pass_nc1(*stats_f64)
         agree = abs(nc1_meter - nc1_two) / abs(nc1_two)
-        for impl in ("etfkern", "two_pass", "onehot", "gemm_floor"):
+        agree_same = abs(_two_pass_nc1(*stats) - nc1_two) / abs(nc1_two)
+        for impl in ("etfkern", "two_pass", "two_pass_f64", "onehot", "gemm_floor"):
             ms = results[impl]
             rows.append({"op": "update", "shape": shape, "impl": impl, "ms": ms,
                          "tokens_per_s": ntok / (ms / 1e3), "vs_etfkern": ms / results["etfkern"]})
@@ -141,12 +151,14 @@ def run(quick: bool, device: str) -> list[dict]:
                      "ms": results["compute_nc1"]})
         rows.append({"op": "compute", "shape": shape, "impl": "two_pass(nc1 only)", "ms": results["two_pass_nc1"]})
         total_two = results["two_pass"] + results["two_pass_nc1"]
+        total_f64 = results["two_pass_f64"] + results["two_pass_nc1"]
         rows.append({"op": "summary", "shape": shape, "impl": "ratios",
                      "one_pass_vs_two_pass": total_two / (results["etfkern"] + results["compute_nc1"]),
+                     "one_pass_vs_two_pass_f64": total_f64 / (results["etfkern"] + results["compute_nc1"]),
                      "one_pass_all_metrics_vs_two_pass_nc1": total_two / (results["etfkern"] + results["compute"]),
                      "onehot_over_etfkern": results["onehot"] / results["etfkern"],
                      "etfkern_over_gemm_floor": results["etfkern"] / results["gemm_floor"],
-                     "nc1_rel_diff_vs_two_pass": agree})
+                     "nc1_rel_diff_vs_two_pass_f64": agree, "two_pass_nc1_rel_diff_vs_f64": agree_same})
     return rows
 
 
@@ -163,9 +175,9 @@ def main() -> None:
     rows = run(args.quick, args.device)
     print_table([r for r in rows if r["op"] != "summary"], ["op", "shape", "impl", "ms", "tokens_per_s", "vs_etfkern"])
     print_table([r for r in rows if r["op"] == "summary"],
-                ["shape", "one_pass_vs_two_pass", "one_pass_all_metrics_vs_two_pass_nc1", "onehot_over_etfkern",
-                 "etfkern_over_gemm_floor",
-                 "nc1_rel_diff_vs_two_pass"])
+                ["shape", "one_pass_vs_two_pass", "one_pass_vs_two_pass_f64", "one_pass_all_metrics_vs_two_pass_nc1",
+                 "onehot_over_etfkern", "etfkern_over_gemm_floor", "nc1_rel_diff_vs_two_pass_f64",
+                 "two_pass_nc1_rel_diff_vs_f64"])
     if not args.no_write:
         print("wrote", write_results("collapse", rows, args.device, {"quick": args.quick}))
     print(f"total {time.time() - t0:.1f} s")

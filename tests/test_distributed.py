@@ -68,9 +68,16 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
             assert "tile" in str(exc)
         dist.barrier()  # no rank tears down gloo while another is still working
         dist.destroy_process_group()
-        queue.put((rank, None))
+        result = (rank, None)
     except Exception:  # noqa: BLE001 - report to the parent
-        queue.put((rank, traceback.format_exc()))
+        result = (rank, traceback.format_exc())
+    # Deliver the result (flush the queue's feeder thread), then skip interpreter finalisation: gloo's threads
+    # torn down there can abort the process ("terminate called without an active exception", seen in CI),
+    # which could lose a result still in flight.
+    queue.put(result)
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("world", [2, 3])
