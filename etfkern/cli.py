@@ -150,6 +150,10 @@ def _collapse_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=65536, help="rows streamed per update")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON")
+    p.add_argument("--metrics", default=None, metavar="KEYS",
+                   help="comma-separated subset to compute, e.g. nc1,nc2_equiangular (default: all; "
+                        "ncc_mismatch and nc3/unc3/nc3_cos_mean need --weights). Skipping the pair metrics "
+                        "(cdnv, gnc2, gnc2_mean, nc2_maxangle) skips the O(C^2 d) pair pass")
 
 
 @command("collapse", "neural-collapse metrics (NC1..NC4, CDNV, GNC2, UNC3) from saved features and labels",
@@ -174,6 +178,13 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     weights = _load_tensor(args.weights, "weights") if args.weights else None
     if weights is not None and tuple(weights.shape) != (num_classes, feats.shape[1]):
         raise UsageError(f"--weights must be ({num_classes}, {feats.shape[1]}), got {tuple(weights.shape)}")
+    wanted = None
+    if args.metrics is not None:
+        wanted = [key.strip() for key in args.metrics.split(",") if key.strip()]
+        if not wanted:
+            raise UsageError("--metrics must name at least one metric")
+        if "ncc_mismatch" in wanted and weights is None:
+            raise UsageError("--metrics ncc_mismatch needs --weights")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     meter = CollapseMeter(num_classes, feats.shape[1], global_mean=args.global_mean, device=device)
     try:
@@ -183,8 +194,12 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     w = weights.to(device) if weights is not None else None
-    metrics = meter.compute(weights=w)
-    if w is not None:
+    meter_keys = None if wanted is None else [key for key in wanted if key != "ncc_mismatch"]
+    try:
+        metrics = meter.compute(weights=w, metrics=meter_keys)
+    except ValueError as exc:
+        raise UsageError(f"--metrics: {exc}" if wanted is not None else str(exc)) from exc
+    if w is not None and (wanted is None or "ncc_mismatch" in wanted):
         metrics["ncc_mismatch"] = ncc_mismatch(feats.to(device), meter.means, w)
     for key, value in metrics.items():
         print(f"{key:<20} {value:.6g}" if isinstance(value, float) else f"{key:<20} {value}")

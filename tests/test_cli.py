@@ -45,6 +45,19 @@ def test_collapse_command_matches_meter(tmp_path, capsys):
     want = meter.compute()
     assert got["nc1"] == pytest.approx(want["nc1"], rel=1e-9)
     assert got["cdnv"] == pytest.approx(want["cdnv"], rel=1e-9)
+    # a subset: only those keys (and the class count), the same values
+    rc = cli_main(["collapse", "--features", str(tmp_path / "f.pt"), "--labels", str(tmp_path / "y.pt"),
+                   "--device", "cpu", "--metrics", "nc1,nc2_equiangular", "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    sub = json.loads((tmp_path / "s.json").read_text())
+    assert set(sub) == {"nc1", "nc2_equiangular", "num_classes_seen"}
+    assert sub["nc1"] == pytest.approx(want["nc1"], rel=1e-9)
+    capsys.readouterr()
+    for bad, message in (("nc1,nc9", "unknown keys ['nc9']"), ("unc3", "pass weights"),
+                         ("ncc_mismatch", "needs --weights")):
+        rc = cli_main(["collapse", "--features", str(tmp_path / "f.pt"), "--labels", str(tmp_path / "y.pt"),
+                       "--device", "cpu", "--metrics", bad])
+        assert rc == 2 and message in capsys.readouterr().err, bad
 
 
 @pytest.mark.parametrize("argv, message", [

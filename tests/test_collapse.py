@@ -233,6 +233,27 @@ def test_metrics_with_triton_update_and_pairs():
     _assert_metrics(got, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("c,d", [(9, 24), (40, 6)], ids=["C'<d", "C'>d"])
+def test_compute_selected_metrics_match_full(c, d):
+    x, y = _clustered(300, c, d)
+    w = torch.randn(c, d)
+    m = _meter_from(x, y, c)
+    full = m.compute(w)
+    for key in col.METRIC_KEYS:
+        got = m.compute(w, metrics=[key])
+        assert set(got) == {key, "num_classes_seen"}, key
+        assert got[key] == full[key], key  # the same arithmetic, only less of it
+    got = m.compute(metrics=("nc1", "nc2_equiangular"))
+    assert set(got) == {"nc1", "nc2_equiangular", "num_classes_seen"}
+    assert m.compute(metrics="nc1")["nc1"] == full["nc1"]
+    with pytest.raises(ValueError, match="metrics has unknown keys"):
+        m.compute(metrics=["nc1", "nc7"])
+    with pytest.raises(ValueError, match="pass weights"):
+        m.compute(metrics=["unc3"])
+    with pytest.raises(ValueError, match="pair_metrics=False"):
+        m.compute(metrics=["cdnv"], pair_metrics=False)
+
+
 def test_nc1_small_space_constant_and_pinv_tolerance():
     # C' <= d goes through the C' x C' Gram identity; check it against pinv(Sigma_B) directly, also with a
     # loose tolerance that drops real directions (both sides must drop the same ones).
