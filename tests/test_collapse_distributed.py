@@ -28,7 +28,9 @@ def _data():
     y = torch.randint(0, C, (N,), generator=g)
     y[y == 7] = 8  # class 7 never seen anywhere
     x = 100.0 + centres[y] + torch.randn(N, D, generator=g, dtype=torch.float64)
-    return x.float(), y
+    # float32-representable values far from the origin, passed as float64 so the scatter products are float64 and
+    # the sharded/merged meters can be compared with one meter at 1e-9 (float32 products differ with batching)
+    return x.float().double(), y
 
 
 def _rank_rows(y: torch.Tensor, rank: int, world: int, disjoint: bool) -> torch.Tensor:
