@@ -606,3 +606,38 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
                                                                   "fwd_bf16_d1024_cos_fixed_slab",
                                                                   "fwd_fp32_d512_arc_online_split", "dw_bf16_d512_arc",
                                                                   "nearest_bf16_d128_k5"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# N * C past 2^31 (vocabulary scale) on the CPU kernels: rows far into the batch must be right
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cpu_loss_and_nearest_past_int32_products():
+    n, c, d = 65_541, 32_771, 4  # N * C = 2,147,844,111 > 2^31 - 1
+    assert n * c > 2**31
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(n, d, generator=gen)
+    bank = F.normalize(torch.randn(c, d, generator=gen), dim=1)
+    target = torch.randint(0, c, (n,), generator=gen)
+    target[-1] = c - 1
+    rows = torch.tensor([0, n // 2, n - 2, n - 1])  # the last rows start past element 2^31 of the N x C logits
+    with etfkern.use_backend("cpu"):
+        xg = x.clone().requires_grad_()
+        loss = etfkern.spherical_cross_entropy(xg, bank, target, reduction="none")
+        pick = torch.zeros(n)
+        pick[rows] = 1.0
+        (loss * pick).sum().backward()
+        vals, idx = etfkern.nearest(x[rows[-2:]].contiguous(), bank, k=3)
+        vals_all, idx_all = etfkern.nearest(x, bank, k=1)
+    xr = x[rows].double().requires_grad_()  # plain float64 torch on the picked rows only
+    z = F.normalize(xr, dim=1) @ bank.double().T / 0.07
+    want = torch.logsumexp(z, dim=1) - z.gather(1, target[rows, None]).squeeze(1)
+    want.sum().backward()
+    torch.testing.assert_close(loss[rows].double(), want.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(xg.grad[rows].double(), xr.grad, rtol=1e-4, atol=1e-5)
+    assert not xg.grad[1:n // 2].any()  # only the picked rows get a gradient
+    cos = F.normalize(x[rows].double(), dim=1) @ bank.double().T
+    want_v, want_i = cos.topk(3, dim=1)
+    torch.testing.assert_close(vals.double(), want_v[-2:], rtol=1e-5, atol=1e-5)
+    assert torch.equal(idx, want_i[-2:])
+    assert torch.equal(idx_all[rows, 0], want_i[:, 0])
