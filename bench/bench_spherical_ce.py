@@ -2,7 +2,8 @@
 
     python bench/bench_spherical_ce.py [--quick] [--device cpu|cuda] [--no-write]
 
-Rows: op (ce_fwd | ce_bwd | ce_fwd_bwd | nearest), shape N x d x C, impl, ms, peak_mib (extra peak over the live
+Rows: op (ce_fwd | ce_bwd | ce_fwd_bwd | nearest; on the first shape also ce_fwd_bwd_arc (metric "arc") and
+ce_fwd_bwd_bank_grad (trainable bank), etfkern vs eager), shape N x d x C, impl, ms, peak_mib (extra peak over the live
 set, fwd+bwd / nearest call), plus in the same run: ratio_to_etfkern (impl ms / etfkern ms), floor_gflop
 (4 N C d for fwd+bwd with a frozen bank, 2 N C d for fwd / nearest), achieved_tflops, and
 peak_over_logits (peak_mib / size of the fp32 N x C logits). Peers that cannot run here are listed with a reason.
@@ -148,8 +149,37 @@ def _peak(name, what, n, d, c, device, dtype, quick, fn) -> float:
     return queue.get(timeout=5) if proc.exitcode == 0 else float("nan")
 
 
+def _eager_arc(x, bank, target):
+    cos = (F.normalize(x, dim=1) @ bank.T).clamp(-1 + 1e-6, 1 - 1e-6)  # arccos' slope is infinite at +-1
+    return F.cross_entropy(-torch.arccos(cos) / TAU, target, label_smoothing=0.1)
+
+
+def _variant_rows(x0, bank, target, device: str, rep: int) -> list[dict[str, Any]]:
+    """fwd+bwd of the other code paths against eager torch: metric "arc", and a trainable bank (bank gradient)."""
+    n, d = x0.shape
+    shape = f"{n}x{d}x{bank.shape[0]}"
+    variants = {
+        "ce_fwd_bwd_arc": (False, {"etfkern": lambda x, b, t: etfkern.spherical_cross_entropy(
+            x, b, t, tau=TAU, metric="arc", label_smoothing=0.1), "eager": _eager_arc}),
+        "ce_fwd_bwd_bank_grad": (True, {"etfkern": _etfkern, "eager": _eager}),
+    }
+    rows = []
+    for op, (bank_grad, impls) in variants.items():
+        for name, fn in impls.items():
+            x = x0.clone().requires_grad_()
+            b = bank.clone().requires_grad_(bank_grad)
+
+            def fwd_bwd(fn=fn, x=x, b=b):
+                x.grad = b.grad = None
+                fn(x, b, target).backward()
+
+            rows.append(dict(shape=shape, impl=name, dtype=str(x0.dtype).replace("torch.", ""), op=op,
+                             ms=time_ms(fwd_bwd, device, rep=rep)))
+    return rows
+
+
 def _bench_shape(n: int, d: int, c: int, device: str, dtype: torch.dtype, quick: bool,
-                 peers: dict[str, Callable | str]) -> list[dict[str, Any]]:
+                 peers: dict[str, Callable | str], first_shape: tuple[int, int, int]) -> list[dict[str, Any]]:
     x0, bank, target = _inputs(n, d, c, device, dtype)
     shape = f"{n}x{d}x{c}"
     logits_mib = n * c * 4 / 2**20
@@ -188,6 +218,8 @@ def _bench_shape(n: int, d: int, c: int, device: str, dtype: torch.dtype, quick:
         rows.append(dict(shape=shape, impl=name, dtype=str(dtype).replace("torch.", ""), op="nearest", ms=ms,
                          peak_mib=_peak(name, "nearest", n, d, c, device, dtype, quick, fn),
                          floor_gflop=2 * n * c * d / 1e9, achieved_tflops=2 * n * c * d / (ms * 1e-3) / 1e12))
+    if (n, d, c) == first_shape:
+        rows += _variant_rows(x0, bank, target, device, rep)
     ref = {r["op"]: r["ms"] for r in rows if r["impl"] == "etfkern" and "ms" in r}
     for r in rows:
         if "ms" in r and r["op"] in ref and ref[r["op"]] > 0:
@@ -206,7 +238,7 @@ def run(quick: bool, device: str) -> list[dict[str, Any]]:
     peers = _peers(device, quick)
     rows = []
     for n, d, c in shapes:
-        rows += _bench_shape(n, d, c, device, dtype, quick, peers)
+        rows += _bench_shape(n, d, c, device, dtype, quick, peers, shapes[0])
     return rows
 
 
