@@ -189,6 +189,30 @@ def test_triton_update_is_deterministic():
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_update_row_splits_match_reference(dtype):
+    # The scatter GEMM splits the rows when d is small (d-tile triangle below the SM count); in the interpreter a
+    # flush step is 32 rows: 230 rows in 3 splits of 96/96/38 rows, a ragged last split, against the reference.
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        pytest.skip("triton unavailable")
+    import etfkern.triton_kernels.collapse as tk
+
+    x, inv, m_old, n_old = _update_inputs(230, 11, 21)
+    x = x.to(dtype)
+    want = ref.collapse_update(x, inv, m_old, n_old)
+    one = tk.collapse_update(x, inv, m_old, n_old, splits=1)
+    three = tk.collapse_update(x, inv, m_old, n_old, splits=3)
+    tol = _tol("triton", dtype, "sw_delta")
+    scale = float(want[2].abs().max())
+    for got in (one, three):
+        _close(got[0], want[0], rtol=1e-12, atol=1e-12)
+        _close(got[1], want[1], rtol=1e-10, atol=1e-10 * float(want[1].abs().max()))
+        _close(got[2], want[2], rtol=tol, atol=tol * scale)
+    assert torch.equal(three[2], three[2].T)
+    with pytest.raises(ValueError, match="splits"):
+        tk.collapse_update(x, inv, m_old, n_old, splits=0)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the meter vs the dense definitions
 # ----------------------------------------------------------------------------------------------------------
@@ -618,7 +642,8 @@ import etfkern.triton_kernels.collapse as tk
 
 def scatter(xt, half, prec):
     sig = dict(x_ptr=xt, stride_xn="i64", stride_xd="i64", inv_ptr="*i64", mo_ptr="*fp32" if half else "*fp64",
-               mn_ptr="*fp32" if half else "*fp64", out_ptr="*fp64", tiles_ptr="*i32", N="i64", D="i32")
+               mn_ptr="*fp32" if half else "*fp64", out_ptr="*fp64", tiles_ptr="*i32", N="i64", D="i32",
+               ROWS="i64")
     const = dict(BM=128, BN=128, BK=32, FLUSH=32, CDT=tl.float32 if half else tl.float64, HALF=half, UPCAST=False,
                  PREC=prec)
     return build(tk._scatter_gemm_kernel, sig, const, num_warps=8)

@@ -1,11 +1,13 @@
 """Triton kernels for the collapse family (streaming class statistics, pair metrics, NC4) and their launchers.
 
 Kernels:
-  _segment_stats_kernel   per (class, feature block): batch class sum over the class's rows (rows sorted by class,
-                          deterministic, float64), merged mean, and the class's sum of squared deviations increment.
-  _scatter_gemm_kernel    per upper-triangle (d-block, d-block) tile: sum_r (x_r - m_old[y_r]) (x_r - m_new[y_r])^T,
-                          centring fused into the operand loads (gathered class means), tensor-core dot, float32
-                          partial sums flushed into a float64 tile accumulator.
+  _segment_stats_kernel   per (class, feature block): one read of the class's rows (sorted by class: deterministic),
+                          shifted sums and squares in float64 -> merged mean and the class's sum of squared
+                          deviations increment.
+  _scatter_gemm_kernel    per (upper-triangle (d-block, d-block) tile, row split): sum_r (x_r - m_old[y_r])
+                          (x_r - m_new[y_r])^T over the split's rows, centring fused into the operand loads (gathered
+                          class means), tensor-core dot, float32 partial sums flushed into the split's float64 tile;
+                          the splits (enough programs to fill the GPU when d is small) are summed in a fixed order.
   _pair_kernel            per upper-triangle (class-block, class-block) tile: the Gram tile, then an epilogue that
                           reduces the CDNV / GNC2 / max-angle terms of the pairs c < c' to 4 numbers. No K x K store.
   _ncc_kernel             per row block: running argmax of the classifier logits and running argmin of the distance
@@ -53,23 +55,26 @@ def _segment_stats_kernel(x_ptr, stride_xn, stride_xd, perm_ptr, seg_ptr, mold_p
     cmask = cols < D
     start = tl.load(seg_ptr + k)
     end = tl.load(seg_ptr + k + 1)
-    acc = tl.zeros((BD,), tl.float64)
-    for r0 in range(start, end, BR):
-        xv, m = _segment_rows(x_ptr, stride_xn, stride_xd, perm_ptr, r0, end, cols, cmask, BR)
-        acc += tl.sum(xv, axis=0)
-    nb = (end - start).to(tl.float64)
     no = tl.load(nold_ptr + k).to(tl.float64)
     mo = tl.load(mold_ptr + k * D + cols, mask=cmask, other=0.0)
-    mb = acc / tl.maximum(nb, 1.0)
-    mo = tl.where(no > 0, mo, mb)  # a class new to the meter: centre on its batch mean (exact, no offset loss)
-    n = no + nb
-    mnew = mo + (mb - mo) * (nb / tl.maximum(n, 1.0))
-    tl.store(mnew_ptr + k * D + cols, mnew, mask=cmask)
+    # One read of the class's rows, shifted by a reference point r: the old mean, or for a class new to the meter
+    # its first row in the batch (near the data: no cancellation from a far common offset).
+    first = tl.load(perm_ptr + tl.where(start < end, start, 0)).to(tl.int64)  # N > 0: perm[0] exists
+    xf = tl.load(x_ptr + first * stride_xn + cols * stride_xd, mask=cmask, other=0.0)
+    ref = tl.where(no > 0, mo, xf.to(tl.float64))
+    s = tl.zeros((BD,), tl.float64)
     q = tl.zeros((BD,), tl.float64)
     for r0 in range(start, end, BR):
         xv, m = _segment_rows(x_ptr, stride_xn, stride_xd, perm_ptr, r0, end, cols, cmask, BR)
-        q += tl.sum(tl.where(m, (xv - mo[None, :]) * (xv - mnew[None, :]), 0.0), axis=0)
-    tl.store(m2_ptr + k * NBD + db, tl.sum(q, axis=0))
+        y = tl.where(m, xv - ref[None, :], 0.0)
+        s += tl.sum(y, axis=0)
+        q += tl.sum(y * y, axis=0)
+    nb = (end - start).to(tl.float64)
+    n = tl.maximum(no + nb, 1.0)
+    ybar = s / tl.maximum(nb, 1.0)  # batch mean - r
+    tl.store(mnew_ptr + k * D + cols, ref + ybar * (nb / n), mask=cmask)
+    # sum_rows (x - m_old)(x - m_new) per column = sum y^2 - (n_b^2 / n) ybar^2 (Chan merge, shifted by r)
+    tl.store(m2_ptr + k * NBD + db, tl.sum(tl.where(cmask, q - (nb * nb / n) * ybar * ybar, 0.0), axis=0))
 
 
 @triton.jit
@@ -83,23 +88,26 @@ def _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mean_ptr, cols, D,
 
 
 @triton.jit
-def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, out_ptr, tiles_ptr, N, D,
+def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, out_ptr, tiles_ptr, N, D, ROWS,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FLUSH: tl.constexpr,
                          CDT: tl.constexpr, HALF: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     t = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
     bi = tl.load(tiles_ptr + 2 * t)
     bj = tl.load(tiles_ptr + 2 * t + 1)
     ci = bi * BM + tl.arange(0, BM)
     cj = bj * BN + tl.arange(0, BN)
     m_out = (ci[:, None] < D) & (cj[None, :] < D)
-    out_ptrs = out_ptr + ci[:, None].to(tl.int64) * D + cj[None, :]
+    out_ptrs = out_ptr + split * D * D + ci[:, None].to(tl.int64) * D + cj[None, :]
+    row0 = split * ROWS
+    row_end = tl.minimum(row0 + ROWS, N)
     # float32 register accumulator over FLUSH * BK rows, then added into this program's own float64 output
     # tile (no other program writes it: no atomics, fixed order).
-    for n0 in range(0, N, BK * FLUSH):
+    for n0 in range(row0, row_end, BK * FLUSH):
         acc = tl.zeros((BM, BN), tl.float32)
         for f in range(FLUSH):
             r = (n0 + f * BK + tl.arange(0, BK)).to(tl.int64)
-            rmask = r < N
+            rmask = r < row_end
             lab = tl.load(inv_ptr + r, mask=rmask, other=0).to(tl.int64)
             a = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mo_ptr, ci, D, CDT)
             b = _centred_tile(x_ptr, stride_xn, stride_xd, lab, r, rmask, mn_ptr, cj, D, CDT)
@@ -117,9 +125,21 @@ def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, o
         tl.store(out_ptrs, prev + acc.to(tl.float64), mask=m_out)
 
 
-def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor,
-                    n_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton launcher of ``etfkern::collapse_update`` (same contract as the reference)."""
+def _row_splits(tiles: int, n: int, rows_per_step: int, device: torch.device) -> int:
+    """How many row ranges the scatter GEMM splits the batch into: enough (tile, split) programs for two per SM
+    (a small d leaves the triangle of output tiles far below the SM count: d=768 gives 21 tiles for 132 SMs),
+    never a range shorter than one flush step."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(n, rows_per_step)))
+
+
+def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor, n_old: torch.Tensor, *,
+                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton launcher of ``etfkern::collapse_update`` (same contract as the reference). ``splits`` overrides the
+    number of row ranges of the scatter GEMM (default: :func:`_row_splits`); every choice gives the same result
+    up to the float64 summation order of the split partials."""
     n, d = features.shape
     k = m_old.shape[0]
     dev = features.device
@@ -145,13 +165,21 @@ def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tens
         mo_g, mn_g = m_old_eff.to(torch.float32), m_new.to(torch.float32)
     else:
         mo_g, mn_g = m_old_eff, m_new
-    bm = 16 if interp else 128
+    bm, bk, flush = (16, 16, 2) if interp else (128, 32, 32)
     tiles = _triangle_tiles(triton.cdiv(d, bm), dev)
-    _scatter_gemm_kernel[(tiles.shape[0],)](
-        features, features.stride(0), features.stride(1), inv, mo_g, mn_g, sw, tiles, n, d,
-        BM=bm, BN=bm, BK=16 if interp else 32, FLUSH=2 if interp else 32,
-        CDT=tl.float32 if half else tl.float64, HALF=half, UPCAST=interp,
+    step = bk * flush
+    nsplit = splits if splits is not None else _row_splits(tiles.shape[0], n, step, dev)
+    if nsplit < 1:
+        raise ValueError(f"splits must be >= 1, got {nsplit}")
+    rows = triton.cdiv(triton.cdiv(n, nsplit), step) * step  # whole flush steps per split
+    nsplit = triton.cdiv(n, rows)
+    part = sw if nsplit == 1 else torch.zeros(nsplit, d, d, dtype=torch.float64, device=dev)
+    _scatter_gemm_kernel[(tiles.shape[0], nsplit)](
+        features, features.stride(0), features.stride(1), inv, mo_g, mn_g, part, tiles, n, d, rows,
+        BM=bm, BN=bm, BK=bk, FLUSH=flush, CDT=tl.float32 if half else tl.float64, HALF=half, UPCAST=interp,
         PREC=_dot_precision(features.dtype) if not half else "ieee", num_warps=4 if interp else 8)
+    if nsplit > 1:
+        sw = part.sum(0)  # fixed order: deterministic
     # Tiles below the block diagonal were skipped: the exact sum is symmetric, mirror the upper triangle.
     sw = torch.triu(sw) + torch.triu(sw, 1).T
     return m_new, m2p.sum(1), sw

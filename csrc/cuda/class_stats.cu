@@ -4,8 +4,8 @@
 //   features (N, d) float16/bfloat16/float32/float64, inv (N,) int64 in [0, K), m_old (K, d) float64,
 //   n_old (K,) int64  ->  m_new (K, d) float64, m2_delta (K,) float64, sw_delta (d, d) float64.
 // Steps: rows sorted by class (stable sort, so every class's rows are summed in a fixed order: deterministic);
-// segment_stats_kernel: one block per (class, 128 columns), float64 class sums, merged means and the class's
-// sum of squared deviations (fixed-order block reduction); centre_kernel: A = X - M_old[Y], B = X - M_new[Y]
+// segment_stats_kernel: one block per (class, 128 columns), one read of the class's rows: float64 shifted sums
+// and squares -> merged means and the class's sum of squared deviations (fixed-order block reduction); centre_kernel: A = X - M_old[Y], B = X - M_new[Y]
 // (subtracted in float64, stored in the GEMM operand type: 16-bit inputs -> 16-bit operands, float32 output
 // from cuBLAS; 32/64-bit inputs -> float64 operands, exact); one GEMM A^T B per row chunk, summed in float64.
 #include <ATen/core/Tensor.h>
@@ -52,23 +52,29 @@ __global__ void segment_stats_kernel(const T* __restrict__ x, int64_t sxn, int64
   const int64_t col = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   const bool active = col < d;
   const int64_t start = seg[k], end = seg[k + 1];
-  double acc = 0.0;
-  if (active) {
-    for (int64_t p = start; p < end; ++p) acc += as_double(x[perm[p] * sxn + col * sxd]);
-  }
   const double nb = static_cast<double>(end - start);
   const double no = static_cast<double>(n_old[k]);
-  const double mb = nb > 0 ? acc / nb : 0.0;
-  double mo = 0.0, mn = 0.0, q = 0.0;
-  if (active) {
-    mo = no > 0 ? m_old[k * d + col] : mb;  // a class new to the meter: centre on its batch mean
-    mn = mo + (mb - mo) * ((no + nb) > 0 ? nb / (no + nb) : 0.0);
-    m_new[k * d + col] = mn;
-    m_eff[k * d + col] = mo;
+  double q = 0.0;
+  if (active && end > start) {
+    // One read of the class's rows, shifted by r = the old mean, or for a class new to the meter its first row
+    // in the batch (near the data: no cancellation from a far common offset).
+    const double ref = no > 0 ? m_old[k * d + col] : as_double(x[perm[start] * sxn + col * sxd]);
+    double s = 0.0, sq = 0.0;
     for (int64_t p = start; p < end; ++p) {
-      const double v = as_double(x[perm[p] * sxn + col * sxd]);
-      q += (v - mo) * (v - mn);
+      const double y = as_double(x[perm[p] * sxn + col * sxd]) - ref;
+      s += y;
+      sq += y * y;
     }
+    const double n = no + nb;
+    const double ybar = s / nb;  // batch mean - r
+    const double mn = ref + ybar * (nb / n);
+    m_new[k * d + col] = mn;
+    m_eff[k * d + col] = no > 0 ? ref : mn;  // a new class: both operands centred on its batch mean
+    // sum_rows (x - m_old)(x - m_new) for this column = sum y^2 - (n_b^2 / n) ybar^2 (Chan merge, shifted by r)
+    q = sq - (nb * nb / n) * ybar * ybar;
+  } else if (active) {  // a class without rows (not produced by the router; kept well defined)
+    m_new[k * d + col] = m_old[k * d + col];
+    m_eff[k * d + col] = m_old[k * d + col];
   }
   red[threadIdx.x] = q;
   __syncthreads();
