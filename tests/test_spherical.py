@@ -169,6 +169,30 @@ def test_triton_slab_mode_for_large_d(monkeypatch):
         torch.testing.assert_close(dw, ref_dw, atol=5e-5, rtol=5e-5)
 
 
+@pytest.mark.parametrize("slab_mode", [False, True])
+def test_triton_bank_grad_row_splits_match_reference(monkeypatch, slab_mode):
+    """Forced row splits of the bank gradient (few classes on a big GPU): 70 rows in 3 splits of 32/32/6 (16-row
+    blocks under the interpreter), register and slab accumulation, against the reference and the unsplit run."""
+    tk = _triton_module()
+    n, d, c = 70, 20, 21
+    x, bank, target = _inputs(n, d, c, strided=True)
+    target[5] = -100
+    lam, tb, g = torch.rand(n), torch.randint(0, c, (n,)), torch.randn(n)
+    if slab_mode:
+        monkeypatch.setattr(tk, "MAX_REG_D", 8)
+    assert tk._row_splits(n, c, 16, 16, c * d * 4, x.device) == (1, 80)  # no GPU to fill: unsplit by default
+    ref = R.spherical_ce_forward(x, bank, target, tb, lam, 0.07, "arc", 0.1, -100, False)
+    want = R.spherical_ce_bank_grad(x, bank, target, tb, lam, g, ref[1], 0.07, "arc", 0.1, -100)
+    with etfkern.use_backend("triton"):
+        whole = _ops.spherical_ce_bank_grad(x, bank, target, tb, lam, g, ref[1], 0.07, "arc", 0.1, -100)
+        monkeypatch.setenv("ETFKERN_TRITON_SPLIT_N", "3")
+        assert tk._row_splits(n, c, 16, 16, c * d * 4, x.device) == (3, 32)
+        split = _ops.spherical_ce_bank_grad(x, bank, target, tb, lam, g, ref[1], 0.07, "arc", 0.1, -100)
+    torch.testing.assert_close(whole, want, atol=5e-5, rtol=5e-5)
+    torch.testing.assert_close(split, want, atol=5e-5, rtol=5e-5)
+    torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_chunking_is_exact(monkeypatch):
     x, bank, target = _inputs(40, 16, 64, dtype=torch.float64)
     lam = torch.rand(40, dtype=torch.float64)
@@ -550,6 +574,82 @@ def test_triton_split_c_matches_unsplit_and_reference(monkeypatch, metric):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# the Triton kernels at their real tile configs (GPU-sized shapes; the same check runs small in the interpreter)
+# ------------------------------------------------------------------------------------------------------------
+def _triton_vs_float64(device, n, d, c, dtype, metric, k=5, backend="triton"):
+    """Loss, x and bank gradients (bank trainable) and nearest(k) of the Triton backend against float64 autograd
+    through the materialised logits on the same device. float32: close; 16-bit: no worse than 2x plain torch in
+    that dtype (normalize + matmul + soft-target cross-entropy, autograd)."""
+    gen = torch.Generator().manual_seed(n + d + c)
+    x = torch.randn(n, d, generator=gen).to(device)
+    bank = F.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64), dim=1).to(device)
+    target = torch.randint(0, c, (n,), generator=gen).to(device)
+    target[::11] = -100
+    tb = torch.randint(0, c, (n,), generator=gen).to(device)
+    up = torch.rand(n, generator=gen).to(device)
+    tau = 0.07
+    kw = dict(tau=tau, metric=metric, label_smoothing=0.1, target_b=tb, lam=0.7, reduction="none")
+    xr, br = x.double().requires_grad_(), bank.clone().requires_grad_()
+    ref = _explicit_loss(xr, br, target, tau, metric, 0.1, -100, "none", tb, 0.7)
+    ref.backward(up.double())
+    with etfkern.use_backend(backend):
+        xe, be = x.to(dtype).requires_grad_(), bank.to(dtype).requires_grad_()
+        ours = etfkern.spherical_cross_entropy(xe, be, target, **kw)
+        ours.float().backward(up)
+        vals, idx = etfkern.nearest(x.to(dtype), bank.to(dtype), k=k)
+    err = {"loss": (ours.double() - ref.detach()).abs().max().item(),
+           "x": (xe.grad.double() - xr.grad).abs().max().item(),
+           "bank": (be.grad.double() - br.grad).abs().max().item()}
+    cos = F.normalize(x.double(), dim=1) @ bank.T
+    ref_v, ref_i = cos.topk(k, dim=1)
+    if dtype == torch.float32:
+        scale = {"loss": ref.abs().max().item(), "x": xr.grad.abs().max().item(), "bank": br.grad.abs().max().item()}
+        for key, e in err.items():
+            assert e <= 1e-4 * (1.0 + scale[key]), (key, e, scale[key])
+        torch.testing.assert_close(vals.double(), ref_v, atol=2e-5, rtol=2e-5)
+        assert float((idx == ref_i).double().mean()) > 0.999
+        return
+    xp, bp = x.to(dtype).requires_grad_(), bank.to(dtype).requires_grad_()
+    if metric == "cos":
+        logits = F.normalize(xp, dim=1) @ bp.T / tau
+    else:
+        logits = -torch.arccos((F.normalize(xp, dim=1) @ bp.T).clamp(-1 + 1e-3, 1 - 1e-3)) / tau
+    valid = (target != -100).unsqueeze(1)
+    soft = 0.7 * F.one_hot(target.clamp_min(0), c) + 0.3 * F.one_hot(tb, c)
+    plain = F.cross_entropy(logits, (soft * valid).to(dtype), label_smoothing=0.1, reduction="none") * valid.squeeze(1)
+    plain.float().backward(up)
+    plain_err = {"loss": (plain.double() - ref.detach()).abs().max().item(),
+                 "x": (xp.grad.double() - xr.grad).abs().max().item(),
+                 "bank": (bp.grad.double() - br.grad).abs().max().item()}
+    for key, e in err.items():
+        assert e <= 2 * plain_err[key] + 1e-6, (key, e, plain_err[key])
+    plain_v = (F.normalize(x.to(dtype), dim=1) @ bank.to(dtype).T).topk(k, dim=1).values
+    assert (vals.double() - ref_v).abs().max() <= 2 * (plain_v.double() - ref_v).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("split", [None, "2"])
+def test_triton_vs_float64_check_small(monkeypatch, split):
+    """The GPU-sized check below, at an interpreter-sized shape (forced class and row splits when split)."""
+    _triton_module()
+    if split:
+        monkeypatch.setenv("ETFKERN_TRITON_SPLIT_C", split)
+        monkeypatch.setenv("ETFKERN_TRITON_SPLIT_N", split)
+    _triton_vs_float64("cpu", 40, 24, 50, torch.float32, "cos" if split else "arc", k=3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d,c,metric", [
+    (4100, 128, 20000, "cos"),  # many row programs, ragged C, register accumulators
+    (300, 520, 9000, "arc"),  # few row programs: split-C; d > MAX_REG_D: slab accumulation
+    (5000, 256, 300, "arc"),  # few classes: row-split bank gradient
+])
+def test_gpu_spherical_tiles(n, d, c, metric, dtype):
+    _triton_vs_float64("cuda", n, d, c, dtype, metric)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # GPU build check without a GPU: representative launch configs (bf16 tensor-core dots the interpreter cannot run,
 # fixed shift / online max, split-C, slab mode, bank gradient, fused top-k) lower to PTX and assemble for sm_90.
 # ------------------------------------------------------------------------------------------------------------
@@ -576,7 +676,7 @@ def dw(d, dtype, arc):
     p = PT[dtype]
     sig = dict(X=p, W=p, LSE="*fp32", G="*fp32", TA="*i64", TB="*i64", WA="*fp32", WB="*fp32", DW="*fp32", N="i32",
                C="i32", D="i32", sxn="i32", sxd="i32", swc="i32", swd="i32", inv_tau="fp32", arc_eps="fp32",
-               eps_over_c="fp32")
+               eps_over_c="fp32", n_split="i32")
     const = dict(ARC=arc, ACC=tk._tl_acc(dtype), PREC=prec(dtype), **cfg)
     return build(tk._ce_dw_kernel, sig, const, num_warps=nw, num_stages=ns)
 

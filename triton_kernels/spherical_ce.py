@@ -12,14 +12,16 @@ atomics, and split partials are combined in torch in a fixed order.
   Split-C (_splits()): when the row blocks cannot fill the GPU's SMs, S slabs of the class range run as
   separate programs writing raw partials (S, N, ...), combined by the launcher. d <= MAX_REG_D keeps A in
   registers; larger d read-modify-writes a global fp32 slab owned by the program (volatile loads + barrier).
-* ``_ce_dw_kernel`` (bank.requires_grad only): per class tile, for each row block: recompute cos and p from the
-  saved lse, coef = g (p - t) s, dW_tile += coef^T @ x̂.
+* ``_ce_dw_kernel`` (bank.requires_grad only): per (class tile, row split), for each row block of the split:
+  recompute cos and p from the saved lse, coef = g (p - t) s, dW_tile += coef^T @ x̂; with S > 1 row splits
+  (few classes: too few class tiles to fill the GPU) each split owns a C x d partial, summed in a fixed order.
 * ``_nearest_kernel``: per (row block, class slab), a running sorted top-k merged with each class tile by k
   selection steps; slabs merged by a stable sort (lower class index wins ties, as unsplit).
 
 Inputs: x̂ (normalised by the launcher in torch, O(N d)), the bank with any strides, int64 offsets throughout.
 Written for H100/H200 (bf16/fp16/fp32 inputs); tested only under TRITON_INTERPRET=1 at tiny shapes; every
-kernel also compiles offline for sm_90a (see _config()). Test hook: env ETFKERN_TRITON_SPLIT_C=S forces S.
+kernel also compiles offline for sm_90a (see _config()). Test hooks: env ETFKERN_TRITON_SPLIT_C=S forces the
+class split S of the forward and nearest(), ETFKERN_TRITON_SPLIT_N=S the row split of the bank gradient.
 """
 from __future__ import annotations
 
@@ -204,16 +206,19 @@ def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_ta
 
 @triton.jit
 def _ce_dw_kernel(X, W, LSE, G, TA, TB, WA, WB, DW, N, C, D, sxn, sxd, swc, swd, inv_tau, arc_eps, eps_over_c,
-                  ARC: tl.constexpr, REG_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                  n_split, ARC: tl.constexpr, REG_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)  # rows [split * n_split, (split + 1) * n_split) into its own C x D slab
+    DW += split * C * D
+    r_end = tl.minimum(split * n_split + n_split, N)
     cols = pid.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < C
     dv0 = tl.arange(0, BLOCK_DV).to(tl.int64)
     dw = tl.zeros((BLOCK_C, BLOCK_DV), ACC)
-    for r0 in range(0, N, BLOCK_N):
+    for r0 in range(split * n_split, r_end, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_mask = rows < N
+        row_mask = rows < r_end
         cosv = _cos_tile(X, W, rows, cols, row_mask, col_mask, D, sxn, sxd, swc, swd,
                          ACC, PREC, BLOCK_N, BLOCK_C, BLOCK_K)
         z, slope = _z_slope(cosv, inv_tau, arc_eps, ARC)
@@ -374,6 +379,29 @@ def _splits(n: int, n_cls: int, block_n: int, block_c: int, row_bytes: int, devi
     return triton.cdiv(tiles, per), per * block_c
 
 
+def _row_splits(n: int, n_cls: int, block_n: int, block_c: int, slab_bytes: int, device: torch.device
+                ) -> tuple[int, int]:
+    """(S, rows per split) for the bank-gradient grid (cdiv(n_cls, block_c), S); splits are whole BLOCK_N blocks.
+
+    Env ETFKERN_TRITON_SPLIT_N=S asks for S (tests). Otherwise S > 1 only on a GPU whose SMs the class-tile
+    programs cannot fill (C = 1000 gives 16-32 programs for 132 SMs): S = cdiv(SMs, programs), with
+    >= SPLIT_MIN_TILES row blocks per split and the S - 1 extra C x d partials (slab_bytes each) <= SPLIT_BUDGET_MIB.
+    Trimmed so that no split is empty.
+    """
+    forced = os.environ.get("ETFKERN_TRITON_SPLIT_N")
+    s = 1
+    if forced:
+        s = max(1, int(forced))
+    else:
+        programs = triton.cdiv(n_cls, block_c)
+        if device.type == "cuda" and not triton_interpret() and programs < _sm_count(device.index or 0):
+            budget = 1 + int(SPLIT_BUDGET_MIB * 2**20) // max(1, slab_bytes)
+            s = max(1, min(triton.cdiv(_sm_count(device.index or 0), programs),
+                           triton.cdiv(n, block_n) // SPLIT_MIN_TILES, budget))
+    rows = triton.cdiv(triton.cdiv(n, s), block_n) * block_n
+    return triton.cdiv(n, rows), rows
+
+
 def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
     """Launch the fused class loop: (x̂ in acc dtype, lse, sum_z | None, a_sum | None, b_sum | None).
 
@@ -453,12 +481,14 @@ def ce_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, ep
     # roles swap: the (BLOCK_C x BLOCK_DV) accumulator here is the forward's (BLOCK_N x BLOCK_DV) one and the
     # (BLOCK_N x BLOCK_DV) x tile of coef^T @ x the forward's (BLOCK_C x BLOCK_DV) bank tile
     cfg.update(BLOCK_N=cfg["BLOCK_C"], BLOCK_C=cfg["BLOCK_N"])
-    grid = (triton.cdiv(n_cls, cfg["BLOCK_C"]),)
-    _ce_dw_kernel[grid](xh, bank, lse.to(acc).contiguous(), g, ta, tb, wa, wb, dw, n, n_cls, d,
+    s, rows = _row_splits(n, n_cls, cfg["BLOCK_N"], cfg["BLOCK_C"], dw.numel() * dw.element_size(), x.device)
+    part = dw if s == 1 else bank.new_zeros(s, n_cls, d, dtype=acc)
+    grid = (triton.cdiv(n_cls, cfg["BLOCK_C"]), s)
+    _ce_dw_kernel[grid](xh, bank, lse.to(acc).contiguous(), g, ta, tb, wa, wb, part, n, n_cls, d,
                         xh.stride(0), xh.stride(1), bank.stride(0), bank.stride(1), 1.0 / tau, ARC_GRAD_EPS,
-                        eps / n_cls, ARC=metric == "arc", ACC=_tl_acc(bank.dtype), PREC=_precision(bank.dtype),
-                        **cfg)
-    return dw
+                        eps / n_cls, rows, ARC=metric == "arc", ACC=_tl_acc(bank.dtype),
+                        PREC=_precision(bank.dtype), **cfg)
+    return dw if s == 1 else part.sum(0)  # fixed order over the splits: deterministic
 
 
 def nearest(x, bank, k):
