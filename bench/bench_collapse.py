@@ -3,9 +3,9 @@
 Peers, measured in the same run on the same batches:
   etfkern        CollapseMeter.update per batch (one exact pass), then compute() (every metric).
   two_pass       plain torch: pass 1 class sums (index_add_, float64), pass 2 centred (X - M[Y])^T (X - M[Y]) with
-                 float32 products as etfkern's CPU path for float32 input (on GPU etfkern's are bf16 tensor-core
-                 products, so there this baseline does more work), summed in float64; then NC1 only, through
-                 pinv(Sigma_B) (d x d).
+                 the products in etfkern's CPU precision (float32 for 16/32-bit features, float64 for float64; on
+                 GPU etfkern's are bf16 tensor-core products, so there this baseline does more work), summed in
+                 float64; then NC1 only, through pinv(Sigma_B) (d x d).
   two_pass_f64   the same with float64 products (the most accurate plain baseline; also the NC1 reference the
                  etfkern result is compared with: nc1_rel_diff_vs_two_pass_f64).
   onehot         the public neural-collapse code's accumulators: class sums by a dense one-hot (K x B) @ X per
@@ -91,14 +91,19 @@ def _two_pass_nc1(counts, means, sigma_w):
 def run(quick: bool, device: str) -> list[dict]:
     """Rows {op, shape, impl, ms, tokens_per_s, ...} with ratios against the peers of the same run."""
     if device == "cuda":
-        shapes = [(8192, 256)] if quick else [(50257, 768), (131072, 4096)]
-        dtype, batch, tokens = torch.bfloat16, 16384, (65536 if quick else 262144)
+        bf16 = torch.bfloat16
+        shapes = [(8192, 256, bf16)] if quick else [(50257, 768, bf16), (131072, 4096, bf16)]
+        batch, tokens = 16384, (65536 if quick else 262144)
     else:
-        # the one-hot peer is O(C B d) per batch: (50257, 768) takes hours on a small CPU, so CPU stays small
-        shapes = [(8192, 256)] if quick else [(8192, 256), (16384, 512)]
-        dtype, batch, tokens = torch.float32, 2048, (16384 if quick else 65536)
+        # the one-hot peer is O(C B d) per batch: (50257, 768) takes hours on a small CPU, so CPU stays small;
+        # float64 features (float64 products in etfkern) against the float64 two-pass in the full run
+        f32 = torch.float32
+        shapes = [(8192, 256, f32)] if quick else [(8192, 256, f32), (16384, 512, f32), (8192, 256, torch.float64)]
+        batch, tokens = 2048, (16384 if quick else 65536)
     rows: list[dict] = []
-    for c, d in shapes:
+    for c, d, dtype in shapes:
+        # the same-precision plain baseline: float64 products for float64 features, else float32
+        products = torch.float64 if dtype == torch.float64 else torch.float32
         shape = f"C={c},d={d},N={tokens},B={batch},{str(dtype).replace('torch.', '')}"
         batches = _batches(c, d, tokens, batch, dtype, device)
         ntok = sum(y.shape[0] for _, y in batches)
@@ -117,12 +122,12 @@ def run(quick: bool, device: str) -> list[dict]:
 
         results = {}
         rep = 3
-        stats = _two_pass_stats(batches, c, d, device, False, torch.float32)
+        stats = _two_pass_stats(batches, c, d, device, False, products)
         stats_f64 = _two_pass_stats(batches, c, d, device, False)
         # the timings the one-pass/two-pass ratios are built from: interleaved rounds, medians (a shared
         # machine's load then hits every pipeline alike)
         paired = {"etfkern": one_pass, "compute_nc1": lambda: (meter.compute(metrics=["nc1"]), sync(device)),
-                  "two_pass": lambda: _two_pass_stats(batches, c, d, device, False, torch.float32),
+                  "two_pass": lambda: _two_pass_stats(batches, c, d, device, False, products),
                   "two_pass_f64": lambda: _two_pass_stats(batches, c, d, device, False),
                   "two_pass_nc1": lambda: _two_pass_nc1(*stats)}
         for fn in paired.values():
