@@ -41,17 +41,41 @@ def _etfkern(x, bank, target):
     return etfkern.spherical_cross_entropy(x, bank, target, tau=TAU, label_smoothing=0.1)
 
 
-def _etfkern_unsplit(x, bank, target):
-    """etfkern with the Triton split-C grid off (one program per row block, whole class range)."""
-    old = os.environ.get("ETFKERN_TRITON_SPLIT_C")
-    os.environ["ETFKERN_TRITON_SPLIT_C"] = "1"
-    try:
-        return _etfkern(x, bank, target)
-    finally:
-        if old is None:
-            os.environ.pop("ETFKERN_TRITON_SPLIT_C")
-        else:
-            os.environ["ETFKERN_TRITON_SPLIT_C"] = old
+def _unsplit(var: str, fn: Callable) -> Callable:
+    """``fn`` with one Triton grid split forced off (env ``var`` = 1 during the call, forward and backward)."""
+    def call(x, bank, target):
+        old = os.environ.get(var)
+        os.environ[var] = "1"
+        try:
+            loss = fn(x, bank, target)
+            return _AfterBackward(loss, var) if loss.requires_grad else loss
+        finally:
+            if old is None:
+                os.environ.pop(var)
+            else:
+                os.environ[var] = old
+    return call
+
+
+class _AfterBackward:
+    """A loss whose backward() runs with env ``var`` = 1 as well (the bank gradient launches in backward)."""
+
+    def __init__(self, loss: torch.Tensor, var: str):
+        self.loss, self.var = loss, var
+
+    def backward(self) -> None:
+        old = os.environ.get(self.var)
+        os.environ[self.var] = "1"
+        try:
+            self.loss.backward()
+        finally:
+            if old is None:
+                os.environ.pop(self.var)
+            else:
+                os.environ[self.var] = old
+
+
+_etfkern_unsplit = _unsplit("ETFKERN_TRITON_SPLIT_C", _etfkern)  # one program per row block, whole class range
 
 
 def _peers(device: str, quick: bool) -> dict[str, Callable | str]:
@@ -163,6 +187,8 @@ def _variant_rows(x0, bank, target, device: str, rep: int) -> list[dict[str, Any
             x, b, t, tau=TAU, metric="arc", label_smoothing=0.1), "eager": _eager_arc}),
         "ce_fwd_bwd_bank_grad": (True, {"etfkern": _etfkern, "eager": _eager}),
     }
+    if device == "cuda":  # the bank gradient's row split (few classes) against one program per class tile
+        variants["ce_fwd_bwd_bank_grad"][1]["etfkern_unsplit"] = _unsplit("ETFKERN_TRITON_SPLIT_N", _etfkern)
     rows = []
     for op, (bank_grad, impls) in variants.items():
         for name, fn in impls.items():
@@ -218,7 +244,7 @@ def _bench_shape(n: int, d: int, c: int, device: str, dtype: torch.dtype, quick:
         rows.append(dict(shape=shape, impl=name, dtype=str(dtype).replace("torch.", ""), op="nearest", ms=ms,
                          peak_mib=_peak(name, "nearest", n, d, c, device, dtype, quick, fn),
                          floor_gflop=2 * n * c * d / 1e9, achieved_tflops=2 * n * c * d / (ms * 1e-3) / 1e12))
-    if (n, d, c) == first_shape:
+    if (n, d, c) == first_shape or (device == "cuda" and c <= 1000):  # GPU: also few classes (row splits)
         rows += _variant_rows(x0, bank, target, device, rep)
     ref = {r["op"]: r["ms"] for r in rows if r["impl"] == "etfkern" and "ms" in r}
     for r in rows:
