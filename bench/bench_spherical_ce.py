@@ -11,11 +11,12 @@ peak_over_logits (peak_mib / size of the fp32 N x C logits). Peers that cannot r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import resource
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -41,19 +42,25 @@ def _etfkern(x, bank, target):
     return etfkern.spherical_cross_entropy(x, bank, target, tau=TAU, label_smoothing=0.1)
 
 
+@contextlib.contextmanager
+def _env(var: str, value: str) -> Iterator[None]:
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var)
+        else:
+            os.environ[var] = old
+
+
 def _unsplit(var: str, fn: Callable) -> Callable:
     """``fn`` with one Triton grid split forced off (env ``var`` = 1 during the call, forward and backward)."""
     def call(x, bank, target):
-        old = os.environ.get(var)
-        os.environ[var] = "1"
-        try:
+        with _env(var, "1"):
             loss = fn(x, bank, target)
-            return _AfterBackward(loss, var) if loss.requires_grad else loss
-        finally:
-            if old is None:
-                os.environ.pop(var)
-            else:
-                os.environ[var] = old
+        return _AfterBackward(loss, var) if loss.requires_grad else loss
     return call
 
 
@@ -64,15 +71,8 @@ class _AfterBackward:
         self.loss, self.var = loss, var
 
     def backward(self) -> None:
-        old = os.environ.get(self.var)
-        os.environ[self.var] = "1"
-        try:
+        with _env(self.var, "1"):
             self.loss.backward()
-        finally:
-            if old is None:
-                os.environ.pop(self.var)
-            else:
-                os.environ[self.var] = old
 
 
 _etfkern_unsplit = _unsplit("ETFKERN_TRITON_SPLIT_C", _etfkern)  # one program per row block, whole class range

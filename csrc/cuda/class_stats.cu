@@ -5,9 +5,10 @@
 //   n_old (K,) int64  ->  m_new (K, d) float64, m2_delta (K,) float64, sw_delta (d, d) float64.
 // Steps: rows sorted by class (stable sort, so every class's rows are summed in a fixed order: deterministic);
 // segment_stats_kernel: one block per (class, 128 columns), one read of the class's rows: float64 shifted sums
-// and squares -> merged means and the class's sum of squared deviations (fixed-order block reduction); centre_kernel: A = X - M_old[Y], B = X - M_new[Y]
-// (subtracted in float64, stored in the GEMM operand type: 16-bit inputs -> 16-bit operands, float32 output
-// from cuBLAS; 32/64-bit inputs -> float64 operands, exact); one GEMM A^T B per row chunk, summed in float64.
+// and squares -> merged means and the class's sum of squared deviations (fixed-order block reduction);
+// centre_kernel: A = X - M_old[Y], B = X - M_new[Y] (subtracted in float64, stored in the GEMM operand type:
+// 16-bit inputs -> 16-bit operands, float32 output from cuBLAS; 32/64-bit inputs -> float64 operands, exact);
+// one GEMM A^T B per row chunk, summed in float64.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bincount.h>
 #include <ATen/ops/cumsum.h>
