@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import print_table, sync, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
+from etfkern.collapse import _product_dtype  # noqa: E402
 
 
 def _zipf_labels(n: int, c: int, gen: torch.Generator, device: str) -> torch.Tensor:
@@ -102,8 +103,7 @@ def run(quick: bool, device: str) -> list[dict]:
         batch, tokens = 2048, (16384 if quick else 65536)
     rows: list[dict] = []
     for c, d, dtype in shapes:
-        # the same-precision plain baseline: float64 products for float64 features, else float32
-        products = torch.float64 if dtype == torch.float64 else torch.float32
+        products = _product_dtype(dtype)  # the same-precision plain baseline: etfkern's CPU product rule
         shape = f"C={c},d={d},N={tokens},B={batch},{str(dtype).replace('torch.', '')}"
         batches = _batches(c, d, tokens, batch, dtype, device)
         ntok = sum(y.shape[0] for _, y in batches)
