@@ -27,7 +27,7 @@ from etfkern import _backend, _ops
 from etfkern.reference import banks as _ref
 
 __all__ = ["simplex_etf", "ebv_bank", "sparse_etf", "bank_stats", "save_bank", "load_bank", "welch_bound",
-           "kerdock_size", "check_unit_bank"]
+           "kerdock_size", "chirp_size", "check_unit_bank"]
 
 HIST_BINS = 2048  # bank_stats: coarse bins over [0, 1], then the same number of fine bins inside one coarse bin
 P999_RESOLUTION = 1.0 / HIST_BINS**2  # p99.9 is the upper edge of a fine bin: error in [0, 2.4e-7]
@@ -216,6 +216,52 @@ def _kerdock_subset(num_classes: int, dim: int, gen: torch.Generator, dtype: tor
     return _kerdock_rows(dim, idx, dtype)
 
 
+def _largest_prime_at_most(n: int) -> int:
+    """The largest odd prime <= n, or 0 when there is none (n < 3)."""
+    for q in range(n, 2, -1):
+        if q % 2 and all(q % f for f in range(3, math.isqrt(q) + 1, 2)):
+            return q
+    return 0
+
+
+def chirp_size(prime: int) -> int:
+    """Number of vectors of the realified chirp bank of an odd prime p (in R^2p): 2p(p+1)."""
+    return 2 * prime * (prime + 1)
+
+
+def _chirp_rows(prime: int, idx: torch.Tensor, dtype: torch.dtype = torch.float32,
+                chunk: int = 8192) -> torch.Tensor:
+    """Rows ``idx`` (int64) of the realified chirp bank of the odd prime p, in R^2p, one chunk at a time.
+
+    The p+1 mutually unbiased bases of C^p (Wootters-Fields): the chirps u_{a,b}(x) = w^(a x^2 + b x) / sqrt(p),
+    w = e^(2 pi i / p), x, a, b in Z_p (basis a), and the standard basis. Row r < 2p^2: a = r // 2p,
+    b = (r % 2p) // 2, realified as (Re u, Im u) (r even) or that of i u, (-Im u, Re u) (r odd); rows r >= 2p^2
+    realify e_j and i e_j. Each basis gives an orthonormal basis of R^2p. Across bases |<u, v>| = 1/sqrt(p)
+    (a Gauss sum), so every pair of distinct rows has |cos| = |Re(phase)| / sqrt(p) <= 1/sqrt(p), with equality
+    e.g. for chirps sharing b: coherence 1/sqrt(p) ~ sqrt(2) x Welch for C << p^2.
+    """
+    p = prime
+    ang = torch.arange(p, dtype=torch.float64) * (2.0 * math.pi / p)
+    cos_t, sin_t = (torch.cos(ang) / math.sqrt(p)).to(dtype), (torch.sin(ang) / math.sqrt(p)).to(dtype)
+    x = torch.arange(p)
+    x2 = x * x % p
+    out = torch.zeros(idx.numel(), 2 * p, dtype=dtype)
+    for s in range(0, idx.numel(), chunk):
+        r = idx[s:s + chunk]
+        chirp = r < 2 * p * p
+        a = torch.where(chirp, r // (2 * p), 0)
+        b = torch.where(chirp, (r % (2 * p)) // 2, 0)
+        m = (a[:, None] * x2 + b[:, None] * x) % p  # (rows, p): the exponent of w
+        re, im = cos_t[m], sin_t[m]
+        odd = (r % 2 == 1)[:, None]
+        block = torch.where(odd, torch.cat([-im, re], 1), torch.cat([re, im], 1))
+        std = (r - 2 * p * p).clamp(min=0)  # e_j -> coordinate j, i e_j -> coordinate p + j
+        std_rows = torch.zeros(r.numel(), 2 * p, dtype=dtype)
+        std_rows[torch.arange(r.numel()), (std // 2 + p * (std % 2)).clamp(max=2 * p - 1)] = 1.0
+        out[s:s + chunk] = torch.where(chirp[:, None], block, std_rows)
+    return out
+
+
 # ==========================================================================================================
 # Routed ops: cpu backends (row strips of torch matmuls) and registration
 # ==========================================================================================================
@@ -336,23 +382,36 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
     """The best structured start for C > d + 1: (bank on device, description, known max |cos| or None).
 
     Candidates: the Kerdock bank of R^d (d a power of 4); the Kerdock bank of the largest power of 4 p < d
-    zero-padded and randomly rotated (coherence 1/sqrt(p)); the Kerdock bank of the next power of 4 P > d
-    with (P - d)/2 coordinate pairs (x, n + x) dropped, renormalised (its rows stay equinorm) and rotated;
-    a Gaussian random bank. The ones whose coherence is not known exactly are measured; the lowest wins.
+    zero-padded and randomly rotated (coherence 1/sqrt(p)); the chirp bank of the largest odd prime p <= d/2
+    with 2p(p+1) >= C, zero-padded from R^2p and rotated (coherence 1/sqrt(p), ~sqrt(2) x Welch: the only
+    structured start at shapes such as (5000, 128) or (100k, 1000)); the Kerdock bank of the next power of 4
+    P > d with (P - d)/2 coordinate pairs (x, n + x) dropped, renormalised (its rows stay equinorm) and
+    rotated; a Gaussian random bank. The truncated Kerdock bank's coherence is not known in closed form: it
+    is measured on its first 4096 rows first (a lower bound, ~(C/4096)^2 times cheaper than the whole bank)
+    and only measured in full when that does not already lose to a candidate with a known value.
     """
     if kerdock_size(dim) >= num_classes:
         return _finish(_kerdock_subset(num_classes, dim, gen, torch.float32), dtype, device), \
             f"kerdock{dim}", 1.0 / math.sqrt(dim)
     cands: list[tuple[float, str, torch.Tensor]] = []
+
+    def padded(rows: torch.Tensor, coherence: float, name: str) -> None:
+        # rotations run on the target device in float32 (C x k x d flops: GPU work at C = 100k)
+        rows = _finish(rows, torch.float32, device)
+        rot = _finish(_orthonormal_columns(dim, rows.shape[1], gen).T, torch.float32, device)  # (k, d)
+        cands.append((coherence, name, _finish(_renorm(rows @ rot), dtype, device)))
+
     p = 4
     while p * 4 <= dim:
         p *= 4
     while p >= 4 and kerdock_size(p) < num_classes:
         p //= 4
-    if p >= 4:  # rotations run on the target device in float32 (C x d x d flops: GPU work at C = 100k)
-        rows = _finish(_kerdock_subset(num_classes, p, gen, torch.float32), torch.float32, device)
-        rot = _finish(_orthonormal_columns(dim, p, gen).T, torch.float32, device)  # (p, d)
-        cands.append((1.0 / math.sqrt(p), f"kerdock{p}-padded", _finish(_renorm(rows @ rot), dtype, device)))
+    if p >= 4:
+        padded(_kerdock_subset(num_classes, p, gen, torch.float32), 1.0 / math.sqrt(p), f"kerdock{p}-padded")
+    q = _largest_prime_at_most(dim // 2)
+    if q and chirp_size(q) >= num_classes and (not cands or 1.0 / math.sqrt(q) < cands[0][0]):
+        idx = torch.randperm(chirp_size(q), generator=gen)[:num_classes]
+        padded(_chirp_rows(q, idx, torch.float32), 1.0 / math.sqrt(q), f"chirp{q}-padded")
     big = 4
     while big <= dim:
         big *= 4
@@ -364,7 +423,9 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
         rows = _finish(_kerdock_rows(big, idx, torch.float32)[:, keep], torch.float32, device)
         rot = _finish(_orthonormal_columns(dim, rows.shape[1], gen).T, torch.float32, device)
         bank = _finish(_renorm(_renorm(rows) @ rot), dtype, device)
-        cands.append((bank_max_abs_cos(bank), f"kerdock{big}-truncated", bank))
+        known = min((c[0] for c in cands), default=float("inf"))
+        if num_classes <= 4096 or bank_max_abs_cos(bank[:4096]) < known:
+            cands.append((bank_max_abs_cos(bank), f"kerdock{big}-truncated", bank))
     if not cands:
         return _finish(_renorm(torch.randn(num_classes, dim, generator=gen)), dtype, device), "random", None
     best = min(cands, key=lambda t: t[0])
@@ -380,6 +441,8 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
     iterate with the smallest max |cos| seen (the start included) and that value."""
     from tqdm.auto import tqdm
 
+    if steps == 0:  # the start itself (measured only when its coherence is not known)
+        return bank.to(torch.float32).contiguous(), bank_max_abs_cos(bank) if start_max is None else start_max
     c, d = bank.shape
     welch = max(welch_bound(c, d), 1e-3)
     w = bank.to(torch.float32).contiguous()
@@ -431,13 +494,15 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     * ``method="kerdock"``: d a power of 4 (4..4096) and C <= d(d/2+1): a seeded subset of the realified
       Z4-Kerdock bank, every pairwise |cos| in {0, 1/sqrt(d)} (Levenshtein bound); entries {0, +-sqrt(2/d)}
       when C <= d^2/2. Only the C chosen rows are generated (O(C*d) memory).
-    * ``method="optimize"``: starts from the best structured bank available (see ``_structured_start``) and
-      runs ``steps`` projected-gradient steps on the annealed soft-max of |cos| over all pairs (one tiled
-      ``ebv_dir`` pass per step, never a C x C matrix; float32, on ``device``); returns the iterate with the
-      smallest max |cos| (never worse than the start).
+    * ``method="optimize"``: starts from the best structured bank available (see ``_structured_start``: the
+      Kerdock bank of a smaller power of 4, or the chirp bank of the largest odd prime p <= d/2 with
+      2p(p+1) >= C, coherence 1/sqrt(p) ~ 1.42 x Welch at (100k, 1000)) and runs ``steps`` projected-gradient
+      steps on the annealed soft-max of |cos| over all pairs (one tiled ``ebv_dir`` pass per step, never a
+      C x C matrix; float32, on ``device``); returns the iterate with the smallest max |cos| (never worse than
+      the start). ``steps=0`` returns the structured start itself.
     * ``method="auto"``: the structured start if it is within 5% of the Welch bound (the optimiser has not
-      improved a Kerdock start in our runs, also not after perturbing it to break the exact ties), else
-      ``optimize``.
+      improved a Kerdock start in our runs, also not after perturbing it to break the exact ties, and not a
+      chirp start at (5000, 128)), else ``optimize``.
 
     ``steps`` (optimiser) defaults to min(1000, max(20, budget / (C^2 d))), budget 6.4e11 on CPU (~100 steps
     at (10k, 64)) and 3e15 on GPU (300 at (100k, 1000)). ``time_budget_s`` (default 120 s, None: no limit)

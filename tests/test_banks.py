@@ -267,6 +267,40 @@ def test_ebv_padded_kerdock_start_beats_the_official_bank():
     assert mx <= 0.125 + 1e-5 and mx < 0.1350
 
 
+@pytest.mark.parametrize("p", [3, 5, 7, 13])
+def test_chirp_full_bank_is_p_plus_1_orthonormal_bases_at_coherence_one_over_sqrt_p(p):
+    n = banks.chirp_size(p)
+    w = banks._chirp_rows(p, torch.arange(n), torch.float64)  # all 2p(p+1) rows, in R^2p
+    assert w.shape == (2 * p * (p + 1), 2 * p)
+    g = w @ w.T
+    for basis in range(p + 1):  # rows [2p*a, 2p*(a+1)): an orthonormal basis of R^2p
+        blk = slice(2 * p * basis, 2 * p * (basis + 1))
+        torch.testing.assert_close(g[blk, blk], torch.eye(2 * p, dtype=torch.float64), atol=1e-12, rtol=0)
+    off = _dense_abs_offdiag(w)
+    assert off.max().item() == pytest.approx(1 / math.sqrt(p), abs=1e-12)
+    # across bases |<u, v>| = 1/sqrt(p) exactly: |Re|^2 + |Im|^2 of the complex product, via the i u rows
+    re, im = g[0::2, 0::2], g[0::2, 1::2]
+    mod2 = re**2 + im**2
+    same = torch.arange(n // 2)[:, None] // p == torch.arange(n // 2)[None, :] // p
+    torch.testing.assert_close(mod2[~same], torch.full_like(mod2[~same], 1 / p), atol=1e-12, rtol=0)
+
+
+def test_chirp_start_at_shapes_without_kerdock():
+    # (5000, 128): no Kerdock bank fits (64 gives 2112 vectors); the chirp bank of p = 61 gives 1/sqrt(61)
+    gen = torch.Generator().manual_seed(0)
+    b, how, known = banks._structured_start(5000, 128, gen, torch.float32, "cpu")
+    assert how == "chirp61-padded" and known == pytest.approx(1 / math.sqrt(61))
+    assert b.shape == (5000, 128)
+    torch.testing.assert_close(b.norm(dim=1), torch.ones(5000), atol=1e-5, rtol=0)
+    assert banks.bank_max_abs_cos(b) == pytest.approx(known, abs=1e-6)
+    assert known < 1.47 * banks.welch_bound(5000, 128)
+    # steps=0: the start itself, seeded, and the (100k, 1000) start is under 1.43 x Welch by construction
+    s0 = etfkern.ebv_bank(5000, 128, seed=0, method="optimize", steps=0)
+    assert torch.equal(s0, b) and torch.equal(s0, etfkern.ebv_bank(5000, 128, seed=0, method="optimize", steps=0))
+    assert banks._largest_prime_at_most(500) == 499 and 1 / math.sqrt(499) < 1.43 * banks.welch_bound(100_000, 1000)
+    assert banks._largest_prime_at_most(2) == 0 and banks._largest_prime_at_most(9) == 7
+
+
 def test_ebv_auto_uses_kerdock_when_near_welch():
     b = etfkern.ebv_bank(20000, 256, seed=0)  # Kerdock: 1/16 = 1.0064 x Welch, no optimisation needed
     assert torch.equal(b, etfkern.ebv_bank(20000, 256, seed=0, method="kerdock"))
