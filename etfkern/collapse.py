@@ -307,7 +307,7 @@ class CollapseMeter:
                 raise ValueError("features are too large: the within-class scatter overflows float64")
         # Nothing above mutated the meter: commit all at once.
         self._counts.index_add_(0, uniq, cnt)
-        self._means[uniq] = m_new
+        self._means.index_copy_(0, uniq, m_new)  # not means[uniq] = ...: index_put allocates a K x d index
         self._m2.index_add_(0, uniq, m2_delta)
         self._sw += sw_delta
 

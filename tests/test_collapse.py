@@ -81,6 +81,20 @@ def test_cpu_backend_uses_compiled_update_kernel():
     assert _backend.implementation("collapse_update", "cpu", "cpu") is torch.ops.etfkern.collapse_update_native
 
 
+def test_cpu_kernel_scratch_reuse_across_shapes_and_dtypes():
+    # the compiled CPU kernel keeps per-thread scratch between calls: shrinking / growing K, d, N and switching
+    # the product dtype (float64 vs float32 operands) must give what a fresh call gives (the reference)
+    native = torch.ops.etfkern.collapse_update_native
+    for n, k, d, dtype in [(300, 40, 24, torch.float32), (50, 3, 24, torch.float64), (400, 90, 33, torch.bfloat16),
+                           (7, 7, 5, torch.float32), (300, 40, 24, torch.float64), (2, 1, 64, torch.float16)]:
+        x, inv, m_old, n_old = _update_inputs(n, k, d)
+        x = x.to(dtype)
+        want = ref.collapse_update(x, inv, m_old, n_old)
+        for g, w, name in zip(native(x, inv, m_old, n_old), want, ("m_new", "m2_delta", "sw_delta")):
+            tol = _tol("cpu", dtype, name)
+            _close(g, w, rtol=tol, atol=tol * (float(w.abs().max()) + 1.0), msg=f"{n},{k},{d},{dtype} {name}")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_update_op_bf16_within_twice_plain_torch_error(backend):
     if backend not in backends_for("collapse_update", "cpu"):
