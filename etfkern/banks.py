@@ -432,13 +432,33 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
     return best[2], best[1], best[0]
 
 
+def _step_seconds(w: torch.Tensor, beta: float) -> float:
+    """Estimated seconds of one ``ebv_dir`` pass over all C rows of ``w``: a pass over its first m rows (~4 GFLOP)
+    timed (second of two calls: the first may compile a Triton kernel) and scaled by (C/m)^2. 0 when m = C."""
+    c, d = w.shape
+    m = min(c, max(512, int(math.sqrt(1e9 / max(d, 1)))))
+    if m >= c:
+        return 0.0
+    sub = w[:m].contiguous()
+    dt = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        _ops.ebv_dir(sub, beta)
+        if sub.is_cuda:
+            torch.cuda.synchronize(sub.device)
+        dt = time.perf_counter() - t0
+    return dt * (c / m) ** 2
+
+
 def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, start_max: float | None,
               time_budget_s: float | None = None) -> tuple[torch.Tensor, float]:
     """Projected gradient descent on the unit sphere of F = (1/beta) log sum_{i != j} e^{beta |c_ij|}, beta
     annealed geometrically from 3/Welch to 300/Welch; each row moves along its normalised Riemannian gradient
     (from one ``ebv_dir`` pass per step) by an angle annealed from lr to 0.003 lr. Stops early when
-    ``time_budget_s`` seconds have passed (then the result depends on the machine's speed). Returns the
-    iterate with the smallest max |cos| seen (the start included) and that value."""
+    ``time_budget_s`` seconds have passed (then the result depends on the machine's speed), and does not start
+    when one step alone is estimated to take longer than that (a warning says so; the start is returned, with
+    its max |cos| if known, else NaN). Returns the iterate with the smallest max |cos| seen (the start included)
+    and that value."""
     from tqdm.auto import tqdm
 
     if steps == 0:  # the start itself (measured only when its coherence is not known)
@@ -446,6 +466,14 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
     c, d = bank.shape
     welch = max(welch_bound(c, d), 1e-3)
     w = bank.to(torch.float32).contiguous()
+    if time_budget_s is not None:
+        est = _step_seconds(w, 3.0 / welch)
+        if est > time_budget_s:
+            warnings.warn(f"ebv_bank: one optimiser step at C={c}, d={d} would take ~{est:.0f} s on this "
+                          f"{w.device.type} device, more than time_budget_s={time_budget_s:g} s; returning the "
+                          "structured start unoptimised (pass time_budget_s=None to optimise anyway)",
+                          RuntimeWarning, stacklevel=3)
+            return w, float("nan") if start_max is None else start_max
     best, best_max = w.clone(), float("inf") if start_max is None else start_max
     if progress is None:
         progress = sys.stderr.isatty()
@@ -507,7 +535,9 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     ``steps`` (optimiser) defaults to min(1000, max(20, budget / (C^2 d))), budget 6.4e11 on CPU (~100 steps
     at (10k, 64)) and 3e15 on GPU (300 at (100k, 1000)). ``time_budget_s`` (default 120 s, None: no limit)
     stops the optimiser early when it runs longer; the best iterate so far is returned (a run cut short
-    depends on the machine's speed; otherwise the result is deterministic for a seed on a given device).
+    depends on the machine's speed; otherwise the result is deterministic for a seed on a given device). When
+    one step alone is estimated (from a timed pass over a row subset) to exceed it, e.g. (100k, 1000) on a
+    CPU, the optimiser does not start: a RuntimeWarning says so and the structured start is returned.
     ``lr``: initial step, radians per row. ``progress``: tqdm bar (default: when stderr is a tty).
     Returns (C, d) ``dtype`` on ``device`` (CPU by default).
     """

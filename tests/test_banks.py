@@ -250,6 +250,17 @@ def test_ebv_time_budget_stops_early():
             etfkern.ebv_bank(60, 8, time_budget_s=bad)
 
 
+def test_ebv_skips_the_optimiser_when_one_step_exceeds_the_budget():
+    # (3000, 128): the step estimate comes from a timed pass over 2795 rows; no step fits in a microsecond
+    with pytest.warns(RuntimeWarning, match=r"one optimiser step at C=3000, d=128 would take ~\d+ s"):
+        b = etfkern.ebv_bank(3000, 128, seed=0, time_budget_s=1e-6)
+    assert torch.equal(b, etfkern.ebv_bank(3000, 128, seed=0, method="optimize", steps=0))
+    w = b.contiguous()
+    assert banks._step_seconds(w[:500], 10.0) == 0.0  # m = C: a full pass is cheap, no estimate
+    est = banks._step_seconds(w, 10.0)
+    assert 0.0 < est < 60.0
+
+
 def test_ebv_optimize_triton_backend_agrees_with_cpu():
     if "triton" not in backends_for("ebv_dir", "cpu"):
         pytest.skip("triton interpreter unavailable")
