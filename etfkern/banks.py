@@ -451,14 +451,16 @@ def _step_seconds(w: torch.Tensor, beta: float) -> float:
 
 
 def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, start_max: float | None,
-              time_budget_s: float | None = None) -> tuple[torch.Tensor, float]:
+              time_budget_s: float | None = None, t_start: float | None = None) -> tuple[torch.Tensor, float]:
     """Projected gradient descent on the unit sphere of F = (1/beta) log sum_{i != j} e^{beta |c_ij|}, beta
     annealed geometrically from 3/Welch to 300/Welch; each row moves along its normalised Riemannian gradient
-    (from one ``ebv_dir`` pass per step) by an angle annealed from lr to 0.003 lr. Stops early when
-    ``time_budget_s`` seconds have passed (then the result depends on the machine's speed), and does not start
-    when one step alone is estimated to take longer than that (a warning says so; the start is returned, with
-    its max |cos| if known, else NaN). Returns the iterate with the smallest max |cos| seen (the start included)
-    and that value."""
+    (from one ``ebv_dir`` pass per step) by an angle annealed from lr to 0.003 lr.
+
+    ``time_budget_s`` counts from ``t_start`` (a ``time.perf_counter()`` value; default: now). The loop stops
+    before another step plus the final scoring (reserved as two more steps) would overrun it (then the result
+    depends on the machine's speed); it does not start when one step alone is estimated to take longer than
+    what is left (a warning says so; the start is returned, with its max |cos| if known, else NaN).
+    Returns the iterate with the smallest max |cos| seen (the start included) and that value."""
     from tqdm.auto import tqdm
 
     if steps == 0:  # the start itself (measured only when its coherence is not known)
@@ -466,20 +468,22 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
     c, d = bank.shape
     welch = max(welch_bound(c, d), 1e-3)
     w = bank.to(torch.float32).contiguous()
+    t0 = time.perf_counter() if t_start is None else t_start
     if time_budget_s is not None:
-        est = _step_seconds(w, 3.0 / welch)
-        if est > time_budget_s:
+        est = _step_seconds(w, 3.0 / welch)  # 0 for small problems: then at least one step runs
+        left = time_budget_s - (time.perf_counter() - t0)
+        if est > 0 and est > left:
             warnings.warn(f"ebv_bank: one optimiser step at C={c}, d={d} would take ~{est:.0f} s on this "
-                          f"{w.device.type} device, more than time_budget_s={time_budget_s:g} s; returning the "
-                          "structured start unoptimised (pass time_budget_s=None to optimise anyway)",
-                          RuntimeWarning, stacklevel=3)
+                          f"{w.device.type} device, more than the {max(left, 0):.3g} s left of time_budget_s="
+                          f"{time_budget_s:g} s; returning the structured start unoptimised (pass "
+                          "time_budget_s=None to optimise anyway)", RuntimeWarning, stacklevel=3)
             return w, float("nan") if start_max is None else start_max
     best, best_max = w.clone(), float("inf") if start_max is None else start_max
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(range(steps), desc=f"ebv_bank C={c} d={d}", disable=not progress, leave=False)
-    t0 = time.perf_counter()
     for step in bar:
+        t_step = time.perf_counter()
         frac = step / max(1, steps - 1)
         beta = (3.0 / welch) * 100.0 ** frac
         g, rowmax = _ops.ebv_dir(w, beta)
@@ -491,10 +495,12 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
         g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)  # every row moves by the same angle
         w = w - (lr * 0.003 ** frac) * g
         w = (w / w.norm(dim=1, keepdim=True)).contiguous()
-        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
-            warnings.warn(f"ebv_bank: time budget of {time_budget_s:g} s reached after {step + 1}/{steps} steps; "
-                          "returning the best iterate so far (pass time_budget_s=None for all steps)",
-                          RuntimeWarning, stacklevel=3)
+        now = time.perf_counter()
+        # reserve: the next step and the final scoring (up to 3 max |cos| passes, each ~half a step)
+        if time_budget_s is not None and step + 1 < steps and now - t0 + 3 * (now - t_step) > time_budget_s:
+            warnings.warn(f"ebv_bank: time budget of {time_budget_s:g} s reached after {step + 1}/{steps} steps "
+                          "(another step and the final scoring would overrun it); returning the best iterate so "
+                          "far (pass time_budget_s=None for all steps)", RuntimeWarning, stacklevel=3)
             break
     bar.close()
     # The per-step maxima may come from TF32 products (GPU): re-measure the candidates exactly before choosing.
@@ -534,13 +540,15 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
 
     ``steps`` (optimiser) defaults to min(1000, max(20, budget / (C^2 d))), budget 6.4e11 on CPU (~100 steps
     at (10k, 64)) and 3e15 on GPU (300 at (100k, 1000)). ``time_budget_s`` (default 120 s, None: no limit)
-    stops the optimiser early when it runs longer; the best iterate so far is returned (a run cut short
-    depends on the machine's speed; otherwise the result is deterministic for a seed on a given device). When
-    one step alone is estimated (from a timed pass over a row subset) to exceed it, e.g. (100k, 1000) on a
-    CPU, the optimiser does not start: a RuntimeWarning says so and the structured start is returned.
+    bounds the whole call (to within the final scoring's spread): the optimiser stops before another step plus
+    the final scoring would overrun it, and the best iterate so far is returned with a RuntimeWarning (a run
+    cut short depends on the machine's speed; otherwise the result is deterministic for a seed on a device). When one step alone is
+    estimated (from a timed pass over a row subset) to exceed what is left, e.g. (100k, 1000) on a CPU, the
+    optimiser does not start: a RuntimeWarning says so and the structured start is returned.
     ``lr``: initial step, radians per row. ``progress``: tqdm bar (default: when stderr is a tty).
     Returns (C, d) ``dtype`` on ``device`` (CPU by default).
     """
+    t_call = time.perf_counter()
     _check_sizes(num_classes, dim)
     if method not in ("auto", "optimize", "kerdock"):
         raise ValueError(f"method must be one of 'auto', 'optimize', 'kerdock', got {method!r}")
@@ -571,7 +579,7 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     near_optimal = start_max is not None and start_max <= AUTO_WELCH_RATIO * welch_bound(num_classes, dim)
     if method == "auto" and near_optimal:
         return start.to(dtype)
-    best, _ = _optimize(start, steps, lr, progress, start_max, time_budget_s)
+    best, _ = _optimize(start, steps, lr, progress, start_max, time_budget_s, t_call)
     return best.to(dtype)
 
 
