@@ -17,7 +17,7 @@ DEPS_STAMP := $(STAMP_DIR)/.etfkern-deps
 BUILD_STAMP := $(STAMP_DIR)/.etfkern-build
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null) setup.py pyproject.toml
 
-.PHONY: all demo test test-fast bench gpu-check build deps info clean
+.PHONY: all demo test test-fast bench gpu-check gpu-wheels build deps info clean
 all: test
 
 $(VENV)/bin/python:
@@ -57,6 +57,13 @@ bench: build
 # then benchmarks; log + results in $$OUT (or bench/results/gpu-check). Stages/budget: see tools/gpu_check.sh.
 gpu-check: deps
 	PYTHON=$(PY) bash tools/gpu_check.sh
+
+# The benchmark peers for the GPU machine (no package registry there): pure-Python wheels for its Python 3.12,
+# downloaded here into .whl/ (git-ignored). Pass carry=[".whl"] to the device call; gpu_check.sh installs them.
+GPU_PEER_WHEELS ?= liger-kernel==0.8.5 cut-cross-entropy==25.1.1
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_PEER_WHEELS)
 
 clean:
 	rm -rf build dist *.egg-info etfkern/*.so .pytest_cache

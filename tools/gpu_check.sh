@@ -4,6 +4,9 @@
 #   make gpu-check PYTHON=python3                       # everything, in this order, within GPU_CHECK_BUDGET_S
 #   GPU_CHECK_STAGES="build bench" BENCH_ARGS="--only spherical_ce" make gpu-check PYTHON=python3
 #
+# Peers (Liger-Kernel, cut-cross-entropy) are not on the GPU image: run `make gpu-wheels` on a machine with a
+# registry first and carry .whl with the device call; they are installed into /tmp/etfkern-peers here.
+#
 # Stages (GPU_CHECK_STAGES, default "build tests bench"):
 #   build   pip install -e . with CUDA (TORCH_CUDA_ARCH_LIST defaults to the visible GPU's arch only: faster)
 #   tests   pytest on every test whose id names cuda or that is marked gpu, then (time permitting) the rest
@@ -39,6 +42,13 @@ stage() {  # stage NAME CMD...: run with the remaining budget, log everything, n
   "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO GPU')"
   "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
 } 2>&1 | tee "$LOG"
+
+# Benchmark peers carried as wheels (make gpu-wheels here, carry .whl): installed outside the image's packages.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/etfkern-peers \
+    .whl/*.whl 2>&1 | tee -a "$LOG" && export PYTHONPATH="/tmp/etfkern-peers${PYTHONPATH:+:$PYTHONPATH}"
+  echo "== peers from .whl: $(ls .whl | tr '\n' ' ')" | tee -a "$LOG"
+fi
 
 ARCH=$("$PY" -c "import torch; p=torch.cuda.get_device_capability(); print(f'{p[0]}.{p[1]}' + ('a' if p[0] == 9 else ''))" 2>/dev/null || echo "8.0;9.0a")
 for s in $STAGES; do
