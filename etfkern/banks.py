@@ -395,11 +395,12 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
             f"kerdock{dim}", 1.0 / math.sqrt(dim)
     cands: list[tuple[float, str, torch.Tensor]] = []
 
-    def padded(rows: torch.Tensor, coherence: float, name: str) -> None:
-        # rotations run on the target device in float32 (C x k x d flops: GPU work at C = 100k)
+    def rotated(rows: torch.Tensor) -> torch.Tensor:
+        """(C, k) unit rows (k <= d) into R^d by a random rotation, on the target device in float32 (C x k x d
+        flops: GPU work at C = 100k)."""
         rows = _finish(rows, torch.float32, device)
         rot = _finish(_orthonormal_columns(dim, rows.shape[1], gen).T, torch.float32, device)  # (k, d)
-        cands.append((coherence, name, _finish(_renorm(rows @ rot), dtype, device)))
+        return _finish(_renorm(rows @ rot), dtype, device)
 
     p = 4
     while p * 4 <= dim:
@@ -407,11 +408,12 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
     while p >= 4 and kerdock_size(p) < num_classes:
         p //= 4
     if p >= 4:
-        padded(_kerdock_subset(num_classes, p, gen, torch.float32), 1.0 / math.sqrt(p), f"kerdock{p}-padded")
+        cands.append((1.0 / math.sqrt(p), f"kerdock{p}-padded", rotated(_kerdock_subset(num_classes, p, gen,
+                                                                                      torch.float32))))
     q = _largest_prime_at_most(dim // 2)
     if q and chirp_size(q) >= num_classes and (not cands or 1.0 / math.sqrt(q) < cands[0][0]):
         idx = torch.randperm(chirp_size(q), generator=gen)[:num_classes]
-        padded(_chirp_rows(q, idx, torch.float32), 1.0 / math.sqrt(q), f"chirp{q}-padded")
+        cands.append((1.0 / math.sqrt(q), f"chirp{q}-padded", rotated(_chirp_rows(q, idx, torch.float32))))
     big = 4
     while big <= dim:
         big *= 4
@@ -420,9 +422,7 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
     if kerdock_size(big) and num_classes <= 2 * nb * nb and drop < nb // 2:
         idx = torch.randperm(2 * nb * nb, generator=gen)[:num_classes]
         keep = torch.cat([torch.arange(nb - drop), nb + torch.arange(nb - drop)])  # (Re x, Im x) pairs kept
-        rows = _finish(_kerdock_rows(big, idx, torch.float32)[:, keep], torch.float32, device)
-        rot = _finish(_orthonormal_columns(dim, rows.shape[1], gen).T, torch.float32, device)
-        bank = _finish(_renorm(_renorm(rows) @ rot), dtype, device)
+        bank = rotated(_renorm(_kerdock_rows(big, idx, torch.float32)[:, keep]))
         known = min((c[0] for c in cands), default=float("inf"))
         if num_classes <= 4096 or bank_max_abs_cos(bank[:4096]) < known:
             cands.append((bank_max_abs_cos(bank), f"kerdock{big}-truncated", bank))
@@ -542,9 +542,10 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     at (10k, 64)) and 3e15 on GPU (300 at (100k, 1000)). ``time_budget_s`` (default 120 s, None: no limit)
     bounds the whole call (to within the final scoring's spread): the optimiser stops before another step plus
     the final scoring would overrun it, and the best iterate so far is returned with a RuntimeWarning (a run
-    cut short depends on the machine's speed; otherwise the result is deterministic for a seed on a device). When one step alone is
-    estimated (from a timed pass over a row subset) to exceed what is left, e.g. (100k, 1000) on a CPU, the
-    optimiser does not start: a RuntimeWarning says so and the structured start is returned.
+    cut short depends on the machine's speed; otherwise the result is deterministic for a seed on a device).
+    When one step alone is estimated (from a timed pass over a row subset) to exceed what is left, e.g.
+    (100k, 1000) on a CPU, the optimiser does not start: a RuntimeWarning says so and the structured start is
+    returned.
     ``lr``: initial step, radians per row. ``progress``: tqdm bar (default: when stderr is a tty).
     Returns (C, d) ``dtype`` on ``device`` (CPU by default).
     """
