@@ -5,19 +5,34 @@ Results go to bench/results/<family>-<device>-<date>.json with device, versions 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import re
 import subprocess
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from etfkern._measure import peak_mib, sync, time_ms  # noqa: F401  (re-exported for the bench scripts)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@contextlib.contextmanager
+def env_var(var: str, value: str) -> Iterator[None]:
+    """Set environment variable ``var`` to ``value`` for the block (the kernels' test/variant switches)."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var)
+        else:
+            os.environ[var] = old
 
 
 def device_name(device: str | torch.device = "cpu") -> str:

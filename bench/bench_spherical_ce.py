@@ -11,18 +11,17 @@ peak_over_logits (peak_mib / size of the fp32 N x C logits). Peers that cannot r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import multiprocessing as mp
 import os
 import resource
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_mib, print_table, time_ms, write_results  # noqa: E402
+from _common import env_var, peak_mib, print_table, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
 
@@ -42,23 +41,10 @@ def _etfkern(x, bank, target):
     return etfkern.spherical_cross_entropy(x, bank, target, tau=TAU, label_smoothing=0.1)
 
 
-@contextlib.contextmanager
-def _env(var: str, value: str) -> Iterator[None]:
-    old = os.environ.get(var)
-    os.environ[var] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(var)
-        else:
-            os.environ[var] = old
-
-
 def _unsplit(var: str, fn: Callable) -> Callable:
     """``fn`` with one Triton grid split forced off (env ``var`` = 1 during the call, forward and backward)."""
     def call(x, bank, target):
-        with _env(var, "1"):
+        with env_var(var, "1"):
             loss = fn(x, bank, target)
         return _AfterBackward(loss, var) if loss.requires_grad else loss
     return call
@@ -71,7 +57,7 @@ class _AfterBackward:
         self.loss, self.var = loss, var
 
     def backward(self) -> None:
-        with _env(self.var, "1"):
+        with env_var(self.var, "1"):
             self.loss.backward()
 
 

@@ -244,6 +244,40 @@ def _assert_metrics(got: dict, want: dict, rtol: float, atol: float = 1e-9):
         assert math.isclose(got[key], value, rel_tol=rtol, abs_tol=atol), (key, got[key], value)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_update_mm_product(dtype, monkeypatch):
+    # ETFKERN_COLLAPSE_PRODUCT=mm: centre on P = m_b - t u in the 16-bit type, then float32 GEMMs per row chunk.
+    # Means and m2 are the segment kernel's (exact); the scatter within 2x plain torch's 16-bit error, over
+    # 3 row chunks, with a class seen 1e5 times before (t ~ 1) and a class new to the meter.
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        pytest.skip("triton interpreter unavailable")
+    import etfkern.triton_kernels.collapse as tk
+
+    monkeypatch.setattr(tk, "MM_CHUNK_ROWS", 100)
+    x, inv, m_old, n_old = _update_inputs(230, 17, 40)
+    n_old[1] = 100_000
+    xb = (x + 25).to(dtype)
+    m_old = m_old + 25
+    want = ref.collapse_update(xb, inv, m_old, n_old)
+    got = tk.collapse_update(xb, inv, m_old, n_old, product="mm")
+    _close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    _close(got[1], want[1], rtol=1e-9, atol=1e-9)
+    m_o = torch.where((n_old > 0)[:, None], m_old, want[0])
+    plain = ((xb - m_o[inv].to(dtype)).double().T @ (xb - want[0][inv].to(dtype)).double())
+    assert float((got[2] - want[2]).abs().max()) <= 2 * float((plain - want[2]).abs().max())
+    torch.testing.assert_close(got[2], got[2].T, rtol=0, atol=0)
+    # the env var selects it for the routed op; float32 features keep the fused kernel; bad values are named
+    monkeypatch.setenv("ETFKERN_COLLAPSE_PRODUCT", "mm")
+    with etfkern.use_backend("triton"):
+        routed = torch.ops.etfkern.collapse_update(xb, inv, m_old, n_old)
+    assert torch.equal(routed[2], got[2])
+    x32 = x.to(torch.float32)
+    assert torch.equal(tk.collapse_update(x32, inv, m_old, n_old, product="mm")[2],
+                       tk.collapse_update(x32, inv, m_old, n_old, product="triton")[2])
+    with pytest.raises(ValueError, match="ETFKERN_COLLAPSE_PRODUCT"):
+        tk.collapse_update(xb, inv, m_old, n_old, product="cublas")
+
+
 @pytest.mark.parametrize("c,d", [(9, 24), (40, 6)], ids=["C'<d", "C'>d"])
 @pytest.mark.parametrize("global_mean", ["class", "sample"])
 def test_metrics_match_dense_definitions(c, d, global_mean):
@@ -606,9 +640,11 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_update_tiles(dtype):
-    n, k, d = 5000, 300, 520  # several 128-tiles, ragged edges, more rows than one flush
+@pytest.mark.parametrize("dtype,product", [(torch.float32, "triton"), (torch.bfloat16, "triton"),
+                                           (torch.bfloat16, "mm")])
+def test_gpu_update_tiles(dtype, product, monkeypatch):
+    monkeypatch.setenv("ETFKERN_COLLAPSE_PRODUCT", product)
+    n, k, d = 5000, 300, 520  # several 128-tiles, ragged edges, more rows than one flush (mm: 2 row chunks)
     x, inv, m_old, n_old = _update_inputs(n, k, d)
     x = x.to("cuda", dtype)
     inv, m_old, n_old = inv.cuda(), m_old.cuda(), n_old.cuda()
@@ -671,6 +707,9 @@ out = {
     "pair": build(tk._pair_kernel, dict(mt_ptr="*fp32", nsq_ptr="*fp32", s_ptr="*fp32", tiles_ptr="*i32",
                                         part_ptr="*fp32", K="i32", D="i32", inv_km1="fp32", shift="fp32"),
                   dict(BM=128, BK=32, PREC="tf32x3"), num_warps=8),
+    "centre_bf16": build(tk._centre_kernel, dict(
+        x_ptr="*bf16", stride_xn="i64", stride_xd="i64", inv_ptr="*i64", p_ptr="*fp32", out_ptr="*bf16", N="i64",
+        D="i32"), dict(BR=64, BD=128), num_warps=4),
     "ncc_bf16": build(tk._ncc_kernel, dict(
         x_ptr="*bf16", stride_xn="i64", stride_xd="i64", w_ptr="*bf16", stride_wc="i64", stride_wd="i64",
         b_ptr="*bf16", mu_ptr="*fp32", musq_ptr="*fp32", cls_ptr="*i64", ncc_ptr="*i64", N="i32", C="i32", K="i32",
@@ -681,4 +720,5 @@ print(json.dumps(out))
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"segment_stats_bf16", "scatter_gemm_bf16", "scatter_gemm_fp32", "pair", "ncc_bf16"}
+    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"segment_stats_bf16", "scatter_gemm_bf16", "scatter_gemm_fp32", "centre_bf16", "pair",
+                                                               "ncc_bf16"}

@@ -8,6 +8,9 @@ Kernels:
                           (x_r - m_new[y_r])^T over the split's rows, centring fused into the operand loads (gathered
                           class means), tensor-core dot, float32 partial sums flushed into the split's float64 tile;
                           the splits (enough programs to fill the GPU when d is small) are summed in a fixed order.
+  _centre_kernel          (ETFKERN_COLLAPSE_PRODUCT=mm only) per (row block, feature block): A = X - P[Y] in the
+                          input's 16-bit type, the single centred operand of csrc/cpu/class_stats.cpp, whose
+                          A^T A (one cuBLAS GEMM per 4096-row chunk, float32 out) replaces the scatter GEMM.
   _pair_kernel            per upper-triangle (class-block, class-block) tile: the Gram tile, then an epilogue that
                           reduces the CDNV / GNC2 / max-angle terms of the pairs c < c' to 4 numbers. No K x K store.
   _ncc_kernel             per row block: running argmax of the classifier logits and running argmin of the distance
@@ -15,6 +18,8 @@ Kernels:
 All reductions have a fixed order (no atomics): results are deterministic run to run.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -125,6 +130,58 @@ def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, o
         tl.store(out_ptrs, prev + acc.to(tl.float64), mask=m_out)
 
 
+@triton.jit
+def _centre_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, p_ptr, out_ptr, N, D, BR: tl.constexpr, BD: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BD + tl.arange(0, BD)
+    rmask = r < N
+    m = rmask[:, None] & (c < D)[None, :]
+    lab = tl.load(inv_ptr + r, mask=rmask, other=0).to(tl.int64)
+    xv = tl.load(x_ptr + r[:, None] * stride_xn + c[None, :] * stride_xd, mask=m, other=0.0).to(tl.float32)
+    pv = tl.load(p_ptr + lab[:, None] * D + c[None, :], mask=m, other=0.0)
+    tl.store(out_ptr + r[:, None] * D + c[None, :], (xv - pv).to(out_ptr.dtype.element_ty), mask=m)
+
+
+MM_CHUNK_ROWS = 4096  # rows per float32 GEMM of the mm product before its float64 flush
+
+
+def _product_mode(features: torch.Tensor, product: str | None) -> str:
+    """"triton" (the fused scatter GEMM) or "mm" (centre, then GEMMs): ``product``, else env
+    ETFKERN_COLLAPSE_PRODUCT, else "triton". "mm" serves 16-bit features only (float32 and float64 features need
+    the float32-or-better products of the fused kernel) and is an unmeasured alternative until a GPU run."""
+    mode = product if product is not None else os.environ.get("ETFKERN_COLLAPSE_PRODUCT", "triton")
+    if mode not in ("triton", "mm"):
+        raise ValueError(f"product (or ETFKERN_COLLAPSE_PRODUCT) must be 'triton' or 'mm', got {mode!r}")
+    return mode if features.dtype in (torch.float16, torch.bfloat16) else "triton"
+
+
+def _mm_scatter(features: torch.Tensor, inv: torch.Tensor, m_old_eff: torch.Tensor, m_new: torch.Tensor,
+                n_old: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+    """sum_r (x_r - m_old[y_r])(x_r - m_new[y_r])^T as A^T A with A = X - P[Y], P = m_b - t u (u = m_b - m_old,
+    t = sqrt(n_old / (n_old + n_b)); derivation in csrc/cpu/class_stats.cpp), A in the input's 16-bit type.
+    u comes back from the merged mean: m_new - m_old = u n_b / n (float64)."""
+    n, d = features.shape
+    nb = (seg[1:] - seg[:-1]).to(torch.float64)
+    no = n_old.to(torch.float64)
+    tot = no + nb
+    u = (m_new - m_old_eff) * (tot / nb.clamp_min(1.0))[:, None]
+    p = (m_old_eff + (1.0 - (no / tot.clamp_min(1.0)).sqrt())[:, None] * u).to(torch.float32).contiguous()
+    a = torch.empty(n, d, dtype=features.dtype, device=features.device)
+    interp = features.device.type == "cpu"
+    br, bd = (16, 16) if interp else (64, 128)
+    _centre_kernel[(triton.cdiv(n, br), triton.cdiv(d, bd))](features, features.stride(0), features.stride(1), inv,
+                                                              p, a, n, d, BR=br, BD=bd)
+    sw = torch.zeros(d, d, dtype=torch.float64, device=features.device)
+    for r0 in range(0, n, MM_CHUNK_ROWS):
+        chunk = a[r0:r0 + MM_CHUNK_ROWS]
+        if chunk.is_cuda:  # 16-bit tensor-core GEMM, float32 output
+            sw += torch.mm(chunk.T, chunk, out_dtype=torch.float32).to(torch.float64)
+        else:  # the interpreter's stand-in: the same 16-bit values, float32 products
+            c32 = chunk.to(torch.float32)
+            sw += (c32.T @ c32).to(torch.float64)
+    return 0.5 * (sw + sw.T)
+
+
 def _row_splits(tiles: int, n: int, rows_per_step: int, device: torch.device) -> int:
     """How many row ranges the scatter GEMM splits the batch into: enough (tile, split) programs for two per SM
     (a small d leaves the triangle of output tiles far below the SM count: d=768 gives 21 tiles for 132 SMs),
@@ -136,10 +193,12 @@ def _row_splits(tiles: int, n: int, rows_per_step: int, device: torch.device) ->
 
 
 def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor, n_old: torch.Tensor, *,
-                    splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    splits: int | None = None, product: str | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launcher of ``etfkern::collapse_update`` (same contract as the reference). ``splits`` overrides the
     number of row ranges of the scatter GEMM (default: :func:`_row_splits`); every choice gives the same result
-    up to the float64 summation order of the split partials."""
+    up to the float64 summation order of the split partials. ``product`` (see :func:`_product_mode`): "triton"
+    (default) or "mm" for 16-bit features."""
     n, d = features.shape
     k = m_old.shape[0]
     dev = features.device
@@ -160,6 +219,8 @@ def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tens
     _segment_stats_kernel[(k, nbd)](features, features.stride(0), features.stride(1), perm, seg, m_old, n_old,
                                     m_new, m2p, d, nbd, BR=16 if interp else 32, BD=bd)
     m_old_eff = torch.where((n_old > 0)[:, None], m_old, m_new)
+    if _product_mode(features, product) == "mm":
+        return m_new, m2p.sum(1), _mm_scatter(features, inv, m_old_eff, m_new, n_old, seg)
     half = features.dtype in (torch.float16, torch.bfloat16)
     if half:  # the centred operand is rounded to 16 bits anyway: gather float32 means (half the traffic)
         mo_g, mn_g = m_old_eff.to(torch.float32), m_new.to(torch.float32)
