@@ -41,27 +41,34 @@ def _etfkern(x, bank, target):
     return etfkern.spherical_cross_entropy(x, bank, target, tau=TAU, label_smoothing=0.1)
 
 
-def _unsplit(var: str, fn: Callable) -> Callable:
-    """``fn`` with one Triton grid split forced off (env ``var`` = 1 during the call, forward and backward)."""
+def _with_env(var: str, value: str, fn: Callable) -> Callable:
+    """``fn`` with env ``var`` = ``value`` during the call, forward and backward (a kernel variant switch)."""
     def call(x, bank, target):
-        with env_var(var, "1"):
+        with env_var(var, value):
             loss = fn(x, bank, target)
-        return _AfterBackward(loss, var) if loss.requires_grad else loss
+        return _AfterBackward(loss, var, value) if loss.requires_grad else loss
     return call
 
 
 class _AfterBackward:
-    """A loss whose backward() runs with env ``var`` = 1 as well (the bank gradient launches in backward)."""
+    """A loss whose backward() runs with env ``var`` = ``value`` as well (the bank gradient launches there)."""
 
-    def __init__(self, loss: torch.Tensor, var: str):
-        self.loss, self.var = loss, var
+    def __init__(self, loss: torch.Tensor, var: str, value: str):
+        self.loss, self.var, self.value = loss, var, value
 
     def backward(self) -> None:
-        with env_var(self.var, "1"):
+        with env_var(self.var, self.value):
             self.loss.backward()
 
 
+def _unsplit(var: str, fn: Callable) -> Callable:
+    """``fn`` with one Triton grid split forced off (env ``var`` = 1)."""
+    return _with_env(var, "1", fn)
+
+
 _etfkern_unsplit = _unsplit("ETFKERN_TRITON_SPLIT_C", _etfkern)  # one program per row block, whole class range
+# the class loop as tiled cuBLAS GEMMs ("cos", fixed shift): the alternative for d >= 1024
+_etfkern_mm = _with_env("ETFKERN_SPHERICAL_CLASS_LOOP", "mm", _etfkern)
 
 
 def _peers(device: str, quick: bool) -> dict[str, Callable | str]:
@@ -75,6 +82,7 @@ def _peers(device: str, quick: bool) -> dict[str, Callable | str]:
         peers["liger"] = peers["cut_cross_entropy"] = "GPU only"
         return peers
     peers["etfkern_unsplit"] = _etfkern_unsplit
+    peers["etfkern_mm"] = _etfkern_mm
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

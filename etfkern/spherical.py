@@ -219,18 +219,27 @@ def cos_tiles(xs: torch.Tensor, w: torch.Tensor, tau: float, need_grad: bool, ti
     """Torch path of ``etfkern::spherical_cos_tiles`` ("cos" with a fixed shift of 0; the C++ kernel in
     csrc/cpu/spherical_ce.cpp is preferred when built): z = xs @ w^T over (tile_rows x tile_classes) tiles written
     into one preallocated buffer; lse = log sum_c exp(z) and a_sum = sum_c exp(z) w_c / (l tau) accumulate in
-    place (addmv_/addmm_). Returns (lse (N,), a_sum (N, d) or (0, d)) in the accumulation dtype."""
+    place (addmv_/addmm_). Returns (lse (N,), a_sum (N, d) or (0, d)) in the accumulation dtype.
+
+    Device-agnostic: on CUDA (the Triton backend's ETFKERN_SPHERICAL_CLASS_LOOP=mm variant) 16-bit GEMMs write
+    float32 outputs (``out_dtype``), so the logits are not rounded to 16 bits."""
     n, n_cls = xs.shape[0], w.shape[0]
     acc = acc_dtype(xs.dtype)
-    lse = torch.empty(n, dtype=acc)
-    a_sum = torch.empty(n if need_grad else 0, xs.shape[1], dtype=acc)
+    dev = xs.device
+    lse = torch.empty(n, dtype=acc, device=dev)
+    a_sum = torch.empty(n if need_grad else 0, xs.shape[1], dtype=acc, device=dev)
     if n == 0:
         return lse, a_sum
     w = w.contiguous()
     same = xs.dtype == acc  # fp32/fp64: GEMMs write straight into the fp32/fp64 buffers
+    wide = xs.is_cuda and not same  # 16-bit operands, float32 GEMM outputs
+
+    def mm16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # 16-bit operands: float32 out on CUDA
+        return torch.mm(a, b, out_dtype=acc) if wide else a @ b
+
     rows, k = max(1, min(tile_rows, n)), max(1, min(tile_classes, n_cls))
-    buf = torch.empty(rows * k, dtype=acc)
-    ones = torch.ones(k, dtype=acc)
+    buf = torch.empty(rows * k, dtype=acc, device=dev)
+    ones = torch.ones(k, dtype=acc, device=dev)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         xr, l = xs[r0:r1], lse[r0:r1]
@@ -242,7 +251,7 @@ def cos_tiles(xs: torch.Tensor, w: torch.Tensor, tau: float, need_grad: bool, ti
             if same:
                 torch.mm(xr, wt.T, out=e)
             else:
-                e.copy_(xr @ wt.T)
+                e.copy_(mm16(xr, wt.T))
             e.exp_()
             if c0 == 0:
                 torch.mv(e, ones[:c1 - c0], out=l)  # GEMV: much faster than e.sum(1) on CPU
@@ -251,7 +260,7 @@ def cos_tiles(xs: torch.Tensor, w: torch.Tensor, tau: float, need_grad: bool, ti
             if a is None:
                 continue
             if not same:
-                pw = (e.to(xs.dtype) @ wt).to(acc)
+                pw = mm16(e.to(xs.dtype), wt).to(acc)
                 a.copy_(pw) if c0 == 0 else a.add_(pw)
             elif c0 == 0:
                 torch.mm(e, wt, out=a)

@@ -627,25 +627,48 @@ def _triton_vs_float64(device, n, d, c, dtype, metric, k=5, backend="triton"):
     assert (vals.double() - ref_v).abs().max() <= 2 * (plain_v.double() - ref_v).abs().max() + 1e-6
 
 
-@pytest.mark.parametrize("split", [None, "2"])
+@pytest.mark.parametrize("split", [None, "2", "mm"])
 def test_triton_vs_float64_check_small(monkeypatch, split):
-    """The GPU-sized check below, at an interpreter-sized shape (forced class and row splits when split)."""
+    """The GPU-sized check below, at an interpreter-sized shape (forced class and row splits when split; "mm":
+    the class loop as tiled torch GEMMs, ETFKERN_SPHERICAL_CLASS_LOOP=mm, bank gradient and top-k still Triton)."""
     _triton_module()
-    if split:
+    if split == "mm":
+        monkeypatch.setenv("ETFKERN_SPHERICAL_CLASS_LOOP", "mm")
+    elif split:
         monkeypatch.setenv("ETFKERN_TRITON_SPLIT_C", split)
         monkeypatch.setenv("ETFKERN_TRITON_SPLIT_N", split)
     _triton_vs_float64("cpu", 40, 24, 50, torch.float32, "cos" if split else "arc", k=3)
 
 
+def test_triton_mm_class_loop_is_taken_and_validated(monkeypatch):
+    tk = _triton_module()
+    calls = []
+    real = tk.cos_tiles
+    monkeypatch.setattr(tk, "cos_tiles", lambda *a: calls.append(a[4:]) or real(*a))
+    monkeypatch.setenv("ETFKERN_SPHERICAL_CLASS_LOOP", "mm")
+    x, bank = torch.randn(9, 8), F.normalize(torch.randn(30, 8), dim=1)
+    target = torch.randint(0, 30, (9,))
+    with etfkern.use_backend("triton"):
+        etfkern.spherical_cross_entropy(x, bank, target)
+        assert len(calls) == 1
+        etfkern.spherical_cross_entropy(x, bank, target, metric="arc")  # "arc" keeps the fused kernel
+        assert len(calls) == 1
+        monkeypatch.setenv("ETFKERN_SPHERICAL_CLASS_LOOP", "cublas")
+        with pytest.raises(ValueError, match="ETFKERN_SPHERICAL_CLASS_LOOP"):
+            etfkern.spherical_cross_entropy(x, bank, target)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,d,c,metric", [
-    (4100, 128, 20000, "cos"),  # many row programs, ragged C, register accumulators
-    (300, 520, 9000, "arc"),  # few row programs: split-C; d > MAX_REG_D: slab accumulation
-    (5000, 256, 300, "arc"),  # few classes: row-split bank gradient
+@pytest.mark.parametrize("n,d,c,metric,loop", [
+    (4100, 128, 20000, "cos", "fused"),  # many row programs, ragged C, register accumulators
+    (300, 520, 9000, "arc", "fused"),  # few row programs: split-C; d > MAX_REG_D: slab accumulation
+    (5000, 256, 300, "arc", "fused"),  # few classes: row-split bank gradient
+    (4100, 1040, 20000, "cos", "mm"),  # the tiled-GEMM class loop (16-bit GEMMs with float32 outputs)
 ])
-def test_gpu_spherical_tiles(n, d, c, metric, dtype):
+def test_gpu_spherical_tiles(n, d, c, metric, loop, dtype, monkeypatch):
+    monkeypatch.setenv("ETFKERN_SPHERICAL_CLASS_LOOP", loop)
     _triton_vs_float64("cuda", n, d, c, dtype, metric)
 
 

@@ -35,7 +35,8 @@ import triton.language as tl
 
 from etfkern._backend import triton_interpret
 from etfkern.reference.spherical import ARC_GRAD_EPS, acc_dtype
-from etfkern.spherical import chunked_nearest, finish_forward, fixed_shift, normalized, partials_from_class_loop
+from etfkern.spherical import (chunked_nearest, class_tile, cos_tiles, finish_forward, fixed_shift, normalized,
+                               partials_from_class_loop)
 
 MAX_REG_D = 512  # d above this keeps the (rows x d) accumulators in a global slab instead of registers
 SPLIT_BUDGET_MIB = 48.0  # split-C: at most this much memory for the (S, N, ...) partials
@@ -402,6 +403,20 @@ def _row_splits(n: int, n_cls: int, block_n: int, block_c: int, slab_bytes: int,
     return triton.cdiv(n, rows), rows
 
 
+MM_TILE_MIB = 32  # ETFKERN_SPHERICAL_CLASS_LOOP=mm on a GPU: one float32 logits tile (+ its 16-bit copy: 48 MiB)
+MM_TILE_ROWS = 8192  # rows per tile: 8192 x 1024 x d GEMMs, wide enough for cuBLAS at d >= 1024
+
+
+def _mm_class_loop(metric: str, shift: float | None, need_sumz: bool, need_b: bool) -> bool:
+    """Whether the class loop runs as tiled torch GEMMs (env ETFKERN_SPHERICAL_CLASS_LOOP=mm; default "fused",
+    the Triton kernel): only for "cos" with the fixed shift and no sum_z / B partials. An alternative for d >= 1024,
+    where the fused kernel keeps its row accumulators in global memory; unmeasured until a GPU run."""
+    mode = os.environ.get("ETFKERN_SPHERICAL_CLASS_LOOP", "fused")
+    if mode not in ("fused", "mm"):
+        raise ValueError(f"ETFKERN_SPHERICAL_CLASS_LOOP must be 'fused' or 'mm', got {mode!r}")
+    return mode == "mm" and metric == "cos" and shift is not None and not need_sumz and not need_b
+
+
 def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
     """Launch the fused class loop: (x̂ in acc dtype, lse, sum_z | None, a_sum | None, b_sum | None).
 
@@ -414,10 +429,19 @@ def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
     acc = acc_dtype(x.dtype)
     xh_acc = normalized(x, acc)
     xh = xh_acc.to(bank.dtype)
+    shift = _shift(bank, tau, metric)
+    if _mm_class_loop(metric, shift, need_sumz, need_b):
+        # "cos", fixed shift: tiles of cuBLAS GEMMs (logits of one tile in memory, never N x C), see cos_tiles
+        if x.is_cuda:  # wide GEMMs: all rows (up to MM_TILE_ROWS) against a class slab within MM_TILE_MIB
+            rows = max(1, min(n, MM_TILE_ROWS))
+            k = max(256, (MM_TILE_MIB << 20) // (4 * rows))
+        else:  # the interpreter's tests: the CPU path's tiles
+            rows, k = class_tile(n, n_cls, dim=d)
+        lse, a_sum = cos_tiles((xh_acc / tau).to(bank.dtype), bank, float(tau), need_grad, rows, k)
+        return xh_acc, lse, None, a_sum if need_grad else None, None
     cfg = _config(d, bank.dtype)
     if need_b and cfg["REG_ACC"] and cfg["BLOCK_DV"] >= 256 and not triton_interpret():
         cfg["BLOCK_N"] = 32  # two register accumulators: halve the rows (ptxas: 64 x 256 x 2 spilled ~1.3 KB)
-    shift = _shift(bank, tau, metric)
     row_bytes = torch.empty((), dtype=acc).element_size() * (3 + d * (int(need_grad) + int(need_b)))
     s, c_split = _splits(n, n_cls, cfg["BLOCK_N"], cfg["BLOCK_C"], row_bytes, x.device)
     m_part = x.new_empty(s * n, dtype=acc)  # s == 1: the lse itself
