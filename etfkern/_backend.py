@@ -69,6 +69,16 @@ def use_backend(name: str) -> Iterator[None]:
         _override.name = previous
 
 
+def kernel_variant(var: str, choices: tuple[str, ...], value: str | None = None, name: str | None = None) -> str:
+    """Which variant of one backend's kernel runs: ``value`` if given (the argument ``name``), else env ``var``,
+    else ``choices[0]``; ValueError naming both when it is not one of ``choices``."""
+    mode = value if value is not None else os.environ.get(var, choices[0])
+    if mode not in choices:
+        what = f"{name} (or {var})" if name else var
+        raise ValueError(f"{what} must be one of {choices}, got {mode!r}")
+    return mode
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Availability
 # ----------------------------------------------------------------------------------------------------------

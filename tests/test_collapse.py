@@ -720,5 +720,5 @@ print(json.dumps(out))
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"segment_stats_bf16", "scatter_gemm_bf16", "scatter_gemm_fp32", "centre_bf16", "pair",
-                                                               "ncc_bf16"}
+    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {
+        "segment_stats_bf16", "scatter_gemm_bf16", "scatter_gemm_fp32", "centre_bf16", "pair", "ncc_bf16"}

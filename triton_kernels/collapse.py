@@ -19,11 +19,11 @@ All reductions have a fixed order (no atomics): results are deterministic run to
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from etfkern._backend import kernel_variant
 
 
 def _triangle_tiles(nb: int, device: torch.device) -> torch.Tensor:
@@ -149,9 +149,7 @@ def _product_mode(features: torch.Tensor, product: str | None) -> str:
     """"triton" (the fused scatter GEMM) or "mm" (centre, then GEMMs): ``product``, else env
     ETFKERN_COLLAPSE_PRODUCT, else "triton". "mm" serves 16-bit features only (float32 and float64 features need
     the float32-or-better products of the fused kernel) and is an unmeasured alternative until a GPU run."""
-    mode = product if product is not None else os.environ.get("ETFKERN_COLLAPSE_PRODUCT", "triton")
-    if mode not in ("triton", "mm"):
-        raise ValueError(f"product (or ETFKERN_COLLAPSE_PRODUCT) must be 'triton' or 'mm', got {mode!r}")
+    mode = kernel_variant("ETFKERN_COLLAPSE_PRODUCT", ("triton", "mm"), product, "product")
     return mode if features.dtype in (torch.float16, torch.bfloat16) else "triton"
 
 

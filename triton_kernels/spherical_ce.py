@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from etfkern._backend import triton_interpret
+from etfkern._backend import kernel_variant, triton_interpret
 from etfkern.reference.spherical import ARC_GRAD_EPS, acc_dtype
 from etfkern.spherical import (chunked_nearest, class_tile, cos_tiles, finish_forward, fixed_shift, normalized,
                                partials_from_class_loop)
@@ -411,9 +411,7 @@ def _mm_class_loop(metric: str, shift: float | None, need_sumz: bool, need_b: bo
     """Whether the class loop runs as tiled torch GEMMs (env ETFKERN_SPHERICAL_CLASS_LOOP=mm; default "fused",
     the Triton kernel): only for "cos" with the fixed shift and no sum_z / B partials. An alternative for d >= 1024,
     where the fused kernel keeps its row accumulators in global memory; unmeasured until a GPU run."""
-    mode = os.environ.get("ETFKERN_SPHERICAL_CLASS_LOOP", "fused")
-    if mode not in ("fused", "mm"):
-        raise ValueError(f"ETFKERN_SPHERICAL_CLASS_LOOP must be 'fused' or 'mm', got {mode!r}")
+    mode = kernel_variant("ETFKERN_SPHERICAL_CLASS_LOOP", ("fused", "mm"))
     return mode == "mm" and metric == "cos" and shift is not None and not need_sumz and not need_b
 
 
