@@ -46,6 +46,26 @@ def _check_sizes(num_classes: int, dim: int) -> None:
         raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
 
 
+def _check_output(dtype: Any, device: Any) -> None:
+    """The generators' ``dtype`` (a floating-point torch dtype) and ``device`` (None, a str or torch.device)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype (e.g. torch.float32), got {dtype!r}")
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch device or None, got {device!r} ({exc})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available here")
+
+
+def _check_steps_lr(steps: Any, lr: Any) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+
+
 def _check_bank(bank: Any, name: str = "bank") -> None:
     if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or not bank.is_floating_point():
         shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
@@ -89,6 +109,15 @@ def _finish(bank: torch.Tensor, dtype: torch.dtype, device: torch.device | str |
     return bank.to(device=device if device is not None else "cpu", dtype=dtype).contiguous()
 
 
+def _unit_rows_as(bank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32-computed bank in ``dtype``: float64 rows are re-normalised in float64 (unit to ~1e-16, not to
+    float32's ~1e-7); other dtypes are a plain cast."""
+    if dtype != torch.float64:
+        return bank.to(dtype)
+    b = bank.to(torch.float64)
+    return (b / b.norm(dim=1, keepdim=True)).contiguous()
+
+
 # ==========================================================================================================
 # Simplex ETF
 # ==========================================================================================================
@@ -102,6 +131,7 @@ def simplex_etf(num_classes: int, dim: int, *, seed: int = 0, dtype: torch.dtype
     frame; H Q^T is applied as a rank-one update. Returns (C, d) ``dtype`` on ``device``.
     """
     _check_sizes(num_classes, dim)
+    _check_output(dtype, device)
     c = num_classes
     if c > dim + 1:
         raise ValueError(f"simplex_etf needs num_classes <= dim + 1 (got num_classes={c}, dim={dim}); "
@@ -551,17 +581,16 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     """
     t_call = time.perf_counter()
     _check_sizes(num_classes, dim)
+    _check_output(dtype, device)
     if method not in ("auto", "optimize", "kerdock"):
         raise ValueError(f"method must be one of 'auto', 'optimize', 'kerdock', got {method!r}")
     if steps is None:
         on_gpu = device is not None and torch.device(device).type == "cuda"
         budget = _GPU_STEP_BUDGET if on_gpu else _CPU_STEP_BUDGET
         steps = int(min(_MAX_STEPS, max(20, budget / (float(num_classes) ** 2 * dim))))
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and time_budget_s > 0):
+    _check_steps_lr(steps, lr)
+    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and
+                                          not isinstance(time_budget_s, bool) and time_budget_s > 0):
         raise ValueError(f"time_budget_s must be a number > 0 or None, got {time_budget_s!r}")
     gen = _generator(seed)
     if method == "kerdock":
@@ -579,9 +608,9 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     start, _, start_max = _structured_start(num_classes, dim, gen, torch.float32, device)
     near_optimal = start_max is not None and start_max <= AUTO_WELCH_RATIO * welch_bound(num_classes, dim)
     if method == "auto" and near_optimal:
-        return start.to(dtype)
+        return _unit_rows_as(start, dtype)
     best, _ = _optimize(start, steps, lr, progress, start_max, time_budget_s, t_call)
-    return best.to(dtype)
+    return _unit_rows_as(best, dtype)
 
 
 # ==========================================================================================================
@@ -601,16 +630,14 @@ def sparse_etf(num_classes: int, dim: int, *, sparsity: float = 0.6, seed: int =
     O(C*d + d^2), never C x C. Returns (C, d) ``dtype`` on ``device``; zeros are exact.
     """
     _check_sizes(num_classes, dim)
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+    _check_output(dtype, device)
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     zeros = math.ceil(sparsity * dim - 1e-9)
     if zeros > dim - 1:
         raise ValueError(f"sparsity={sparsity} leaves no nonzero entry per row at dim={dim} "
                          f"(needs ceil(sparsity*dim) <= dim - 1)")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    _check_steps_lr(steps, lr)
     c = num_classes
     gen = _generator(seed)
     if c <= dim + 1:
@@ -654,6 +681,7 @@ def save_bank(path: str | os.PathLike, bank: torch.Tensor, **meta: Any) -> None:
     Metadata: every keyword (JSON-encoded), plus ``num_classes``, ``dim``, ``dtype`` and ``stats`` (the
     :func:`bank_stats` dict). ``stats`` is computed when not given; pass ``stats=None`` to skip it.
     Conventional keys: ``kind`` (simplex|ebv|sparse), ``seed``, ``method``, ``sparsity``.
+    FileNotFoundError when the directory of ``path`` does not exist, IsADirectoryError when ``path`` is one.
     """
     from safetensors.torch import save_file
 
@@ -665,13 +693,25 @@ def save_bank(path: str | os.PathLike, bank: torch.Tensor, **meta: Any) -> None:
         encoded = {k: json.dumps(v) for k, v in meta.items()}
     except TypeError as exc:
         raise ValueError(f"save_bank metadata must be JSON-serialisable: {exc}") from None
-    save_file({"bank": bank.detach().contiguous().cpu()}, os.fspath(path), metadata=encoded)
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"save_bank: path {path!r} is a directory; give a file name, e.g. bank.safetensors")
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"save_bank: the directory of path {path!r} does not exist ({parent!r})")
+    try:
+        save_file({"bank": bank.detach().contiguous().cpu()}, path, metadata=encoded)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for I/O failures
+        if isinstance(exc, OSError):
+            raise
+        raise OSError(f"save_bank could not write {path!r}: {exc}") from None
 
 
 def load_bank(path: str | os.PathLike, *, device: torch.device | str | None = None
               ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Read a bank written by :func:`save_bank`: returns (bank (C, d) on ``device`` or CPU, metadata dict).
-    FileNotFoundError for a missing file; ValueError for a file that holds no "bank" tensor."""
+    FileNotFoundError for a missing file; ValueError for a file that holds no "bank" tensor or one that is not
+    a floating-point (C, d) matrix."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -683,6 +723,9 @@ def load_bank(path: str | os.PathLike, *, device: torch.device | str | None = No
                 raise ValueError(f"{path!r} holds no 'bank' tensor (keys: {sorted(f.keys())})")
             bank = f.get_tensor("bank")
             raw = f.metadata() or {}
+        if bank.dim() != 2 or not bank.is_floating_point():
+            raise ValueError(f"{path!r}: 'bank' must be a floating-point (C, d) tensor, got {bank.dtype} "
+                             f"of shape {tuple(bank.shape)}")
     except ValueError:
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files

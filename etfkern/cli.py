@@ -261,6 +261,8 @@ def cmd_bank(args: argparse.Namespace) -> int:
     if args.output and os.path.dirname(os.path.abspath(args.output)) and \
             not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise UsageError(f"-o: directory of {args.output!r} does not exist")
+    if args.output and os.path.isdir(args.output):
+        raise UsageError(f"-o {args.output!r} is a directory; give a file path, e.g. {args.output}/bank.safetensors")
     t0 = time.perf_counter()
     try:
         if args.kind == "simplex":
@@ -281,7 +283,10 @@ def cmd_bank(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     stats = banks.bank_stats(bank)
     if args.output:
-        banks.save_bank(args.output, bank, stats=stats, **meta)
+        try:
+            banks.save_bank(args.output, bank, stats=stats, **meta)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"-o {args.output!r}: {exc}") from None
     _print_stats(stats, args.json, {"kind": meta["kind"], "shape": list(bank.shape), "seconds": round(seconds, 3),
                                     **({"saved": args.output} if args.output else {})})
     return EXIT_OK

@@ -429,6 +429,33 @@ def test_bad_arguments():
     banks.check_unit_bank(_unit(4, 3))
 
 
+@pytest.mark.parametrize("fn", [etfkern.simplex_etf, etfkern.ebv_bank, etfkern.sparse_etf])
+def test_bad_dtype_device_and_bool_arguments_name_the_argument(fn):
+    # an integer dtype used to return a silently truncated (all-zero) bank; a bad device string a RuntimeError
+    for dtype in (torch.int64, torch.bool, "float32"):
+        with pytest.raises(ValueError, match="dtype"):
+            fn(3, 4, dtype=dtype)
+    with pytest.raises(ValueError, match="device"):
+        fn(3, 4, device="bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device.*CUDA"):
+            fn(3, 4, device="cuda")
+    if fn is not etfkern.simplex_etf:  # bools are not step counts or learning rates; lr must be a number
+        with pytest.raises(ValueError, match="steps"):
+            fn(6, 4, steps=True)
+        for lr in ("x", float("inf")):
+            with pytest.raises(ValueError, match="lr"):
+                fn(6, 4, lr=lr)
+    assert fn(3, 4, dtype=torch.float64).dtype == torch.float64
+
+
+def test_bool_sparsity_and_time_budget_rejected():
+    with pytest.raises(ValueError, match="sparsity"):
+        etfkern.sparse_etf(5, 8, sparsity=False)
+    with pytest.raises(ValueError, match="time_budget_s"):
+        etfkern.ebv_bank(50, 8, time_budget_s=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Storage and CLI
 # ----------------------------------------------------------------------------------------------------------
@@ -447,6 +474,26 @@ def test_save_load_roundtrip(tmp_path):
         etfkern.load_bank(tmp_path / "junk.safetensors")
     with pytest.raises(ValueError, match="JSON"):
         etfkern.save_bank(tmp_path / "x.safetensors", b, stats=None, extra=object())
+
+
+def test_save_load_bad_paths_and_non_bank_files(tmp_path):
+    from safetensors.torch import save_file
+
+    b = etfkern.simplex_etf(5, 8)
+    # used to be safetensors' own SafetensorError naming a hidden temporary file
+    with pytest.raises(FileNotFoundError, match="directory"):
+        etfkern.save_bank(tmp_path / "missing" / "b.safetensors", b)
+    with pytest.raises(IsADirectoryError, match="directory"):
+        etfkern.save_bank(tmp_path, b)
+    # a "bank" that is not a (C, d) float matrix is not returned as one
+    save_file({"bank": torch.ones(4)}, str(tmp_path / "flat.safetensors"))
+    save_file({"bank": torch.ones(3, 2, dtype=torch.int32)}, str(tmp_path / "int.safetensors"))
+    for name in ("flat", "int"):
+        with pytest.raises(ValueError, match=r"\(C, d\)"):
+            etfkern.load_bank(tmp_path / f"{name}.safetensors")
+    etfkern.save_bank(tmp_path / "ok.safetensors", b, kind="simplex", seed=0)
+    got, meta = etfkern.load_bank(tmp_path / "ok.safetensors")
+    assert torch.equal(got, b) and meta["kind"] == "simplex" and meta["num_classes"] == 5
 
 
 def test_cli_bank(tmp_path, capsys):
@@ -492,3 +539,11 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     """The launch configurations used on GPU lower to PTX and assemble for sm_90 (ptxas ships with triton), in a
     subprocess without TRITON_INTERPRET; shared memory stays within an H100/H200 block's limit."""
     assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"_pair_stats_kernel", "_dir_kernel"}
+
+
+@pytest.mark.parametrize("method", ["auto", "optimize"])
+def test_float64_bank_rows_are_unit_to_float64_precision(method):
+    # the generators compute in float32; a float64 bank must still be unit to ~1e-16, not to float32's 1e-7
+    w = etfkern.ebv_bank(300, 24, method=method, steps=3, dtype=torch.float64)
+    assert w.dtype == torch.float64
+    assert (w.norm(dim=1) - 1).abs().max().item() < 1e-14

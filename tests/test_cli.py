@@ -64,6 +64,8 @@ def test_collapse_command_matches_meter(tmp_path, capsys):
     (["collapse", "--features", "nope.pt", "--labels", "nope.pt"], "features file not found"),
     (["demo", "--classes", "1"], "--classes must be positive"),
     (["bench", "no_such_family", "--quick"], None),
+    (["bank", "--classes", "10", "--dim", "4", "-o", "."], "is a directory"),
+    (["bank", "--classes", "10", "--dim", "4", "-o", "missing_dir/b.safetensors"], "does not exist"),
 ])
 def test_bad_arguments_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
