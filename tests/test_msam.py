@@ -77,6 +77,38 @@ def test_ops_match_reference_every_backend(op, dtype, device):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{backend}: {m}")
 
 
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("op", ["msam_sgd_step", "msam_adamw_step"])
+def test_ops_found_inf_every_backend(op, skip, device):
+    # A found_inf tensor (GradScaler) reaches every backend's kernel: 0 runs the step, nonzero writes nothing.
+    # (The Triton kernels once failed in interpreter mode whenever found_inf was given.)
+    n = len(SHAPES)
+    params, grads, bufs, qs = _make(SHAPES, torch.float32, device, with_q=True)
+    so, sn = torch.tensor(0.37, device=device), torch.tensor(0.21, device=device)
+    gs, fi = torch.tensor([4.0], device=device), torch.tensor([1.0 if skip else 0.0], device=device)
+
+    def run(backend, found_inf):
+        p, v, q = _clone(params), _clone(bufs), _clone(qs)
+        with etfkern.use_backend(backend):
+            if op == "msam_sgd_step":
+                out = torch.ops.etfkern.msam_sgd_step(p, grads, v, so, sn, [0.1] * n, [0.9] * n, [0.01] * n,
+                                                      [True] * n, gs, found_inf)
+            else:
+                out = torch.ops.etfkern.msam_adamw_step(p, grads, v, q, so, sn, torch.tensor(3.0, device=device),
+                                                        [0.1] * n, [0.9] * n, [0.999] * n, [1e-8] * n, [0.01] * n,
+                                                        gs, found_inf)
+        return [out] + p + v + (q if op == "msam_adamw_step" else [])
+
+    want = run("reference", None)
+    for backend in backends_for(op, device):
+        got = run(backend, fi)
+        if skip:
+            assert all(torch.equal(a, b) for a, b in zip(got[1:], params + bufs + qs)), backend
+            torch.testing.assert_close(got[0], sum((b.double() ** 2).sum() for b in bufs).float())
+        else:
+            torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=lambda m: f"{backend}: {m}")
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_step_bitwise_with_reference_in_float64(nesterov):
     # Same operation order in every backend: float64 results are bitwise identical to the reference.
@@ -292,6 +324,10 @@ def test_adamw_msam_rho_zero_is_torch_adamw():
     (dict(lr=0.1, momentum=-0.1), "momentum"), (dict(lr=0.1, weight_decay=-1e-4), "weight_decay"),
     (dict(lr=0.1, momentum=0.0, nesterov=True), "nesterov"), (dict(lr=0.1, norm="approx"), "norm"),
     (dict(lr=float("nan")), "lr"),
+    # non-numbers are a ValueError too (not a TypeError from the range comparison); infinities are rejected
+    (dict(lr=None), "lr"), (dict(lr="0.1"), "lr"), (dict(lr=0.1, momentum="0.9"), "momentum"),
+    (dict(lr=float("inf")), "lr"), (dict(lr=0.1, rho=float("inf")), "rho"),
+    (dict(lr=0.1, weight_decay=float("inf")), "weight_decay"),
 ])
 def test_msam_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -301,6 +337,8 @@ def test_msam_bad_hyperparameters(kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(lr=-1e-3), "lr"), (dict(betas=(1.0, 0.9)), "betas"), (dict(betas=(0.9, -0.1)), "betas"),
     (dict(eps=-1.0), "eps"), (dict(rho=-0.5), "rho"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(betas=0.9), "betas"), (dict(betas=(0.9, "x")), "betas"), (dict(eps=None), "eps"),
+    (dict(eps=float("inf")), "eps"), (dict(lr=float("inf")), "lr"),
 ])
 def test_adamw_msam_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -315,6 +353,18 @@ def test_rho_must_agree_across_groups_and_params_contiguous():
         opt.step()
     with pytest.raises(ValueError, match="contiguous"):
         MSAM([torch.nn.Parameter(torch.randn(4, 3).t())], lr=0.1)
+
+
+def test_rejected_param_group_is_not_kept():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = MSAM([a], lr=0.1)
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(4, 3).t())]})
+    assert len(opt.param_groups) == 1
+    a.grad = torch.randn(3)
+    opt.step()  # the optimizer still works
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -446,15 +496,20 @@ def test_state_dict_round_trip_resumes_bitwise(cls, dtype):
     assert all(torch.equal(x, y) for x, y in zip(opt_a._globals.values(), opt_b._globals.values()))
 
 
-def test_recompute_bn_stats_at_unperturbed_weights():
-    torch.manual_seed(10)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+def _bn_model_after_three_msam_steps(seed: int, *layers: torch.nn.Module):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(*layers)
     opt = MSAM(model.parameters(), lr=0.1, rho=1.0)
     x = torch.randn(32, 4)
     for _ in range(3):
         model(x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
+    return model, opt, x
+
+
+def test_recompute_bn_stats_at_unperturbed_weights():
+    model, opt, x = _bn_model_after_three_msam_steps(10, torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
     stored = [p.detach().clone() for p in model.parameters()]
     batches = [x[:16], (x[16:], None)]
     recompute_bn_stats(model, batches, opt)
@@ -468,6 +523,34 @@ def test_recompute_bn_stats_at_unperturbed_weights():
     assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), stored))
     with pytest.raises(ValueError, match="empty"):
         recompute_bn_stats(model, [], opt)
+
+
+def test_recompute_bn_stats_keeps_statistics_and_modes_on_failure():
+    model, opt, x = _bn_model_after_three_msam_steps(11, torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6),
+                                                     torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6))
+    bufs = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    stored = [p.detach().clone() for p in model.parameters()]
+
+    def unchanged():
+        sd = model.state_dict()
+        return all(torch.equal(sd[k], v) for k, v in bufs.items()) and \
+            all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), stored))
+
+    with pytest.raises(ValueError, match="empty"):  # no batch: the old statistics stay (not the reset ones)
+        recompute_bn_stats(model, [], opt)
+    assert unchanged()
+    with pytest.raises(RuntimeError):  # an error in the forward (wrong input width) as well
+        recompute_bn_stats(model, [torch.randn(8, 5)], opt)
+    assert unchanged()
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="num_batches"):
+            recompute_bn_stats(model, [x], opt, num_batches=bad)
+    # each module's own training flag comes back (a frozen BN in eval mode inside a training model stays eval)
+    model.train()
+    model[1].eval()
+    recompute_bn_stats(model, [x], opt)
+    assert model.training and not model[1].training and model[3].training
+    assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), stored))
 
 
 # ----------------------------------------------------------------------------------------------------------

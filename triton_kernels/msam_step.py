@@ -93,7 +93,8 @@ def _sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, partial, so_ptr, sn_p
     write = mask
     if HAS_FI:
         keep = tl.load(fi_ptr) == 0
-        write = mask & keep
+        # a select, not `mask & keep`: the interpreter cannot AND a block mask with a 0-dim loaded bool
+        write = tl.where(keep, mask, False)
         vn = tl.where(keep, vn, v)
     tl.store(p_ptr + offs, pn.to(PT), mask=write)
     tl.store(v_ptr + offs, vn, mask=write)
@@ -127,7 +128,8 @@ def _adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, partial, so_
     write = mask
     if HAS_FI:
         keep = tl.load(fi_ptr) == 0
-        write = mask & keep
+        # a select, not `mask & keep`: the interpreter cannot AND a block mask with a 0-dim loaded bool
+        write = tl.where(keep, mask, False)
         mn = tl.where(keep, mn, m)
     tl.store(p_ptr + offs, pn.to(PT), mask=write)
     tl.store(m_ptr + offs, mn, mask=write)

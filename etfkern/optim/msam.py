@@ -126,21 +126,28 @@ class _MSAMBase(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate(group)
-        for p in group["params"]:
-            if not p.is_floating_point() or p.dtype not in (torch.float64, torch.float32, torch.bfloat16,
-                                                            torch.float16):
-                raise ValueError(f"params must be float64/float32/bfloat16/float16 tensors, got {p.dtype}")
-            if not _local(p).is_contiguous():
-                raise ValueError(f"params must be contiguous (got strides {tuple(p.stride())} for shape "
-                                 f"{tuple(p.shape)}); call .contiguous() on the parameter first")
+        try:
+            self._validate(group)
+            for p in group["params"]:
+                if not p.is_floating_point() or p.dtype not in (torch.float64, torch.float32, torch.bfloat16,
+                                                                torch.float16):
+                    raise ValueError(f"params must be float64/float32/bfloat16/float16 tensors, got {p.dtype}")
+                if not _local(p).is_contiguous():
+                    raise ValueError(f"params must be contiguous (got strides {tuple(p.stride())} for shape "
+                                     f"{tuple(p.shape)}); call .contiguous() on the parameter first")
+        except ValueError:
+            self.param_groups.pop()  # a rejected group must not stay behind (every later step would fail)
+            raise
 
     @staticmethod
     def _check(name: str, value: float, lo: float, hi: float = math.inf, hi_open: bool = False) -> None:
-        ok = lo <= value < hi if hi_open else lo <= value <= hi
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok or math.isnan(value):
-            bracket = ")" if hi_open else "]"
-            raise ValueError(f"{name} must be in [{lo}, {hi}{bracket}, got {value!r}")
+        # the type first (a comparison with None or a str would raise TypeError); finite values only (an
+        # infinite lr, rho or weight decay turns every weight into inf/NaN on the first step)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+            lo <= value < hi if hi_open else lo <= value <= hi)
+        if not ok:
+            bracket = ")" if hi_open or hi == math.inf else "]"
+            raise ValueError(f"{name} must be a finite number in [{lo}, {hi}{bracket}, got {value!r}")
 
     def _validate(self, group: dict) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -401,7 +408,8 @@ class AdamWMSAM(_MSAMBase):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, rho: float = 1.0, *, norm: str = "exact",
                  norm_group: Any = None) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rho=rho)
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+                        weight_decay=weight_decay, rho=rho)
         self._step_new: Tensor | None = None
         super().__init__(params, defaults, norm, norm_group)
 
@@ -445,16 +453,22 @@ def recompute_bn_stats(model: torch.nn.Module, batches: Iterable, optimizer: _MS
                        num_batches: int | None = None) -> None:
     """Recompute every BatchNorm's running mean/var at the unperturbed weights (inside
     ``optimizer.unperturbed()`` when an MSAM optimizer is given) as an exact average over ``batches``
-    (tensors, or tuples/lists whose first item is the input). Training mode and BN momenta are restored;
-    the parameters are left bitwise as they were."""
+    (tensors, or tuples/lists whose first item is the input). Every module's training flag and the BN momenta
+    are restored; the parameters are left bitwise as they were. When it fails (no batch, an error in the
+    forward), the BN running statistics are restored too."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be >= 1 or None, got {num_batches}")
-    was_training = model.training
+    if num_batches is not None and (not isinstance(num_batches, int) or isinstance(num_batches, bool)
+                                    or num_batches < 1):
+        raise ValueError(f"num_batches must be an integer >= 1 or None, got {num_batches!r}")
+    modes = [(m, m.training) for m in model.modules()]  # per module: model.train(flag) would flatten them
     momenta = [m.momentum for m in bns]
+    stats = [(m.running_mean.clone() if m.running_mean is not None else None,
+              m.running_var.clone() if m.running_var is not None else None,
+              m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
     ctx = optimizer.unperturbed() if optimizer is not None else contextlib.nullcontext()
+    done = False
     try:
         with ctx, torch.no_grad():
             for m in bns:
@@ -469,7 +483,14 @@ def recompute_bn_stats(model: torch.nn.Module, batches: Iterable, optimizer: _MS
                 seen += 1
             if seen == 0:
                 raise ValueError("batches is empty: no statistics to recompute")
+        done = True
     finally:
-        for m, mom in zip(bns, momenta):
+        for m, mom, saved in zip(bns, momenta, stats):
             m.momentum = mom
-        model.train(was_training)
+            if not done:  # keep the model's previous statistics rather than the reset ones
+                with torch.no_grad():
+                    for buf, old in zip((m.running_mean, m.running_var, m.num_batches_tracked), saved):
+                        if buf is not None and old is not None:
+                            buf.copy_(old)
+        for m, flag in modes:
+            m.training = flag
