@@ -123,16 +123,15 @@ def _chart(name: str, rows: list[dict[str, Any]], chart_dir: str) -> str | None:
     timed = [r for r in rows if isinstance(r.get("ms"), (int, float)) and "impl" in r]
     if not timed:
         return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     groups = list(dict.fromkeys(f"{r.get('op', '')} {_cell(r.get('shape'))}".strip() for r in timed))
     impls = list(dict.fromkeys(r["impl"] for r in timed))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(impls)) / 2), 4))
+    try:
+        from etfkern._plot import agg_figure
+
+        fig, axes = agg_figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(impls)) / 2), 4))
+    except ImportError:
+        return None
+    ax = axes[0, 0]
     width = 0.8 / max(1, len(impls))
     for k, impl in enumerate(impls):
         xs, ys = [], []
@@ -152,7 +151,6 @@ def _chart(name: str, rows: list[dict[str, Any]], chart_dir: str) -> str | None:
     os.makedirs(chart_dir, exist_ok=True)
     path = os.path.join(chart_dir, f"{name}.png")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

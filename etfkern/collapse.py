@@ -24,6 +24,7 @@ argmax/argmin). None is differentiable: they measure, they are not trained throu
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -155,11 +156,16 @@ def _pair_stats_cpu(mt: torch.Tensor, s: torch.Tensor, shift: float) -> torch.Te
 
 def _ncc_cpu(features: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
              bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row chunks so that a chunk's scores (rows x classes, float64) stay within a fixed budget."""
+    """Row chunks so that a chunk's scores (rows x classes, float64) stay within a fixed budget.
+
+    Nearest mean as argmin_k |m_k|^2 + 2 o.m_k - 2 h.m_k, m_k = mu_k - o, o the mean of the means: the same
+    argmin as |h - mu_k|^2, without |mu_k|^2-sized terms that swamp the class gaps far from the origin."""
     n = features.shape[0]
     w = weights.to(torch.float64)
     mu = means.to(torch.float64)
-    musq = (mu * mu).sum(1)
+    centre = mu.mean(0)
+    mu = mu - centre
+    musq = (mu * mu).sum(1) + 2.0 * (mu @ centre)
     b = bias.to(torch.float64) if bias is not None else None
     step = _row_chunk(max(w.shape[0], mu.shape[0], 1))
     cls = torch.empty(n, dtype=torch.int64)
@@ -280,6 +286,9 @@ class CollapseMeter:
         _check_float("features", features, (labels.shape[0], self.dim), finite=False)
         if labels.dtype not in _INT_DTYPES:
             raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+        for name, t in (("features", features), ("labels", labels)):
+            if t.device.type == "meta":
+                raise ValueError(f"{name} must hold data (a CPU or CUDA tensor), got a tensor on device 'meta'")
         if labels.numel() == 0:
             return
         features = features.to(self.device)
@@ -384,7 +393,9 @@ class CollapseMeter:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict` (tensors are moved to this meter's device). ValueError on a
-        mismatch of num_classes/dim or tensor shapes, with the meter unchanged."""
+        mismatch of num_classes/dim or tensor shapes, non-integer or negative counts, NaN/inf statistics or a
+        negative m2 (a corrupted checkpoint would otherwise surface later as NaN metrics), with the meter
+        unchanged."""
         for key in ("num_classes", "dim", "counts", "means", "m2", "sw"):
             if key not in state:
                 raise ValueError(f"state is missing {key!r}")
@@ -399,6 +410,18 @@ class CollapseMeter:
                 raise ValueError(f"state[{key!r}] must have shape {shape}, got {tuple(state[key].shape)}")
         if state.get("global_mean", self.global_mean) not in ("class", "sample"):
             raise ValueError(f"state['global_mean'] must be 'class' or 'sample', got {state['global_mean']!r}")
+        counts = state["counts"]
+        if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
+            raise ValueError(f"state['counts'] must be an integer tensor, got {counts.dtype}")
+        if counts.numel() and int(counts.min()) < 0:
+            raise ValueError("state['counts'] must be >= 0, got a negative count")
+        for key in ("means", "m2", "sw"):
+            t = state[key]
+            if not (t.dtype.is_floating_point and bool(torch.isfinite(t).all())):
+                raise ValueError(f"state[{key!r}] must be a finite float tensor, got {t.dtype}"
+                                 + (" with NaN or inf" if t.dtype.is_floating_point else ""))
+        if bool((state["m2"] < 0).any()):
+            raise ValueError("state['m2'] (sums of squared deviations) must be >= 0, got a negative entry")
         self.global_mean = state.get("global_mean", self.global_mean)
         self._counts = state["counts"].to(self.device, torch.int64).clone()
         self._means = state["means"].to(self.device, torch.float64).clone()
@@ -413,7 +436,7 @@ class CollapseMeter:
 
         weights (C, d) classifier rows (adds nc3, unc3, nc3_cos_mean, using the rows of seen classes); bias (C,)
         is accepted for symmetry with :func:`ncc_mismatch` and shape-checked, none of these metrics uses it.
-        pinv_rtol: eigenvalues of Sigma_B below pinv_rtol * largest are treated as zero in nc1 (default
+        pinv_rtol (finite, >= 0): eigenvalues of Sigma_B below pinv_rtol * largest are treated as zero in nc1 (default
         d * eps(float64), torch.linalg.pinv's default on the d x d Sigma_B). NC1 is evaluated in the smaller
         space: d x d when C' > d, else C' x C' through tr(Sigma_W Sigma_B^+) = C' tr((G^+)^2 M~ Sigma_W M~^T),
         G = M~ M~^T. No C' x C' matrix is formed when C' > d; pair metrics come from ``collapse_pair_stats``.
@@ -423,6 +446,10 @@ class CollapseMeter:
         nc2_equiangular needs a second Gram (of the unit class means) and nc3/unc3/nc3_cos_mean need ``weights``.
         """
         c, d = self.num_classes, self.dim
+        if pinv_rtol is not None:
+            ok = isinstance(pinv_rtol, numbers.Real) and not isinstance(pinv_rtol, bool)  # numpy scalars too
+            if not ok or not (math.isfinite(float(pinv_rtol)) and float(pinv_rtol) >= 0.0):
+                raise ValueError(f"pinv_rtol must be None or a finite number >= 0, got {pinv_rtol!r}")
         if weights is not None:
             _check_float("weights", weights, (c, d))
         if bias is not None:
@@ -557,6 +584,19 @@ def _field(obj: Any, name: str) -> Any:
     return getattr(obj, name, None)
 
 
+def _model_device(model: Any) -> torch.device | None:
+    """Where the model's inputs must live: ``model.device`` (Hugging Face models), else its first parameter's
+    device, else None (leave inputs where they are)."""
+    dev = getattr(model, "device", None)
+    if isinstance(dev, (torch.device, str)):
+        return torch.device(dev)
+    params = getattr(model, "parameters", None)
+    if callable(params):
+        for p in params():
+            return p.device
+    return None
+
+
 def collect_lm_features(model: Any, batches: Iterable[Any], meter: CollapseMeter | None = None, *,
                         layer: int = -1, ignore_index: int = -100, progress: bool = True,
                         total: int | None = None, global_mean: str = "class") -> CollapseMeter:
@@ -565,13 +605,15 @@ def collect_lm_features(model: Any, batches: Iterable[Any], meter: CollapseMeter
     model: called as ``model(input_ids=..., attention_mask=..., output_hidden_states=True)`` under no_grad; its
     output has ``hidden_states`` (a sequence of (B, T, d) tensors; ``layer`` picks one, -1 the last). The caller
     puts the model in eval mode. batches: dicts (or objects) with ``input_ids`` (B, T), optional
-    ``attention_mask`` (B, T) and optional ``labels`` (B, T; default input_ids). The feature at position t is paired
+    ``attention_mask`` (B, T) and optional ``labels`` (B, T; default input_ids); input_ids and attention_mask are
+    moved to the model's device (``model.device`` or its first parameter's). The feature at position t is paired
     with token t+1; it is dropped when token t+1 is ``ignore_index`` or either position is padding.
     meter: accumulate into it; if None one is created from ``model.config.vocab_size`` and the hidden size, on the
     hidden states' device. Shows a tqdm progress bar unless ``progress=False``. Returns the meter.
     """
     from tqdm.auto import tqdm
 
+    device = _model_device(model)
     bar = tqdm(batches, total=total, disable=not progress, desc="collapse stats", unit="batch")
     tokens = 0
     for batch in bar:
@@ -580,8 +622,12 @@ def collect_lm_features(model: Any, batches: Iterable[Any], meter: CollapseMeter
             raise ValueError("each batch must carry input_ids of shape (B, T)")
         mask = None if isinstance(batch, torch.Tensor) else _field(batch, "attention_mask")
         labels = None if isinstance(batch, torch.Tensor) else _field(batch, "labels")
+        model_ids, model_mask = ids, mask
+        if device is not None:  # a CPU data loader feeding a model on the GPU
+            model_ids = ids.to(device)
+            model_mask = mask.to(device) if isinstance(mask, torch.Tensor) else mask
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            out = model(input_ids=model_ids, attention_mask=model_mask, output_hidden_states=True)
         hidden = _field(out, "hidden_states")
         if hidden is None:
             raise ValueError("model output has no hidden_states (was output_hidden_states=True honoured?)")
@@ -616,11 +662,10 @@ def plot_metrics(history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[
 
     history: a list of :meth:`CollapseMeter.compute` dicts (one per checkpoint/layer) or a dict
     metric -> values. x: the x positions/labels (default 0..n-1). keys: which metrics (default every key
-    present except num_classes_seen). One panel per metric; log y-axis when all values are positive."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    present except num_classes_seen). One panel per metric; log y-axis when all values are positive.
+    Draws on a standalone :class:`matplotlib.figure.Figure` (Agg canvas): pyplot's backend and open figures are
+    left alone."""
+    from etfkern._plot import agg_figure
 
     if isinstance(history, Mapping):
         series = {k: [float(v) for v in vals] for k, vals in history.items()}
@@ -644,7 +689,7 @@ def plot_metrics(history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[
         raise ValueError(f"x must have {npts} entries, got {len(xs)}")
     cols = min(4, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = agg_figure(rows, cols, figsize=(3.2 * cols, 2.6 * rows))
     pos = list(range(npts))
     for ax, key in zip(axes.flat, keys):
         vals = series[key]
@@ -662,5 +707,4 @@ def plot_metrics(history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[
     fig.tight_layout()
     path = os.fspath(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -90,15 +90,13 @@ def compare_losses(x: torch.Tensor, bank: torch.Tensor, y: torch.Tensor, tau: fl
 
 def plot_history(history: list[dict[str, Any]], path: str) -> str | None:
     """Loss, accuracy and collapse metrics per epoch as a 2x2 PNG; returns the path (None without matplotlib)."""
-    try:
-        import matplotlib
+    from etfkern._plot import agg_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:
+        fig, axes = agg_figure(2, 2, figsize=(10, 7))
     except ImportError:
         return None
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     panels = [("loss", ["loss"], "linear"), ("accuracy", ["train_acc", "test_acc"], "linear"),
               ("within/between variability", ["nc1", "cdnv"], "log"),
               ("structure", ["nc2_etf_error", "nc2_equiangular", "nc4_ncc_mismatch"], "linear")]
@@ -113,7 +111,6 @@ def plot_history(history: list[dict[str, Any]], path: str) -> str | None:
     fig.suptitle("etfkern demo: EBV head + MSAM, collapse metrics per epoch")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -345,6 +345,69 @@ def test_nc1_small_space_constant_and_pinv_tolerance():
     assert m.compute(pinv_rtol=loose)["nc1"] < 0.5 * m.compute()["nc1"]
 
 
+def test_nc1_large_space_pinv_tolerance():
+    # C' > d goes through the d x d Sigma_B: the same cut-off as torch.linalg.pinv(hermitian=True, rtol=...)
+    c, d = 30, 5
+    gen = torch.Generator().manual_seed(11)
+    centres = torch.randn(c, d, generator=gen, dtype=torch.float64) * torch.logspace(0, -3, d, dtype=torch.float64)
+    y = torch.randint(0, c, (300,), generator=gen)
+    x = centres[y] + 0.1 * torch.randn(300, d, generator=gen, dtype=torch.float64)
+    for global_mean in ("class", "sample"):
+        m = _meter_from(x, y, c, global_mean=global_mean)
+        counts, means, sigma_w, _ = ref.two_pass_stats(x, y, c)
+        mt = means - (means.mean(0) if global_mean == "class" else x.mean(0))
+        sigma_b = mt.T @ mt / c
+        for rtol in (None, 1e-5, 1e-3, 0.5):
+            kw = {} if rtol is None else {"rtol": rtol}
+            want = float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True, **kw)) / c)
+            got = m.compute(pinv_rtol=rtol, metrics=["nc1"])["nc1"]
+            assert math.isclose(got, want, rel_tol=1e-9), (global_mean, rtol, got, want)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), "1e-3", True])
+def test_compute_rejects_bad_pinv_rtol(bad):
+    # NaN used to give nc1 = 0.0 (every eigenvalue dropped) and a negative rtol kept round-off eigenvalues
+    x, y = _clustered(60, 4, 5)
+    m = _meter_from(x, y, 4)
+    with pytest.raises(ValueError, match="pinv_rtol must be None or a finite number >= 0"):
+        m.compute(pinv_rtol=bad)
+    assert m.compute(pinv_rtol=1e-10)["nc1"] == pytest.approx(m.compute()["nc1"], rel=1e-9)  # ints/floats >= 0 ok
+
+
+def test_merge_with_itself_doubles_the_data():
+    c, d = 5, 4
+    x, y = _clustered(50, c, d, offset=100.0)
+    m = _meter_from(x, y, c)
+    m.merge(m)
+    two = _meter_from(torch.cat([x, x]), torch.cat([y, y]), c)
+    assert torch.equal(m.counts, two.counts)
+    _close(m._sw, two._sw, rtol=1e-10, atol=1e-10)
+    _close(m._m2, two._m2, rtol=1e-10, atol=1e-10)
+    _close(m._means, two._means, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("key,corrupt,match", [
+    ("counts", lambda t: t - 1000, r"state\['counts'\] must be >= 0"),
+    ("counts", lambda t: t.double(), r"state\['counts'\] must be an integer tensor"),
+    ("means", lambda t: t.index_fill(0, torch.tensor([1]), float("nan")), r"state\['means'\] must be a finite"),
+    ("sw", lambda t: t.index_fill(0, torch.tensor([0]), float("inf")), r"state\['sw'\] must be a finite"),
+    ("m2", lambda t: -t, r"state\['m2'\] .* must be >= 0"),
+])
+def test_load_state_dict_rejects_corrupted_state(key, corrupt, match):
+    # a corrupted checkpoint used to load silently and surface later as NaN (or nonsense) metrics
+    c, d = 5, 3
+    x, y = _clustered(40, c, d)
+    src = _meter_from(x, y, c)
+    m = _meter_from(x[:10], y[:10], c)
+    before = _state(m)
+    state = src.state_dict()
+    state[key] = corrupt(state[key])
+    with pytest.raises(ValueError, match=match):
+        m.load_state_dict(state)
+    after = m.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if isinstance(before[k], torch.Tensor))
+
+
 def test_simplex_etf_means_give_zero_nc2_errors():
     c, d = 8, 12
     etf = torch.eye(c, dtype=torch.float64) - 1.0 / c
@@ -471,6 +534,8 @@ def _state(m):
     (lambda x, y: (x, y.float()), "labels must be an integer tensor"),
     (lambda x, y: (x.int(), y), "features must be float16"),
     (lambda x, y: (x, y[None]), r"labels must have shape \(N,\)"),
+    (lambda x, y: (x.to("meta"), y), "features must hold data"),
+    (lambda x, y: (x, y.to("meta")), "labels must hold data"),
 ])
 def test_bad_update_raises_and_leaves_meter_unchanged(bad, match):
     c, d = 6, 4
@@ -493,6 +558,8 @@ def test_constructor_and_compute_errors():
     with pytest.raises(ValueError, match="global_mean"):
         etfkern.CollapseMeter(3, 2, global_mean="median")
     m = etfkern.CollapseMeter(4, 3)
+    with pytest.raises(ValueError, match="at least 2 classes with samples, got 0"):
+        m.compute()
     m.update(torch.randn(5, 3), torch.zeros(5, dtype=torch.int64))
     with pytest.raises(ValueError, match="at least 2 classes"):
         m.compute()
@@ -542,6 +609,28 @@ def test_ncc_mismatch(backend):
         got = etfkern.ncc_mismatch(x.float(), mu, w2.float(), b)
     want = ref.dense_ncc_mismatch(x.float(), mu, w2.float(), b)
     assert got == want and 0.0 < want < 1.0
+
+
+@pytest.mark.parametrize("offset,dtype", [(1e4, torch.float32), (1e8, torch.float64)])
+def test_ncc_nearest_mean_far_from_origin(offset, dtype):
+    # |mu|^2 - 2 h.mu loses the class gaps when the means sit far from the origin (float32 kernel at 1e4, float64
+    # CPU path and torch.cdist's mm mode at 1e8): every backend must find the exact nearest mean here
+    gen = torch.Generator().manual_seed(8)
+    k, d = 6, 3
+    centres = offset + 2.0 * torch.randn(k, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, k, (48,), generator=gen)
+    x = (centres[y] + 0.5 * torch.randn(48, d, generator=gen, dtype=torch.float64)).to(dtype)
+    mu = torch.zeros(k, d, dtype=torch.float64).index_add_(0, y, x.double()) / torch.bincount(y, minlength=k)[:, None]
+    exact = (x.double()[:, None, :] - mu[None]).pow(2).sum(-1).argmin(1)
+    w = torch.randn(k, d, generator=gen, dtype=torch.float64).to(dtype)
+    backends = backends_for("collapse_ncc", "cpu")
+    if dtype == torch.float64:  # the float32 Triton kernel cannot resolve unit gaps at 1e8
+        backends = [b for b in backends if b != "triton"]
+    for backend in backends:
+        with etfkern.use_backend(backend):
+            _, nearest = torch.ops.etfkern.collapse_ncc(x, mu, w, None)
+        assert torch.equal(nearest, exact), backend
+    assert torch.equal(ref.collapse_ncc(x, mu, w, None)[1], exact)
 
 
 def test_ncc_mismatch_validates():
@@ -619,6 +708,25 @@ def test_collect_lm_features_next_tokens_and_padding(capsys):
     assert m0.num_samples == 15
 
 
+def test_collect_lm_features_moves_inputs_to_the_model_device():
+    # a model on another device (here "meta", standing in for a GPU) gets input_ids/attention_mask moved there;
+    # labels stay with the hidden states
+    seen = []
+
+    class _Elsewhere(_FakeCausalLM):
+        device = torch.device("meta")
+
+        def __call__(self, input_ids, attention_mask=None, output_hidden_states=False):
+            seen.append((input_ids.device.type, attention_mask.device.type))
+            b, t = input_ids.shape
+            return _FakeOutput((torch.randn(b, t, 4),))
+
+    ids = torch.randint(0, 11, (2, 5))
+    meter = col.collect_lm_features(_Elsewhere(), [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                    "labels": ids}], progress=False)
+    assert seen == [("meta", "meta")] and meter.num_samples == 8
+
+
 def test_plot_metrics_writes_png(tmp_path):
     x, y = _clustered(100, 5, 6)
     history = [_meter_from(x[:n], y[:n], 5).compute(torch.randn(5, 6)) for n in (40, 70, 100)]
@@ -630,6 +738,26 @@ def test_plot_metrics_writes_png(tmp_path):
     assert (tmp_path / "layers.png").stat().st_size > 1000 and path2.endswith("layers.png")
     with pytest.raises(ValueError, match="keys must name metrics"):
         col.plot_metrics(history, tmp_path / "x.png", keys=["nope"])
+
+
+def test_plot_metrics_leaves_pyplot_backend_and_figures_alone(tmp_path):
+    # plot_metrics used to call matplotlib.use("Agg"): a user's interactive (here: svg) backend was switched
+    # under them, so a later plt.show() showed nothing
+    import matplotlib
+
+    import matplotlib.pyplot as plt
+
+    original = matplotlib.get_backend()
+    try:
+        plt.switch_backend("svg")
+        fig = plt.figure()
+        col.plot_metrics({"nc1": [3.0, 2.0]}, tmp_path / "p.png")
+        assert matplotlib.get_backend().lower() == "svg"
+        assert plt.get_fignums() == [fig.number]
+        plt.close(fig)
+    finally:
+        plt.switch_backend(original)
+    assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 # ----------------------------------------------------------------------------------------------------------

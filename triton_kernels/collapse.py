@@ -368,9 +368,14 @@ def collapse_ncc(features: torch.Tensor, means: torch.Tensor, weights: torch.Ten
     ncc = torch.empty(n, dtype=torch.int64, device=dev)
     if n == 0:
         return cls, ncc
+    # argmin_k |h - mu_k|^2 = argmin_k |m_k|^2 + 2 o.m_k - 2 h.m_k with m_k = mu_k - o, o the mean of the means
+    # (float64 here): the float32 kernel then sees terms of size |o||m_k| instead of |mu_k|^2, which for features
+    # far from the origin (|o| >> |m_k|) swamped the gaps between classes (at offset 1e4 most argmins were wrong)
     mu64 = means.to(torch.float64)
-    musq = (mu64 * mu64).sum(1).to(torch.float32).contiguous()
-    mu32 = mu64.to(torch.float32).contiguous()
+    centre = mu64.mean(0)
+    m64 = mu64 - centre
+    musq = ((m64 * m64).sum(1) + 2.0 * (m64 @ centre)).to(torch.float32).contiguous()
+    mu32 = m64.to(torch.float32).contiguous()
     interp = dev.type == "cpu"
     b = bias.contiguous() if bias is not None else musq  # dummy pointer when there is no bias
     _ncc_kernel[(triton.cdiv(n, 16 if interp else 64),)](

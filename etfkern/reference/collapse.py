@@ -85,7 +85,7 @@ def collapse_ncc(features: torch.Tensor, means: torch.Tensor, weights: torch.Ten
     logits = x @ weights.to(torch.float64).T
     if bias is not None:
         logits = logits + bias.to(torch.float64)
-    dist = torch.cdist(x, means.to(torch.float64))
+    dist = torch.cdist(x, means.to(torch.float64), compute_mode="donot_use_mm_for_euclid_dist")  # no |x|^2 terms
     return logits.argmax(1), dist.argmin(1)
 
 
@@ -156,6 +156,6 @@ def dense_ncc_mismatch(features: torch.Tensor, means: torch.Tensor, weights: tor
     if bias is not None:
         logits = logits + bias.to(torch.float64)
     m = means.to(torch.float64)
-    dist = torch.cdist(x, torch.nan_to_num(m, nan=0.0))
+    dist = torch.cdist(x, torch.nan_to_num(m, nan=0.0), compute_mode="donot_use_mm_for_euclid_dist")
     dist[:, torch.isnan(m).any(1)] = float("inf")
     return float((logits.argmax(1) != dist.argmin(1)).double().mean())
