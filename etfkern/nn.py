@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from etfkern.spherical import METRICS, nearest, spherical_cross_entropy
+from etfkern.spherical import _check_tau_metric, nearest, spherical_cross_entropy
 
 __all__ = ["EBVHead"]
 
@@ -25,8 +25,12 @@ class EBVHead(nn.Module):
         super().__init__()
         if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or not bank.is_floating_point():
             raise ValueError(f"bank must be a floating (C, d) tensor, got {bank!r:.80}")
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        if bank.shape[0] == 0:
+            raise ValueError("bank must have at least one row (C >= 1)")
+        _check_tau_metric(tau, metric)
+        if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) \
+                or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.register_buffer("bank", bank.detach().clone())
         self.tau = float(tau)
         self.metric = metric

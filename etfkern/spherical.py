@@ -24,7 +24,7 @@ both GEMMs square enough for MKL at large d.
 The Triton path takes the same fixed shift when fixed_shift() allows it and an online row max otherwise
 (deterministic either way: one program walks its class tiles in order; split-C slabs combine in a fixed order).
 
-Host syncs: on CPU tensors the labels, lam and x are checked eagerly (ValueError). On CUDA tensors (and under
+Host syncs: on CPU tensors the labels, lam, x and bank are checked eagerly (ValueError). On CUDA tensors (and under
 torch.compile) the same checks run on the device with ``torch._assert_async`` (no host sync; a failure surfaces at
 the next synchronising point as a device-side assert, as torch's own cross_entropy does) unless
 ``validate=True`` (eager ValueError, one host sync) or ``validate=False`` (no checks).
@@ -159,14 +159,21 @@ def fixed_shift(bank: torch.Tensor, tau: float, metric: str) -> float | None:
     return 0.0 if bound <= 40.0 else None
 
 
+def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """GEMM operand dtype of the CPU path: the input dtype (bf16 GEMMs accumulate in fp32), except float16, which
+    runs in float32: the fixed-shift exp(z) (up to e^40) and the "arc" slopes overflow float16's 65504 when cast
+    for the P @ W GEMM (NaN gradients), and CPU float16 GEMMs are several times slower than float32 ones."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _cpu_class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
     """Chunked class loop: (x̂, lse, sum_z | None, a_sum | None, b_sum | None), see finish_forward."""
     n, d = x.shape
     acc = acc_dtype(x.dtype)
-    mm = bank.dtype  # GEMMs run in the input dtype (bf16 GEMMs accumulate in fp32), elementwise math in acc
+    mm = cpu_gemm_dtype(bank.dtype)  # GEMM operands (see cpu_gemm_dtype), elementwise math in acc
     xh = normalized(x, acc)
     arc = metric == "arc"
-    w = bank.contiguous()
+    w = bank.to(mm).contiguous()
     shift = fixed_shift(w, tau, metric)
     xs = (xh if arc else xh / tau).to(mm)  # "cos": 1/tau folded into x̂, so the GEMM yields z directly
     sum_z = b_sum = None
@@ -259,8 +266,8 @@ def cos_tiles(xs: torch.Tensor, w: torch.Tensor, tau: float, need_grad: bool, ti
                 l.addmv_(e, ones[:c1 - c0])
             if a is None:
                 continue
-            if not same:
-                pw = mm16(e.to(xs.dtype), wt).to(acc)
+            if not same:  # float16: exp(z) reaches e^40 and would overflow (65504) in a cast: float32 GEMM
+                pw = e @ wt.to(acc) if xs.dtype == torch.float16 else mm16(e.to(xs.dtype), wt).to(acc)
                 a.copy_(pw) if c0 == 0 else a.add_(pw)
             elif c0 == 0:
                 torch.mm(e, wt, out=a)
@@ -310,9 +317,9 @@ def _cpu_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, 
     dw = torch.zeros(n_cls, d, dtype=acc)
     if n == 0 or n_cls == 0:
         return dw
-    mm = bank.dtype
+    mm = cpu_gemm_dtype(bank.dtype)
     xh = normalized(x, acc)
-    w = bank.contiguous()
+    w = bank.to(mm).contiguous()
     valid = target != ignore_index
     g = torch.where(valid, grad_rows.to(acc), torch.zeros((), dtype=acc))
     lam = lam.to(acc)
@@ -430,7 +437,7 @@ def _desc(t) -> str:
 
 
 def _check_tau_metric(tau, metric) -> None:
-    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau) or tau <= 0:
         raise ValueError(f"tau must be a finite number > 0, got {tau!r}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
@@ -448,7 +455,8 @@ def _data_checks(checks: list[tuple[torch.Tensor, str]], validate: bool | None, 
     """Each check is (0-dim bool tensor that must be True, message)."""
     if validate is False or not checks:
         return
-    on_device = validate is None and (device.type != "cpu" or torch.compiler.is_compiling())
+    # under torch.compile a host-side bool() breaks the graph (fullgraph=True fails): device asserts even for True
+    on_device = torch.compiler.is_compiling() or (validate is None and device.type != "cpu")
     for ok, msg in checks:
         if on_device:
             torch._assert_async(ok, msg)
@@ -476,6 +484,8 @@ def spherical_logits(x: torch.Tensor, bank: torch.Tensor, *, tau: float = 0.07, 
     """
     _check_x_bank(x, bank)
     _check_tau_metric(tau, metric)
+    _data_checks([(torch.isfinite(x).all(), "x must be finite (found NaN or inf)"),
+                  (torch.isfinite(bank).all(), "bank must be finite (found NaN or inf)")], None, x.device)
     cos = F.normalize(x, dim=1, eps=NORM_EPS) @ bank.T
     if metric == "cos":
         return cos / tau
@@ -493,15 +503,16 @@ def _prepare(x, bank, target, tau, metric, label_smoothing, ignore_index, target
         target_b = target
     else:
         _check_labels("target_b", target_b, n, x.device)
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing < 1.0:
+    if not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool) \
+            or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    if not isinstance(ignore_index, int):
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
     acc = acc_dtype(x.dtype)
     checks = []
     if lam is None:
         lam_t = torch.ones(n, dtype=acc, device=x.device)
-    elif isinstance(lam, (int, float)):
+    elif isinstance(lam, (int, float)) and not isinstance(lam, bool):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam!r}")
         lam_t = torch.full((n,), float(lam), dtype=acc, device=x.device)
@@ -520,6 +531,7 @@ def _prepare(x, bank, target, tau, metric, label_smoothing, ignore_index, target
         checks.append((((target_b >= 0) & (target_b < n_cls) | ~valid).all(),
                        f"target_b must hold class indices in [0, {n_cls}) where target != ignore_index"))
     checks.append((torch.isfinite(x).all(), "x must be finite (found NaN or inf)"))
+    checks.append((torch.isfinite(bank).all(), "bank must be finite (found NaN or inf)"))
     _data_checks(checks, validate, x.device)
     return target_b, lam_t
 
@@ -554,7 +566,8 @@ def spherical_cross_entropy(x: torch.Tensor, bank: torch.Tensor, target: torch.T
     loss_i = lse_i - sum_c t_ic z_ic. reduction "mean" divides by the number of rows with target != ignore_index
     (0 when there are none), "sum", or "none" (N,). Returned in x.dtype (reduced in float32/64).
     validate: None = eager ValueError on CPU, device-side assert (no host sync) on CUDA and under compile;
-    True = eager ValueError everywhere (one host sync); False = no data checks.
+    True = eager ValueError everywhere (one host sync) except under torch.compile (device-side assert there);
+    False = no data checks.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -578,11 +591,12 @@ def nearest(x: torch.Tensor, bank: torch.Tensor, *, k: int = 1) -> tuple[torch.T
     """Top-k bank rows by cosine: (values (N, k) in x.dtype, int64 indices (N, k)), sorted descending.
 
     x (N, d) is normalised inside, bank rows used as given. Fused: no N x C buffer on GPU, O(chunk x C) on CPU.
-    Not differentiable. A non-finite x raises ValueError on CPU (on CUDA: a device-side assert, no host sync).
-    """
+    Not differentiable. A non-finite x or bank raises ValueError on CPU (on CUDA: a device-side assert, no host
+    sync)."""
     _check_x_bank(x, bank)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must be an int in [1, C={bank.shape[0]}], got {k!r}")
-    _data_checks([(torch.isfinite(x).all(), "x must be finite (found NaN or inf)")], None, x.device)
+    _data_checks([(torch.isfinite(x).all(), "x must be finite (found NaN or inf)"),
+                  (torch.isfinite(bank).all(), "bank must be finite (found NaN or inf)")], None, x.device)
     vals, idx = _ops.spherical_nearest(x.detach(), bank.detach(), k)
     return vals.to(x.dtype), idx

@@ -764,3 +764,99 @@ def test_cpu_loss_and_nearest_past_int32_products():
     torch.testing.assert_close(vals.double(), want_v[-2:], rtol=1e-5, atol=1e-5)
     assert torch.equal(idx, want_i[-2:])
     assert torch.equal(idx_all[rows, 0], want_i[:, 0])
+
+
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+def test_float16_gradient_no_overflow(metric):
+    """float16 x/bank with cosines near 1: the fixed-shift exp(z) reaches e^(1/tau) = 1.6e6 > 65504, which the CPU
+    path (C++ and torch cos_tiles) and the Triton kernel used to cast to float16 for the P @ W GEMM: NaN/inf x
+    gradients. Every backend: finite, and within 2x plain torch's float16 error (vs float64) of the true gradient."""
+    n, d, c = 6, 8, 20
+    bank = _bank(c, d)
+    target = torch.arange(n) % c
+    x = bank[target] + 0.1 * torch.randn(n, d)  # cos(x_i, w_target) ~ 0.96: z ~ 13.7, exp(z) ~ 9e5
+    target[1] = -100
+    tb = (target.clamp_min(0) + 1) % c
+    kw = dict(metric=metric, label_smoothing=0.1, target_b=tb, lam=0.8)
+    xr = x.double().requires_grad_()
+    ref = _explicit_loss(xr, bank.double(), target, 0.07, metric, 0.1, -100, "mean", tb, 0.8)
+    gref, = torch.autograd.grad(ref, xr)
+    xp = x.half().requires_grad_()
+    plain = _explicit_loss(xp, bank.half(), target, 0.07, metric, 0.1, -100, "mean", tb, 0.8)
+    gplain, = torch.autograd.grad(plain, xp)
+    gerr = lambda g: (g.double() - gref).abs().max().item()  # noqa: E731
+    for backend in backends_for("spherical_ce_forward", "cpu"):
+        with etfkern.use_backend(backend):
+            xe = x.half().requires_grad_()
+            loss = etfkern.spherical_cross_entropy(xe, bank.half(), target, **kw)
+            ge, = torch.autograd.grad(loss, xe)
+        assert torch.isfinite(loss) and torch.isfinite(ge).all(), backend
+        assert abs(loss.double().item() - ref.item()) <= 1e-2 * abs(ref.item()), backend
+        assert gerr(ge) <= 2 * gerr(gplain) + 1e-4, (backend, gerr(ge), gerr(gplain))
+
+
+def test_cos_tiles_float16_no_overflow():
+    """The cos_tiles op (torch path and C++) in float16 with logits up to 1/tau: exp(z) must not be cast to float16."""
+    bank = _bank(40, 16)
+    xh = F.normalize(bank[:5] + 0.05 * torch.randn(5, 16), dim=1)
+    tau = 0.07
+    p = torch.softmax(xh.double() @ bank.double().T / tau, 1)
+    ref_lse = torch.logsumexp(xh.double() @ bank.double().T / tau, 1)
+    ref_a = p @ bank.double() / tau
+    impls = [etfkern.spherical.cos_tiles]
+    if _backend.has_native("spherical_cos_tiles", "cpu"):
+        impls.append(torch.ops.etfkern.spherical_cos_tiles_native)
+    for fn in impls:
+        lse, a = fn((xh / tau).half(), bank.half(), tau, True, 2, 16)
+        assert torch.isfinite(a).all(), fn
+        torch.testing.assert_close(lse.double(), ref_lse, atol=2e-2, rtol=0)
+        torch.testing.assert_close(a.double(), ref_a, atol=5e-2, rtol=0)
+
+
+def test_more_bad_inputs_raise_value_error():
+    """Arguments the first bad-input test misses: non-finite bank (silent NaN loss; nearest returned -inf and index
+    0 from the C++ kernel), non-finite x in spherical_logits, bools posing as numbers (ignore_index=True silently
+    ignored class 1, tau=True meant tau=1), and EBVHead's constructor arguments (accepted, failing only later)."""
+    x, bank, target = _inputs(6, 4, 8)
+    ce = etfkern.spherical_cross_entropy
+    nan_bank = bank.index_fill(0, torch.tensor([3]), float("nan"))
+    inf_bank = bank.index_fill(0, torch.tensor([0]), float("inf"))
+    cases = [
+        (lambda: ce(x, nan_bank, target), "bank must be finite"),
+        (lambda: ce(x, inf_bank, target, metric="arc"), "bank must be finite"),
+        (lambda: etfkern.nearest(x, nan_bank, k=2), "bank must be finite"),
+        (lambda: etfkern.spherical_logits(x, nan_bank), "bank must be finite"),
+        (lambda: etfkern.spherical_logits(x.index_fill(0, torch.tensor([1]), float("nan")), bank), "x must be finite"),
+        (lambda: ce(x, bank, target, tau=True), "tau"),
+        (lambda: ce(x, bank, target, ignore_index=True), "ignore_index"),
+        (lambda: ce(x, bank, target, lam=True), "lam"),
+        (lambda: etfkern.nn.EBVHead(bank, tau=0.0), "tau"),
+        (lambda: etfkern.nn.EBVHead(bank, tau=float("nan")), "tau"),
+        (lambda: etfkern.nn.EBVHead(bank, label_smoothing=1.5), "label_smoothing"),
+        (lambda: etfkern.nn.EBVHead(bank, label_smoothing=-0.1), "label_smoothing"),
+        (lambda: etfkern.nn.EBVHead(bank[:0]), "bank"),
+    ]
+    for backend in backends_for("spherical_ce_forward", "cpu"):
+        with etfkern.use_backend(backend):
+            for fn, word in cases:
+                with pytest.raises(ValueError, match=word):
+                    fn()
+    # validate=False skips the data checks, bank included
+    assert torch.isnan(ce(x, nan_bank, target, validate=False))
+
+
+def test_ebv_head_compile_fullgraph_with_validate_true():
+    """validate=True under torch.compile(fullgraph=True) used to fail to trace (bool() of a data-dependent tensor);
+    it now compiles (device-side checks inside the graph) and equals eager; bad labels still raise."""
+    torch.manual_seed(3)
+    head = etfkern.nn.EBVHead(_bank(9, 4), tau=0.1)
+    x, target = torch.randn(5, 4), torch.randint(0, 9, (5,))
+
+    def loss_fn(x_, t_):
+        return head(x_, t_, validate=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, target), loss_fn(x, target))
+    with pytest.raises(RuntimeError, match="target"):
+        compiled(x, torch.tensor([0, 1, 2, 3, 9]))

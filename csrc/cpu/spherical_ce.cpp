@@ -128,7 +128,9 @@ std::tuple<Tensor, Tensor> cos_tiles(const Tensor& xs_in, const Tensor& bank, do
         exp_rows<scalar_t>(e.data_ptr<scalar_t>(), r1 - r0, c1 - c0, l.data_ptr<scalar_t>(), c0 == 0);
         if (!need_grad) continue;
         if (!same) {
-          Tensor pw = at::mm(e.to(xs.scalar_type()), wt).to(acc);
+          // float16: exp(z) reaches e^40 and would overflow (65504) in a cast to float16: a float32 GEMM instead
+          Tensor pw = xs.scalar_type() == at::kHalf ? at::mm(e, wt.to(acc))
+                                                    : at::mm(e.to(xs.scalar_type()), wt).to(acc);
           c0 == 0 ? a.copy_(pw) : a.add_(pw);
         } else if (c0 == 0) {
           at::mm_out(a, e, wt);
