@@ -128,6 +128,33 @@ def test_sgd_step_bitwise_with_reference_in_float64(nesterov):
             assert torch.equal(a, b), backend
 
 
+def test_adamw_step_bitwise_with_reference_in_float64():
+    # Block and 16-lane boundaries of the CPU AdamW kernel (256-element blocks, 16 double lanes for ||m'||^2):
+    # moments bitwise equal to the reference; parameters to an ulp (the bias-corrected step size lr / (1 - b1^t)
+    # comes from std::pow in C++ and torch.pow in the reference, which may differ in the last bit); the returned
+    # squared norm to rounding.
+    shapes = [(300, 257), (77,), (5,), (16,), (256,), (272,)]
+    params, grads, bufs, qs = _make(shapes, torch.float64, with_q=True)
+    so, sn = torch.tensor(0.3, dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64)
+    n = len(shapes)
+    args = (torch.tensor(3.0), [0.1] * n, [0.9] * n, [0.999] * n, [1e-8] * n, [0.0, 0.01, 0.01, 0.0, 0.1, 0.01],
+            torch.tensor([4.0], dtype=torch.float64), None)
+    outs = {}
+    for backend in backends_for("msam_adamw_step", "cpu"):
+        p, m, q = _clone(params), _clone(bufs), _clone(qs)
+        with etfkern.use_backend(backend):
+            sq = torch.ops.etfkern.msam_adamw_step(p, grads, m, q, so, sn, *args)
+        outs[backend] = (sq, p + m + q)
+    assert len(outs) >= 2
+    want_sq = sum(float((t.double() ** 2).sum()) for t in outs["reference"][1][len(shapes):2 * len(shapes)])
+    k = len(shapes)
+    for backend, (sq, tensors) in outs.items():
+        want = outs["reference"][1]
+        assert all(torch.equal(a, b) for a, b in zip(tensors[k:], want[k:])), backend
+        torch.testing.assert_close(tensors[:k], want[:k], rtol=1e-15, atol=4e-15, msg=lambda m: f"{backend}: {m}")
+        assert float(sq) == pytest.approx(want_sq, rel=1e-13), backend
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_cpu_kernel_bitwise_with_torch_path(dtype):
     # The compiled kernel (AVX2 or baseline loop, own bf16 rounding) and the torch fallback (same order of

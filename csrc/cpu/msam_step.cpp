@@ -4,7 +4,8 @@
 // squared norms are summed per chunk in double and the chunk partials added in list order afterwards, so
 // results are deterministic and identical for any number of threads. Element math is done in the state
 // type T (double for float64 parameters, float otherwise: bf16/fp16/fp32 parameters keep fp32 state), in the
-// same operation order as etfkern/reference/msam.py, so float64 results match the reference bitwise.
+// same operation order as etfkern/reference/msam.py, so float64 results match the reference bitwise (AdamW: the
+// moments bitwise, the parameters to an ulp, since std::pow and torch.pow may round the bias correction differently).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -147,7 +147,13 @@ double adamw_chunk(P* p, const P* g, T* m, T* q, int64_t begin, int64_t end, con
       const T x = xs[j] - step_size * (ms[j] / denom);
       store<P, T>(p, b0 + j, x - sn * ms[j]);
     }
-    for (int j = 0; j < n; ++j) acc[j % kLanes] += static_cast<double>(ms[j]) * static_cast<double>(ms[j]);
+    // lane l sums j = l, l + 16, ... (the order of a plain acc[j % 16] loop), written as whole 16-lane rows so
+    // it vectorises (the modulo form stayed scalar: ~5 ms of a 10M-element step on one thread)
+    int j0 = 0;
+    for (; j0 + kLanes <= n; j0 += kLanes) {
+      for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(ms[j0 + l]) * static_cast<double>(ms[j0 + l]);
+    }
+    for (int l = 0; j0 + l < n; ++l) acc[l] += static_cast<double>(ms[j0 + l]) * static_cast<double>(ms[j0 + l]);
   }
   double total = 0.0;
   for (int j = 0; j < kLanes; ++j) total += acc[j];
