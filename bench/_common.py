@@ -1,7 +1,7 @@
 """Shared benchmark plumbing: environment record, timing, peak memory, result files.
 
 Every benchmark writes rows {op, shape, impl, ms, peak_mib, ...} plus ratios computed in the same run.
-Results go to bench/results/<family>-<device>-<date>.json with device, versions and git sha.
+Results go to bench/results/<family>-<device>-<date>[-quick].json with device, versions and git sha.
 """
 from __future__ import annotations
 
@@ -76,11 +76,14 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
 
 def write_results(family: str, rows: list[dict[str, Any]], device: str | torch.device = "cpu",
                   extra: dict[str, Any] | None = None) -> str:
-    """Write rows (with the environment) to bench/results/<family>-<device>-<date>.json; return the path."""
+    """Write rows (with the environment) to bench/results/<family>-<device>-<date>[-quick].json; return the path
+    (``-quick`` when ``extra["quick"]`` is true)."""
     env = environment(device)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()[:40]
     os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{family}-{slug}-{env['date'][:10]}.json")
+    # quick runs get their own file: a quick run must not overwrite the same day's full-size results
+    quick = "-quick" if (extra or {}).get("quick") else ""
+    path = os.path.join(RESULTS_DIR, f"{family}-{slug}-{env['date'][:10]}{quick}.json")
     with open(path, "w") as f:
         json.dump({"family": family, "environment": env, "rows": rows, **(extra or {})}, f, indent=2)
     return path

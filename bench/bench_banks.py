@@ -138,6 +138,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-write", action="store_true", help="print only, write no results file")
     args = p.parse_args()
     rows = run(args.quick, args.device)
     print_table([r for r in rows if r["op"] == "ebv_bank"],
@@ -145,8 +146,8 @@ def main() -> None:
                  "target", "measured_on"])
     print_table([r for r in rows if r["op"] == "bank_stats"],
                 ["shape", "impl", "ms", "peak_mib", "speed_vs_dense", "memory_vs_dense"])
-    path = write_results("banks", rows, args.device, extra={"quick": args.quick})
-    print(f"wrote {path}")
+    if not args.no_write:
+        print(f"wrote {write_results('banks', rows, args.device, extra={'quick': args.quick})}")
     for r in rows:
         if r["op"] == "ebv_bank" and not math.isfinite(r["ratio_welch"]):
             raise SystemExit("non-finite ratio")

@@ -167,7 +167,8 @@ def main() -> None:
     print_table(rows, ["shape", "impl", "ms", "GB/s", "copy_frac", "x_sgd_foreach", "x_sgd_fused", "x_msam_exact",
                        "x_adamw_fused"])
     if not args.no_write:
-        print("wrote", write_results("msam", rows, args.device, extra={"build": etfkern.build_info()}))
+        print("wrote", write_results("msam", rows, args.device, extra={"build": etfkern.build_info(),
+                                                                          "quick": args.quick}))
 
 
 if __name__ == "__main__":

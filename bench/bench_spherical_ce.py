@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, ["op", "shape", "impl", "ms", "ratio_to_etfkern", "peak_mib", "peak_over_logits",
                        "achieved_tflops", "skipped"])
     if not args.no_write:
-        print("wrote", write_results("spherical_ce", rows, args.device))
+        print("wrote", write_results("spherical_ce", rows, args.device, extra={"quick": args.quick}))
     return 0
 
 

@@ -87,6 +87,26 @@ def _cell(v: Any) -> str:
     return "" if v is None else str(v).replace("|", "/")
 
 
+def load_result(path: str) -> dict[str, Any]:
+    """A result file as run_all's shape: run_all's own JSON, or one family's file written by bench_<family>.py
+    (``{"family", "environment", "rows"}``), wrapped as a one-family result. ValueError when it is neither."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("families"), dict) and isinstance(data.get("environment"), dict):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("rows"), list) and isinstance(data.get("environment"), dict):
+        name = data.get("family") or os.path.basename(path).split("-")[0]
+        return {"environment": data["environment"], "quick": data.get("quick"),
+                "families": {name: {"rows": data["rows"]}}}
+    raise ValueError(f"{path} is not a benchmark result: expected run_all's {{environment, families}} "
+                     f"or a family's {{family, environment, rows}}")
+
+
 def render_report(result: dict[str, Any], report_path: str, chart_dir: str) -> list[str]:
     """Write the markdown report (tables per family) and one PNG chart per family with timings; return the PNGs."""
     env = result["environment"]
@@ -164,13 +184,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", default=None, metavar="JSON", help="only re-render the report from a result file")
     args = p.parse_args(argv)
 
+    if os.path.isdir(args.report):
+        print(f"run_all: --report {args.report!r} is a directory; give the markdown file's path", file=sys.stderr)
+        return 2
+    try:  # the report's folder (and charts/ next to it) is created, like the results JSON's
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+    except OSError as exc:
+        print(f"run_all: --report {args.report!r}: cannot create its folder: {exc}", file=sys.stderr)
+        return 2
     if args.report_only:
-        with open(args.report_only) as f:
-            result = json.load(f)
+        try:
+            result = load_result(args.report_only)
+        except ValueError as exc:
+            print(f"run_all: --report-only: {exc}", file=sys.stderr)
+            return 2
     else:
         import torch
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            print(f"run_all: --device {device!r} is not a torch device (cpu, cuda, ...)", file=sys.stderr)
+            return 2
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            print(f"run_all: --device {device}: no CUDA device is available here", file=sys.stderr)
+            return 2
         only = [s.strip() for s in args.only.split(",") if s.strip()] or None
         unknown = set(only or []) - set(families())
         if unknown:

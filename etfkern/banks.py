@@ -437,7 +437,7 @@ def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: t
         p *= 4
     while p >= 4 and kerdock_size(p) < num_classes:
         p //= 4
-    if p >= 4:
+    if 4 <= p <= dim:  # (d < 4 has no Kerdock bank to pad)
         cands.append((1.0 / math.sqrt(p), f"kerdock{p}-padded", rotated(_kerdock_subset(num_classes, p, gen,
                                                                                       torch.float32))))
     q = _largest_prime_at_most(dim // 2)

@@ -34,6 +34,37 @@ class UsageError(Exception):
     """Bad argument or missing file: printed without a traceback, exit code 2."""
 
 
+def _device(value: str | None, flag: str = "--device", default: str | None = None) -> str | None:
+    """``value`` checked as a torch device that can run here (``default`` when None); UsageError otherwise."""
+    if value is None:
+        return default
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"{flag} {value!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"{flag} {value}: no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"{flag} {value}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "meta":
+        raise UsageError(f"{flag} meta: the meta device holds no data; use cpu or cuda")
+    return str(device)
+
+
+def _output_file(path: str, flag: str) -> None:
+    """UsageError unless ``path`` can be created as a file: its folder exists and it is not a folder itself."""
+    import os
+
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a directory; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag}: directory of {path!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{flag}: directory of {path!r} is not writable")
+
+
 # ----------------------------------------------------------------------------------------------------------
 def _info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -48,16 +79,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = etfkern.build_info()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     backends = {d: _backend.availability(d) for d in devices}
+    try:
+        requested, bad_env = _backend.requested(), None
+    except ValueError as exc:  # a bad ETFKERN_BACKEND: report it with everything else, then exit 2
+        requested, bad_env = "invalid", str(exc)
     report = {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "build": info,
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "requested_backend": _backend.requested(),
+        "requested_backend": requested,
         "backends": backends,
     }
+    if bad_env:
+        report["requested_backend_error"] = bad_env
     if args.json:
         print(json.dumps(report, indent=2, default=str))
+        if bad_env:
+            raise UsageError(bad_env)
         return EXIT_OK
     print(f"etfkern {info['etfkern']}  torch {info['torch']}  python {report['python']}")
     print(f"triton: {info.get('triton') or 'missing (' + info.get('triton_error', '?') + ')'}")
@@ -71,6 +110,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"backends for {device} tensors:")
         for name, why in table.items():
             print(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    if bad_env:
+        raise UsageError(bad_env)
     return EXIT_OK
 
 
@@ -89,21 +130,33 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rho", type=float, default=d.rho, help="MSAM perturbation radius")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quick", action="store_true", help="a small run (500 classes, 2 epochs) for smoke tests")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run for smoke tests: at most 500 classes, 2 epochs, batch size 256")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 @command("demo", "end-to-end run: EBV bank, EBVHead + MSAM training, collapse metrics per epoch, fused vs eager loss",
          arguments=_demo_arguments)
 def cmd_demo(args: argparse.Namespace) -> int:
+    import math
+    import os
+
     from etfkern.demo import DemoConfig, run_demo
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+    device = _device(args.device, default="cuda" if torch.cuda.is_available() else "cpu")
     for name in ("classes", "dim", "epochs", "samples_per_class", "batch_size"):
         if getattr(args, name) < (2 if name == "classes" else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            least = "at least 2" if name == "classes" else "positive"
+            raise UsageError(f"--{name.replace('_', '-')} must be {least}, got {getattr(args, name)}")
+    for name in ("lr", "rho"):
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be a finite number >= 0, got {getattr(args, name)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} is a file; give a folder (created if missing)")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {args.out!r}: cannot create the folder: {exc}") from None
     cfg = DemoConfig(classes=args.classes, dim=args.dim, epochs=args.epochs, samples_per_class=args.samples_per_class,
                      batch_size=args.batch_size, lr=args.lr, rho=args.rho, seed=args.seed, device=device, out=args.out)
     if args.quick:
@@ -131,7 +184,7 @@ def _load_tensor(path: str, what: str) -> torch.Tensor:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a usage error
-        raise UsageError(f"cannot read {what} file {path}: {exc}") from exc
+        raise UsageError(f"cannot read {what} file {path} ({type(exc).__name__}: {exc})") from None
     if isinstance(obj, dict):
         if len(obj) != 1:
             raise UsageError(f"{what} file {path} holds {len(obj)} tensors ({sorted(obj)}); expected one")
@@ -163,16 +216,22 @@ def cmd_collapse(args: argparse.Namespace) -> int:
 
     from etfkern.collapse import CollapseMeter, ncc_mismatch
 
+    device = _device(args.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    if args.json:
+        _output_file(args.json, "--json")
     feats = _load_tensor(args.features, "features")
     labels = _load_tensor(args.labels, "labels")
     if feats.dim() != 2:
         raise UsageError(f"--features must be (N, d), got shape {tuple(feats.shape)}")
-    if labels.dim() != 1 or labels.shape[0] != feats.shape[0] or labels.is_floating_point():
+    if labels.dim() != 1 or labels.shape[0] != feats.shape[0] or labels.is_floating_point() or labels.is_complex():
         raise UsageError(f"--labels must be ({feats.shape[0]},) integers, got {tuple(labels.shape)} {labels.dtype}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
     labels = labels.long()
-    num_classes = args.num_classes or (int(labels.max()) + 1 if labels.numel() else 0)
+    if args.num_classes is not None:
+        num_classes = args.num_classes
+    else:
+        num_classes = int(labels.max()) + 1 if labels.numel() else 0
     if num_classes < 2:
         raise UsageError(f"--num-classes must be at least 2, got {num_classes}")
     weights = _load_tensor(args.weights, "weights") if args.weights else None
@@ -185,7 +244,6 @@ def cmd_collapse(args: argparse.Namespace) -> int:
             raise UsageError("--metrics must name at least one metric")
         if "ncc_mismatch" in wanted and weights is None:
             raise UsageError("--metrics ncc_mismatch needs --weights")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     meter = CollapseMeter(num_classes, feats.shape[1], global_mean=args.global_mean, device=device)
     try:
         for i in tqdm(range(0, feats.shape[0], args.batch_size), desc="streaming", unit="batch",
@@ -204,8 +262,11 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     for key, value in metrics.items():
         print(f"{key:<20} {value:.6g}" if isinstance(value, float) else f"{key:<20} {value}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(metrics, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(metrics, f, indent=2)
+        except OSError as exc:
+            raise UsageError(f"--json {args.json!r}: {exc}") from None
     return EXIT_OK
 
 
@@ -231,8 +292,11 @@ def _print_stats(stats: dict, as_json: bool, extra: dict) -> None:
         return
     for k, v in extra.items():
         print(f"{k}: {v}")
-    ratio = stats["max_abs_cos"] / stats["welch_bound"] if stats["welch_bound"] > 0 else float("nan")
-    print(f"max|cos| {stats['max_abs_cos']:.6f}  ({ratio:.4f} x Welch {stats['welch_bound']:.6f})")
+    if stats["welch_bound"] > 0:
+        print(f"max|cos| {stats['max_abs_cos']:.6f}  ({stats['max_abs_cos'] / stats['welch_bound']:.4f} x Welch "
+              f"{stats['welch_bound']:.6f})")
+    else:  # C <= d: orthogonal rows are possible, the Welch bound is 0 and a ratio means nothing
+        print(f"max|cos| {stats['max_abs_cos']:.6f}  (Welch bound 0: C <= d allows orthogonal rows)")
     print(f"mean|cos| {stats['mean_abs_cos']:.6f}  p99.9|cos| {stats['p999_abs_cos']:.6f}  "
           f"max norm error {stats['max_norm_error']:.3g}")
 
@@ -245,11 +309,14 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
     from etfkern import banks
 
+    device = _device(args.device)
     if args.inspect:
+        if os.path.isdir(args.inspect):
+            raise UsageError(f"--inspect {args.inspect!r} is a directory; give a .safetensors file")
         if not os.path.isfile(args.inspect):
             raise UsageError(f"--inspect: no such file {args.inspect!r}")
         try:
-            bank, meta = banks.load_bank(args.inspect, device=args.device)
+            bank, meta = banks.load_bank(args.inspect, device=device)
             stats = banks.bank_stats(bank)
         except ValueError as exc:
             raise UsageError(f"--inspect {args.inspect!r}: {exc}") from None
@@ -258,24 +325,21 @@ def cmd_bank(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.classes is None or args.dim is None:
         raise UsageError("--classes and --dim are required (or --inspect PATH)")
-    if args.output and os.path.dirname(os.path.abspath(args.output)) and \
-            not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise UsageError(f"-o: directory of {args.output!r} does not exist")
-    if args.output and os.path.isdir(args.output):
-        raise UsageError(f"-o {args.output!r} is a directory; give a file path, e.g. {args.output}/bank.safetensors")
+    if args.output:
+        _output_file(args.output, "-o")
     t0 = time.perf_counter()
     try:
         if args.kind == "simplex":
-            bank = banks.simplex_etf(args.classes, args.dim, seed=args.seed, device=args.device)
+            bank = banks.simplex_etf(args.classes, args.dim, seed=args.seed, device=device)
             meta = {"kind": "simplex", "seed": args.seed}
         elif args.kind == "sparse":
             kw = {} if args.steps is None else {"steps": args.steps}
             bank = banks.sparse_etf(args.classes, args.dim, sparsity=args.sparsity, seed=args.seed,
-                                    device=args.device, **kw)
+                                    device=device, **kw)
             meta = {"kind": "sparse", "seed": args.seed, "sparsity": args.sparsity}
         else:
             kw = {} if args.steps is None else {"steps": args.steps}
-            bank = banks.ebv_bank(args.classes, args.dim, seed=args.seed, method=args.method, device=args.device,
+            bank = banks.ebv_bank(args.classes, args.dim, seed=args.seed, method=args.method, device=device,
                                   **kw)
             meta = {"kind": "ebv", "seed": args.seed, "method": args.method}
     except ValueError as exc:
@@ -296,7 +360,11 @@ def cmd_bank(args: argparse.Namespace) -> int:
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("parts", nargs="*", help="families to run (default: all), e.g. spherical_ce msam")
     p.add_argument("--quick", action="store_true", help="small shapes (CPU minutes)")
-    p.add_argument("--device", default=None, help="cpu or cuda")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", default=None, metavar="JSON",
+                   help="result JSON path (default bench/results/<device>-<date>[-quick].json)")
+    p.add_argument("--report", default=None, metavar="MD",
+                   help="markdown report path; its charts go to charts/ next to it (default bench/REPORT.md)")
 
 
 @command("bench", "run the benchmark suite (or some families): results JSON, bench/REPORT.md and charts",
@@ -308,10 +376,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "run_all.py")
     if not os.path.exists(script):
         raise UsageError("the benchmarks ship with the source checkout (bench/run_all.py not found next to etfkern/)")
+    _device(args.device)
     cmd = [sys.executable, script] + (["--quick"] if args.quick else []) + (["--only", ",".join(args.parts)]
                                                                             if args.parts else [])
     if args.device:
         cmd += ["--device", args.device]
+    if args.out:
+        cmd += ["--out", args.out]
+    if args.report:
+        cmd += ["--report", args.report]
     return subprocess.call(cmd)
 
 
@@ -332,8 +405,18 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return EXIT_USAGE
+    from etfkern._backend import BackendUnavailableError, requested
+
     try:
+        if args.command != "info":  # info reports a bad ETFKERN_BACKEND itself
+            try:
+                requested()
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         return args._run(args)
+    except BackendUnavailableError as exc:  # ETFKERN_BACKEND / use_backend asked for one that cannot run here
+        print(f"etfkern {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except UsageError as exc:
         print(f"etfkern {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

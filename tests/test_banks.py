@@ -547,3 +547,11 @@ def test_float64_bank_rows_are_unit_to_float64_precision(method):
     w = etfkern.ebv_bank(300, 24, method=method, steps=3, dtype=torch.float64)
     assert w.dtype == torch.float64
     assert (w.norm(dim=1) - 1).abs().max().item() < 1e-14
+
+
+@pytest.mark.parametrize("c, d", [(3, 1), (5, 2), (5, 3), (20, 3)])
+def test_ebv_bank_tiny_dims(c, d):
+    # d < 4: no Kerdock bank fits (the padded start used to be built in R^4 and crash in the rotation)
+    w = etfkern.ebv_bank(c, d, steps=5)
+    assert w.shape == (c, d) and torch.isfinite(w).all()
+    assert (w.norm(dim=1) - 1).abs().max() < 1e-5
