@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -451,17 +452,52 @@ def _check_labels(name: str, t, n: int, device) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {device}")
 
 
-def _data_checks(checks: list[tuple[torch.Tensor, str]], validate: bool | None, device: torch.device) -> None:
-    """Each check is (0-dim bool tensor that must be True, message)."""
+# A data check: (() -> 0-dim bool tensor that must be True, message, optional callback run once it is enforced).
+# Lazy, so validate=False costs nothing.
+DataCheck = tuple  # (Callable[[], torch.Tensor], str, Callable[[], None] | None)
+_FINITE_BANKS: dict[int, tuple] = {}  # id(bank) -> (weakref, _version, data_ptr, shape, stride) checked finite
+
+
+def _finite_check(t: torch.Tensor, name: str) -> DataCheck:
+    return (lambda: torch.isfinite(t).all(), f"{name} must be finite (found NaN or inf)", None)
+
+
+def _bank_finite_checks(bank: torch.Tensor) -> list[DataCheck]:
+    """The bank's finiteness check, or none when this very tensor passed it before and has not been written since
+    (same object, ``_version`` counter, storage and layout). The op reads a fixed bank once per call; a second
+    full read per call for the check would double the traffic of a small-batch call. Traced every time under
+    torch.compile (device assert)."""
+    if torch.compiler.is_compiling():
+        return [_finite_check(bank, "bank")]
+    key = (bank._version, bank.data_ptr(), tuple(bank.shape), bank.stride())
+    seen = _FINITE_BANKS.get(id(bank))
+    if seen is not None and seen[0]() is bank and seen[1:] == key:
+        return []
+
+    def remember() -> None:
+        if len(_FINITE_BANKS) >= 64:  # a few banks in use in practice: drop the oldest entry
+            _FINITE_BANKS.pop(next(iter(_FINITE_BANKS)))
+        _FINITE_BANKS[id(bank)] = (weakref.ref(bank),) + key
+
+    return [(lambda: torch.isfinite(bank).all(), "bank must be finite (found NaN or inf)", remember)]
+
+
+def _data_checks(checks: list[DataCheck], validate: bool | None, device: torch.device) -> None:
+    """Run the checks: eager ValueError on CPU (or validate=True), ``torch._assert_async`` on CUDA and under
+    torch.compile (no host sync), nothing for validate=False."""
     if validate is False or not checks:
         return
     # under torch.compile a host-side bool() breaks the graph (fullgraph=True fails): device asserts even for True
     on_device = torch.compiler.is_compiling() or (validate is None and device.type != "cpu")
-    for ok, msg in checks:
-        if on_device:
+    for check in checks:
+        ok, msg, passed = check if len(check) == 3 else (*check, None)
+        ok = ok() if callable(ok) else ok
+        if on_device:  # a failing device assert is fatal to the CUDA context: enforced once enqueued
             torch._assert_async(ok, msg)
         elif not bool(ok):
             raise ValueError(msg)
+        if passed is not None:
+            passed()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -484,8 +520,7 @@ def spherical_logits(x: torch.Tensor, bank: torch.Tensor, *, tau: float = 0.07, 
     """
     _check_x_bank(x, bank)
     _check_tau_metric(tau, metric)
-    _data_checks([(torch.isfinite(x).all(), "x must be finite (found NaN or inf)"),
-                  (torch.isfinite(bank).all(), "bank must be finite (found NaN or inf)")], None, x.device)
+    _data_checks([_finite_check(x, "x")] + _bank_finite_checks(bank), None, x.device)
     cos = F.normalize(x, dim=1, eps=NORM_EPS) @ bank.T
     if metric == "cos":
         return cos / tau
@@ -520,18 +555,17 @@ def _prepare(x, bank, target, tau, metric, label_smoothing, ignore_index, target
         if lam.device != x.device:
             raise ValueError(f"lam is on {lam.device} but x is on {x.device}")
         lam_t = lam.detach().to(acc).expand(n).contiguous()
-        checks.append((((lam_t >= 0) & (lam_t <= 1)).all(), "lam must lie in [0, 1] (scalar or per row)"))
+        checks.append((lambda: ((lam_t >= 0) & (lam_t <= 1)).all(), "lam must lie in [0, 1] (scalar or per row)",
+                       None))
     else:
         raise ValueError(f"lam must be None, a float in [0, 1] or a floating tensor of shape () or ({n},), "
                          f"got {_desc(lam)}")
-    valid = target != ignore_index
-    checks.append((((target >= 0) & (target < n_cls) | ~valid).all(),
-                   f"target must hold class indices in [0, {n_cls}) or ignore_index={ignore_index}"))
+    checks.append((lambda: ((target >= 0) & (target < n_cls) | (target == ignore_index)).all(),
+                   f"target must hold class indices in [0, {n_cls}) or ignore_index={ignore_index}", None))
     if target_b is not target:
-        checks.append((((target_b >= 0) & (target_b < n_cls) | ~valid).all(),
-                       f"target_b must hold class indices in [0, {n_cls}) where target != ignore_index"))
-    checks.append((torch.isfinite(x).all(), "x must be finite (found NaN or inf)"))
-    checks.append((torch.isfinite(bank).all(), "bank must be finite (found NaN or inf)"))
+        checks.append((lambda: ((target_b >= 0) & (target_b < n_cls) | (target == ignore_index)).all(),
+                       f"target_b must hold class indices in [0, {n_cls}) where target != ignore_index", None))
+    checks += [_finite_check(x, "x")] + _bank_finite_checks(bank)
     _data_checks(checks, validate, x.device)
     return target_b, lam_t
 
@@ -596,7 +630,6 @@ def nearest(x: torch.Tensor, bank: torch.Tensor, *, k: int = 1) -> tuple[torch.T
     _check_x_bank(x, bank)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must be an int in [1, C={bank.shape[0]}], got {k!r}")
-    _data_checks([(torch.isfinite(x).all(), "x must be finite (found NaN or inf)"),
-                  (torch.isfinite(bank).all(), "bank must be finite (found NaN or inf)")], None, x.device)
+    _data_checks([_finite_check(x, "x")] + _bank_finite_checks(bank), None, x.device)
     vals, idx = _ops.spherical_nearest(x.detach(), bank.detach(), k)
     return vals.to(x.dtype), idx

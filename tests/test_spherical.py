@@ -860,3 +860,35 @@ def test_ebv_head_compile_fullgraph_with_validate_true():
     torch.testing.assert_close(compiled(x, target), loss_fn(x, target))
     with pytest.raises(RuntimeError, match="target"):
         compiled(x, torch.tensor([0, 1, 2, 3, 9]))
+
+
+def test_bank_finiteness_checked_once_per_bank_version(monkeypatch):
+    # A fixed bank is checked on its first call only (a second full read per call would double a small batch's
+    # traffic); an in-place write re-arms the check, a failed check is never remembered, validate=False checks
+    # nothing at all.
+    import etfkern.spherical as sph
+
+    seen = []
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: seen.append(t) or real_isfinite(t))
+    bank = F.normalize(torch.randn(7, 5), dim=1)
+    x, t = torch.randn(3, 5), torch.tensor([0, 6, 2])
+
+    def bank_checks():
+        n = sum(1 for s in seen if s is bank)
+        seen.clear()
+        return n
+
+    for fn in (lambda: etfkern.spherical_cross_entropy(x, bank, t), lambda: etfkern.nearest(x, bank, k=2),
+               lambda: etfkern.spherical_logits(x, bank)):
+        sph._FINITE_BANKS.clear()
+        fn()
+        assert bank_checks() == 1
+        fn()
+        assert bank_checks() == 0
+    etfkern.spherical_cross_entropy(x, bank, t, validate=False)
+    assert not seen  # no check of any argument
+    bank[1, 2] = float("nan")  # in place: the version counter moves
+    for _ in range(2):  # and the failure is not remembered as a pass
+        with pytest.raises(ValueError, match="bank must be finite"):
+            etfkern.spherical_cross_entropy(x, bank, t)
