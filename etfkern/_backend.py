@@ -49,7 +49,8 @@ def register(op: str, backend: str, impl: Callable[..., Any] | str) -> None:
 
 def requested() -> str:
     """The backend asked for right now: the innermost ``use_backend`` block, else ``ETFKERN_BACKEND``."""
-    name = getattr(_override, "name", None) or os.environ.get("ETFKERN_BACKEND", "auto").strip().lower()
+    # an empty value (``ETFKERN_BACKEND= make test``) means unset, i.e. auto
+    name = getattr(_override, "name", None) or os.environ.get("ETFKERN_BACKEND", "").strip().lower() or "auto"
     if name not in _CHOICES:
         raise ValueError(f"ETFKERN_BACKEND must be one of {_CHOICES}, got {name!r}")
     return name
@@ -82,8 +83,18 @@ def kernel_variant(var: str, choices: tuple[str, ...], value: str | None = None,
 # ----------------------------------------------------------------------------------------------------------
 # Availability
 # ----------------------------------------------------------------------------------------------------------
+_TRUE_WORDS = ("1", "true", "on", "yes", "y")  # what Triton's own getenv_bool accepts (case-insensitive)
+
+
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether @triton.jit kernels run in the interpreter: Triton's own setting (``TRITON_INTERPRET`` parsed as
+    Triton parses it, so "true"/"on" count as they do for Triton, or ``triton.knobs.runtime.interpret``)."""
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)
+    except Exception:  # noqa: BLE001 - no triton (or an older one without knobs): parse the variable ourselves
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE_WORDS
 
 
 def _triton_import_error() -> str | None:

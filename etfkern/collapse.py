@@ -358,6 +358,16 @@ class CollapseMeter:
 
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("all_reduce needs an initialised torch.distributed process group")
+        # Every collective below is sized by (num_classes, dim): meters of different shapes would make gloo abort
+        # the process or hang (seen on gloo, also with equal C*d). One small all-gather first, so that every
+        # rank raises the same ValueError, with the meter unchanged.
+        mine = torch.tensor([self.num_classes, self.dim], dtype=torch.int64, device=self.device)
+        shapes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(shapes, mine, group=group)
+        shapes = [tuple(int(v) for v in t) for t in shapes]
+        if any(sh != shapes[0] for sh in shapes):
+            raise ValueError("all_reduce needs meters of the same num_classes and dim on every rank, got "
+                             f"(num_classes, dim) = {shapes} (rank order)")
         n_r = self._counts.clone()
         counts = self._counts.clone()
         dist.all_reduce(counts, group=group)

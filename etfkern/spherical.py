@@ -462,13 +462,13 @@ def _finite_check(t: torch.Tensor, name: str) -> DataCheck:
     return (lambda: torch.isfinite(t).all(), f"{name} must be finite (found NaN or inf)", None)
 
 
-def _bank_finite_checks(bank: torch.Tensor) -> list[DataCheck]:
+def _bank_finite_checks(bank: torch.Tensor, name: str = "bank") -> list[DataCheck]:
     """The bank's finiteness check, or none when this very tensor passed it before and has not been written since
     (same object, ``_version`` counter, storage and layout). The op reads a fixed bank once per call; a second
     full read per call for the check would double the traffic of a small-batch call. Traced every time under
     torch.compile (device assert)."""
     if torch.compiler.is_compiling():
-        return [_finite_check(bank, "bank")]
+        return [_finite_check(bank, name)]
     key = (bank._version, bank.data_ptr(), tuple(bank.shape), bank.stride())
     seen = _FINITE_BANKS.get(id(bank))
     if seen is not None and seen[0]() is bank and seen[1:] == key:
@@ -479,7 +479,7 @@ def _bank_finite_checks(bank: torch.Tensor) -> list[DataCheck]:
             _FINITE_BANKS.pop(next(iter(_FINITE_BANKS)))
         _FINITE_BANKS[id(bank)] = (weakref.ref(bank),) + key
 
-    return [(lambda: torch.isfinite(bank).all(), "bank must be finite (found NaN or inf)", remember)]
+    return [(lambda: torch.isfinite(bank).all(), f"{name} must be finite (found NaN or inf)", remember)]
 
 
 def _data_checks(checks: list[DataCheck], validate: bool | None, device: torch.device) -> None:
@@ -489,12 +489,10 @@ def _data_checks(checks: list[DataCheck], validate: bool | None, device: torch.d
         return
     # under torch.compile a host-side bool() breaks the graph (fullgraph=True fails): device asserts even for True
     on_device = torch.compiler.is_compiling() or (validate is None and device.type != "cpu")
-    for check in checks:
-        ok, msg, passed = check if len(check) == 3 else (*check, None)
-        ok = ok() if callable(ok) else ok
+    for ok, msg, passed in checks:
         if on_device:  # a failing device assert is fatal to the CUDA context: enforced once enqueued
-            torch._assert_async(ok, msg)
-        elif not bool(ok):
+            torch._assert_async(ok(), msg)
+        elif not bool(ok()):
             raise ValueError(msg)
         if passed is not None:
             passed()

@@ -101,3 +101,64 @@ def test_all_reduce_equals_one_meter(world, disjoint):
     if disjoint:  # the split really was disjoint: no class on two ranks
         seen = [set(y[_rank_rows(y, r, world, True)].tolist()) for r in range(world)]
         assert all(not (seen[a] & seen[b]) for a in range(world) for b in range(a + 1, world))
+
+
+def _mismatch_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    import etfkern
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    # short collective timeout: a rank left waiting fails in seconds
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        g = torch.Generator().manual_seed(rank)
+        outcome = []
+        # (C, d) differing on the last rank: different C; different d; equal C*d (same message sizes)
+        for shape in ((C + 1, D), (C, D + 1), (2 * C, D // 2)):
+            c, d = shape if rank == world - 1 else (C, D)
+            m = etfkern.CollapseMeter(c, d)
+            m.update(torch.randn(20, d, generator=g, dtype=torch.float64), torch.randint(0, c, (20,), generator=g))
+            before = m.state_dict()
+            try:
+                m.all_reduce()
+                outcome.append("accepted")
+            except ValueError as exc:
+                after = m.state_dict()
+                unchanged = all(torch.equal(before[k], after[k]) for k in ("counts", "means", "m2", "sw"))
+                outcome.append(("ValueError", "num_classes and dim" in str(exc), unchanged))
+        # the group is still in step: matching meters reduce normally afterwards
+        m = etfkern.CollapseMeter(C, D)
+        m.update(torch.randn(20, D, generator=g, dtype=torch.float64), torch.randint(0, C, (20,), generator=g))
+        m.all_reduce()
+        outcome.append(m.num_samples)
+        torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_reduce_of_mismatched_meters_raises_on_every_rank(world):
+    import time
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_mismatch_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
+                                 start_method="spawn")
+        t0 = time.time()
+        try:
+            while not ctx.join(timeout=2):
+                if time.time() - t0 > TIMEOUT_S:
+                    pytest.fail(f"gloo workers did not finish within {TIMEOUT_S} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        outcomes = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
+    for r, outcome in enumerate(outcomes):
+        assert outcome[:3] == [("ValueError", True, True)] * 3, (r, outcome)
+        assert outcome[3] == 20 * world, (r, outcome)

@@ -101,3 +101,100 @@ def test_vocab_parallel_matches_full_bank(world):
     errors = {r: e for r, e in results.items() if e}
     assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
     assert sorted(results) == list(range(world))
+
+
+def _edge_worker(rank: int, world: int, port: int, queue) -> None:
+    """A rank holding no classes; bad arguments on ONE rank must make every rank raise (no rank left waiting in a
+    collective), after which the group still works."""
+    try:
+        os.environ.pop("TRITON_INTERPRET", None)
+        torch.set_num_threads(1)
+        import datetime
+
+        import torch.distributed as dist
+
+        import etfkern
+        import etfkern.distributed as edist
+
+        # a short collective timeout: a rank left waiting fails the test in seconds, not after gloo's 30 minutes
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=30))
+        gen = torch.Generator().manual_seed(1)
+        n, d, c = 11, 5, 13
+        x0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        bank = F.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64), dim=1)
+        target = torch.randint(0, c, (n,), generator=gen)
+        target[4] = -100
+        target_b = torch.randint(0, c, (n,), generator=gen)
+        sizes = {2: [0, 13], 3: [7, 0, 6]}[world]  # rank 0 (world 2) / rank 1 (world 3) holds no classes
+        start = sum(sizes[:rank])
+        shard = bank[start:start + sizes[rank]]
+        for metric, eps in (("cos", 0.1), ("arc", 0.1), ("cos", 0.0)):
+            kw = dict(metric=metric, label_smoothing=eps, target_b=target_b, lam=0.3)
+            xf = x0.clone().requires_grad_()
+            full = etfkern.spherical_cross_entropy(xf, bank, target, **kw)
+            full.backward()
+            xs = x0.clone().requires_grad_()
+            part = edist.spherical_cross_entropy(xs, shard, target, class_start=start, **kw)
+            part.backward()
+            torch.testing.assert_close(part, full, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(xs.grad, xf.grad, atol=1e-10, rtol=1e-10)
+        v, i = edist.nearest(x0, shard, class_start=start, k=3)
+        rv, ri = etfkern.nearest(x0, bank, k=3)
+        assert torch.equal(i, ri)
+        torch.testing.assert_close(v, rv)
+        bad_rank = world - 1
+        nan_shard = shard.clone()
+        if rank == bad_rank:
+            nan_shard[0, 0] = float("nan")
+        grad_shard = shard.clone().requires_grad_(rank == bad_rank)
+        for call, own in ((lambda: edist.spherical_cross_entropy(x0, nan_shard, target, class_start=start),
+                           "bank_shard must be finite"),
+                          (lambda: edist.nearest(x0, nan_shard, class_start=start, k=2), "bank_shard must be finite"),
+                          (lambda: edist.spherical_cross_entropy(x0, shard.float(), target, class_start=start)
+                           if rank == bad_rank else edist.spherical_cross_entropy(x0, shard, target,
+                                                                                  class_start=start),
+                           "dtype"),
+                          (lambda: edist.spherical_cross_entropy(x0, grad_shard, target, class_start=start),
+                           "not implemented")):
+            try:
+                call()
+                raise AssertionError("bad arguments on one rank were accepted")
+            except (ValueError, NotImplementedError) as exc:
+                want = own if rank == bad_rank else f"rank(s) [{bad_rank}]"
+                assert want in str(exc), (want, str(exc))
+        # the collectives are still in step: a good call afterwards gives the full-bank loss on every rank
+        again = edist.spherical_cross_entropy(x0, shard, target, class_start=start)
+        torch.testing.assert_close(again, etfkern.spherical_cross_entropy(x0, bank, target), atol=1e-10, rtol=1e-10)
+        dist.barrier()
+        dist.destroy_process_group()
+        result = (rank, None)
+    except Exception:  # noqa: BLE001 - report to the parent
+        result = (rank, traceback.format_exc())
+    queue.put(result)
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_empty_shard_and_one_rank_rejecting_its_arguments(world):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_edge_worker, args=(r, world, port, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = {}
+    try:
+        for _ in range(world):
+            rank, err = queue.get(timeout=120)
+            results[rank] = err
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    errors = {r: e for r, e in results.items() if e}
+    assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
+    assert sorted(results) == list(range(world))

@@ -73,6 +73,14 @@ def test_backend_env_and_override(monkeypatch):
             pass
 
 
+def test_empty_backend_env_means_auto(monkeypatch):
+    # `ETFKERN_BACKEND= make test` (set but empty) is the same as unset, not a ValueError on every op
+    monkeypatch.setenv("ETFKERN_BACKEND", "")
+    assert _backend.requested() == "auto"
+    monkeypatch.setenv("ETFKERN_BACKEND", "  ")
+    assert _backend.requested() == "auto"
+
+
 def test_unavailable_backend_raises_clear_error():
     _backend.register("_test_only_op", "reference", lambda x: x)
     with etfkern.use_backend("cuda"):
@@ -88,6 +96,62 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     why = _backend.why_unavailable("triton", "cpu")
     assert why is not None and "TRITON_INTERPRET" in why
+
+
+@pytest.mark.parametrize("value", ["true", "On", "1"])
+def test_triton_interpret_read_as_triton_reads_it(monkeypatch, value):
+    # Triton interprets for TRITON_INTERPRET=true/on/1 (its getenv_bool); the backend check must agree, else the
+    # triton backend is refused on CPU tensors although the kernels would run in the interpreter
+    triton = pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    if hasattr(triton, "knobs"):
+        assert triton.knobs.runtime.interpret is True
+    assert _backend.triton_interpret() is True
+    assert _backend.why_unavailable("triton", "cpu", "spherical_nearest") is None
+
+
+def test_public_functions_and_info_without_compiled_library_and_triton(tmp_path):
+    # A failed build and a missing triton: one warning, the public functions on CPU, and `python -m etfkern info`.
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text(
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name in ('etfkern._C', 'triton') or name.startswith('triton.'):\n"
+        "            raise ImportError('blocked for test: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n")
+    code = ("import warnings, torch\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import etfkern, etfkern.distributed\n"
+            "    x = torch.randn(6, 8, requires_grad=True); bank = etfkern.simplex_etf(9, 8)\n"
+            "    t = torch.tensor([0, 3, 8, -100, 2, 5])\n"
+            "    etfkern.spherical_cross_entropy(x, bank, t, label_smoothing=0.1).backward()\n"
+            "    with etfkern.use_backend('reference'):\n"
+            "        ref = etfkern.nearest(x, bank, k=2)[1]\n"
+            "    assert torch.equal(etfkern.nearest(x, bank, k=2)[1], ref)\n"
+            "    etfkern.bank_stats(bank)\n"
+            "    m = etfkern.CollapseMeter(9, 8); m.update(x.detach(), t.clamp_min(0)); m.compute()\n"
+            "    p = torch.nn.Parameter(torch.randn(4)); opt = etfkern.optim.MSAM([p], lr=0.1)\n"
+            "    p.sum().backward(); opt.step()\n"
+            "mine = [w for w in caught if 'etfkern' in str(w.message)]\n"
+            "assert len(mine) == 1 and 'compiled kernels unavailable' in str(mine[0].message), "
+            "[str(w.message) for w in mine]\n"
+            "print('ok')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+    info = subprocess.run([sys.executable, "-m", "etfkern", "info", "--json"], capture_output=True, text=True,
+                          env=env)
+    assert info.returncode == 0, info.stderr
+    report = json.loads(info.stdout)
+    assert report["build"]["compiled"] is False and "blocked" in report["build"]["compiled_error"]
+    assert report["build"]["triton"] is None
+    assert report["backends"]["cpu"]["cpu"] is None and report["backends"]["cpu"]["reference"] is None
+    assert "triton" in report["backends"]["cpu"]["triton"]
+    assert info.stderr.count("compiled kernels unavailable") == 1
 
 
 def test_info_command(capsys):
