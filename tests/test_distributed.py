@@ -22,50 +22,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
+def _check_loss_and_grad(x0, bank, shard, start, target, kw) -> None:
+    """Vocab-parallel loss and x-gradient on this rank's shard == the full-bank ones (float64, 1e-10)."""
+    import etfkern
+    import etfkern.distributed as edist
+
+    xf = x0.clone().requires_grad_()
+    full = etfkern.spherical_cross_entropy(xf, bank, target, **kw)
+    full.backward()
+    xs = x0.clone().requires_grad_()
+    part = edist.spherical_cross_entropy(xs, shard, target, class_start=start, **kw)
+    part.backward()
+    torch.testing.assert_close(part, full, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(xs.grad, xf.grad, atol=1e-10, rtol=1e-10)
+
+
+def _rank_main(body, rank: int, world: int, port: int, queue) -> None:
+    """One spawned rank: gloo on 127.0.0.1, ``body(rank, world)``, then the result (None or a traceback) to the
+    parent. A short collective timeout: a rank left waiting fails the test in seconds, not after gloo's 30 minutes."""
     try:
         os.environ.pop("TRITON_INTERPRET", None)
         torch.set_num_threads(1)
+        import datetime
+
         import torch.distributed as dist
 
-        import etfkern
-        import etfkern.distributed as edist
-
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-        gen = torch.Generator().manual_seed(0)
-        n, d, c = 14, 6, 23
-        x0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
-        bank = F.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64), dim=1)
-        target = torch.randint(0, c, (n,), generator=gen)
-        target[2] = -100
-        target_b = torch.randint(0, c, (n,), generator=gen)
-        lam = torch.rand(n, generator=gen, dtype=torch.float64)
-        sizes = SPLITS[world]
-        start = sum(sizes[:rank])
-        shard = bank[start:start + sizes[rank]]
-        for metric in ("cos", "arc"):
-            for eps in (0.0, 0.1):
-                kw = dict(metric=metric, label_smoothing=eps, target_b=target_b, lam=lam, reduction="sum")
-                xf = x0.clone().requires_grad_()
-                full = etfkern.spherical_cross_entropy(xf, bank, target, **kw)
-                full.backward()
-                xs = x0.clone().requires_grad_()
-                part = edist.spherical_cross_entropy(xs, shard, target, class_start=start, **kw)
-                part.backward()
-                torch.testing.assert_close(part, full, atol=1e-10, rtol=1e-10)
-                torch.testing.assert_close(xs.grad, xf.grad, atol=1e-10, rtol=1e-10)
-        rows = edist.spherical_cross_entropy(x0, shard, target, class_start=start, reduction="none")
-        torch.testing.assert_close(rows, etfkern.spherical_cross_entropy(x0, bank, target, reduction="none"))
-        for k in (1, 4):
-            v, i = edist.nearest(x0, shard, class_start=start, k=k)
-            rv, ri = etfkern.nearest(x0, bank, k=k)
-            assert torch.equal(i, ri)
-            torch.testing.assert_close(v, rv)
-        try:
-            edist.spherical_cross_entropy(x0, shard, target, class_start=start + 1)
-            raise AssertionError("overlapping shards were accepted")
-        except ValueError as exc:
-            assert "tile" in str(exc)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=30))
+        body(rank, world)
         dist.barrier()  # no rank tears down gloo while another is still working
         dist.destroy_process_group()
         result = (rank, None)
@@ -80,18 +64,57 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     os._exit(0)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_matches_full_bank(world):
+def _problem(seed: int, *, n: int, d: int, c: int, ignored_row: int):
+    """(generator, x (n, d), unit bank (c, d), target with one ignored row, target_b), float64, the same on every
+    rank."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    bank = F.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64), dim=1)
+    target = torch.randint(0, c, (n,), generator=gen)
+    target[ignored_row] = -100
+    return gen, x0, bank, target, torch.randint(0, c, (n,), generator=gen)
+
+
+def _full_bank_body(rank: int, world: int) -> None:
+    """Every rank's vocab-parallel loss, x-gradient and nearest == the full-bank ones; overlapping shards rejected."""
+    import etfkern
+    import etfkern.distributed as edist
+
+    gen, x0, bank, target, target_b = _problem(0, n=14, d=6, c=23, ignored_row=2)
+    lam = torch.rand(14, generator=gen, dtype=torch.float64)
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    shard = bank[start:start + sizes[rank]]
+    for metric in ("cos", "arc"):
+        for eps in (0.0, 0.1):
+            kw = dict(metric=metric, label_smoothing=eps, target_b=target_b, lam=lam, reduction="sum")
+            _check_loss_and_grad(x0, bank, shard, start, target, kw)
+    rows = edist.spherical_cross_entropy(x0, shard, target, class_start=start, reduction="none")
+    torch.testing.assert_close(rows, etfkern.spherical_cross_entropy(x0, bank, target, reduction="none"))
+    for k in (1, 4):
+        v, i = edist.nearest(x0, shard, class_start=start, k=k)
+        rv, ri = etfkern.nearest(x0, bank, k=k)
+        assert torch.equal(i, ri)
+        torch.testing.assert_close(v, rv)
+    try:
+        edist.spherical_cross_entropy(x0, shard, target, class_start=start + 1)
+        raise AssertionError("overlapping shards were accepted")
+    except ValueError as exc:
+        assert "tile" in str(exc)
+
+
+def _run_world(body, world: int, timeout: float) -> None:
+    """Spawn ``world`` ranks running ``body(rank, world)``; fail with every rank's traceback."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(body, r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()
     results = {}
     try:
         for _ in range(world):
-            rank, err = queue.get(timeout=180)
+            rank, err = queue.get(timeout=timeout)
             results[rank] = err
     finally:
         for p in procs:
@@ -103,98 +126,53 @@ def test_vocab_parallel_matches_full_bank(world):
     assert sorted(results) == list(range(world))
 
 
-def _edge_worker(rank: int, world: int, port: int, queue) -> None:
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_full_bank(world):
+    _run_world(_full_bank_body, world, timeout=180)
+
+
+def _edge_body(rank: int, world: int) -> None:
     """A rank holding no classes; bad arguments on ONE rank must make every rank raise (no rank left waiting in a
     collective), after which the group still works."""
-    try:
-        os.environ.pop("TRITON_INTERPRET", None)
-        torch.set_num_threads(1)
-        import datetime
+    import etfkern
+    import etfkern.distributed as edist
 
-        import torch.distributed as dist
-
-        import etfkern
-        import etfkern.distributed as edist
-
-        # a short collective timeout: a rank left waiting fails the test in seconds, not after gloo's 30 minutes
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=30))
-        gen = torch.Generator().manual_seed(1)
-        n, d, c = 11, 5, 13
-        x0 = torch.randn(n, d, generator=gen, dtype=torch.float64)
-        bank = F.normalize(torch.randn(c, d, generator=gen, dtype=torch.float64), dim=1)
-        target = torch.randint(0, c, (n,), generator=gen)
-        target[4] = -100
-        target_b = torch.randint(0, c, (n,), generator=gen)
-        sizes = {2: [0, 13], 3: [7, 0, 6]}[world]  # rank 0 (world 2) / rank 1 (world 3) holds no classes
-        start = sum(sizes[:rank])
-        shard = bank[start:start + sizes[rank]]
-        for metric, eps in (("cos", 0.1), ("arc", 0.1), ("cos", 0.0)):
-            kw = dict(metric=metric, label_smoothing=eps, target_b=target_b, lam=0.3)
-            xf = x0.clone().requires_grad_()
-            full = etfkern.spherical_cross_entropy(xf, bank, target, **kw)
-            full.backward()
-            xs = x0.clone().requires_grad_()
-            part = edist.spherical_cross_entropy(xs, shard, target, class_start=start, **kw)
-            part.backward()
-            torch.testing.assert_close(part, full, atol=1e-10, rtol=1e-10)
-            torch.testing.assert_close(xs.grad, xf.grad, atol=1e-10, rtol=1e-10)
-        v, i = edist.nearest(x0, shard, class_start=start, k=3)
-        rv, ri = etfkern.nearest(x0, bank, k=3)
-        assert torch.equal(i, ri)
-        torch.testing.assert_close(v, rv)
-        bad_rank = world - 1
-        nan_shard = shard.clone()
-        if rank == bad_rank:
-            nan_shard[0, 0] = float("nan")
-        grad_shard = shard.clone().requires_grad_(rank == bad_rank)
-        for call, own in ((lambda: edist.spherical_cross_entropy(x0, nan_shard, target, class_start=start),
-                           "bank_shard must be finite"),
-                          (lambda: edist.nearest(x0, nan_shard, class_start=start, k=2), "bank_shard must be finite"),
-                          (lambda: edist.spherical_cross_entropy(x0, shard.float(), target, class_start=start)
-                           if rank == bad_rank else edist.spherical_cross_entropy(x0, shard, target,
-                                                                                  class_start=start),
-                           "dtype"),
-                          (lambda: edist.spherical_cross_entropy(x0, grad_shard, target, class_start=start),
-                           "not implemented")):
-            try:
-                call()
-                raise AssertionError("bad arguments on one rank were accepted")
-            except (ValueError, NotImplementedError) as exc:
-                want = own if rank == bad_rank else f"rank(s) [{bad_rank}]"
-                assert want in str(exc), (want, str(exc))
-        # the collectives are still in step: a good call afterwards gives the full-bank loss on every rank
-        again = edist.spherical_cross_entropy(x0, shard, target, class_start=start)
-        torch.testing.assert_close(again, etfkern.spherical_cross_entropy(x0, bank, target), atol=1e-10, rtol=1e-10)
-        dist.barrier()
-        dist.destroy_process_group()
-        result = (rank, None)
-    except Exception:  # noqa: BLE001 - report to the parent
-        result = (rank, traceback.format_exc())
-    queue.put(result)
-    queue.close()
-    queue.join_thread()
-    os._exit(0)
+    _, x0, bank, target, target_b = _problem(1, n=11, d=5, c=13, ignored_row=4)
+    sizes = {2: [0, 13], 3: [7, 0, 6]}[world]  # rank 0 (world 2) / rank 1 (world 3) holds no classes
+    start = sum(sizes[:rank])
+    shard = bank[start:start + sizes[rank]]
+    for metric, eps in (("cos", 0.1), ("arc", 0.1), ("cos", 0.0)):
+        kw = dict(metric=metric, label_smoothing=eps, target_b=target_b, lam=0.3)
+        _check_loss_and_grad(x0, bank, shard, start, target, kw)
+    v, i = edist.nearest(x0, shard, class_start=start, k=3)
+    rv, ri = etfkern.nearest(x0, bank, k=3)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(v, rv)
+    bad_rank = world - 1
+    nan_shard = shard.clone()
+    if rank == bad_rank:
+        nan_shard[0, 0] = float("nan")
+    grad_shard = shard.clone().requires_grad_(rank == bad_rank)
+    for call, own in ((lambda: edist.spherical_cross_entropy(x0, nan_shard, target, class_start=start),
+                       "bank_shard must be finite"),
+                      (lambda: edist.nearest(x0, nan_shard, class_start=start, k=2), "bank_shard must be finite"),
+                      (lambda: edist.spherical_cross_entropy(x0, shard.float(), target, class_start=start)
+                       if rank == bad_rank else edist.spherical_cross_entropy(x0, shard, target,
+                                                                              class_start=start),
+                       "dtype"),
+                      (lambda: edist.spherical_cross_entropy(x0, grad_shard, target, class_start=start),
+                       "not implemented")):
+        try:
+            call()
+            raise AssertionError("bad arguments on one rank were accepted")
+        except (ValueError, NotImplementedError) as exc:
+            want = own if rank == bad_rank else f"rank(s) [{bad_rank}]"
+            assert want in str(exc), (want, str(exc))
+    # the collectives are still in step: a good call afterwards gives the full-bank loss on every rank
+    again = edist.spherical_cross_entropy(x0, shard, target, class_start=start)
+    torch.testing.assert_close(again, etfkern.spherical_cross_entropy(x0, bank, target), atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_empty_shard_and_one_rank_rejecting_its_arguments(world):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_edge_worker, args=(r, world, port, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(world):
-            rank, err = queue.get(timeout=120)
-            results[rank] = err
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    errors = {r: e for r, e in results.items() if e}
-    assert not errors, "\n".join(f"rank {r}:\n{e}" for r, e in errors.items())
-    assert sorted(results) == list(range(world))
+    _run_world(_edge_body, world, timeout=120)

@@ -35,8 +35,9 @@ def test_compiled_library_loaded_and_reports_build():
         assert info["cuda"] is False and info["cuda_archs"] == ""
 
 
-def test_import_works_without_compiled_library_and_triton(tmp_path):
-    # Simulate a failed build and a missing triton: the package must import, warn once, and fall back.
+def _import_blocker(tmp_path):
+    """A sitecustomize.py in tmp_path whose import hook makes ``etfkern._C`` and ``triton`` fail to import (a failed
+    build and a missing triton); put tmp_path on PYTHONPATH of a child interpreter."""
     blocker = tmp_path / "sitecustomize.py"
     blocker.write_text(
         "import sys, importlib.abc\n"
@@ -45,6 +46,12 @@ def test_import_works_without_compiled_library_and_triton(tmp_path):
         "        if name in ('etfkern._C', 'triton') or name.startswith('triton.'):\n"
         "            raise ImportError('blocked for test: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n")
+    return blocker
+
+
+def test_import_works_without_compiled_library_and_triton(tmp_path):
+    # Simulate a failed build and a missing triton: the package must import, warn once, and fall back.
+    blocker = _import_blocker(tmp_path)
     code = ("import warnings; warnings.simplefilter('always')\n"
             "import etfkern\n"
             "from etfkern import _backend\n"
@@ -112,14 +119,7 @@ def test_triton_interpret_read_as_triton_reads_it(monkeypatch, value):
 
 def test_public_functions_and_info_without_compiled_library_and_triton(tmp_path):
     # A failed build and a missing triton: one warning, the public functions on CPU, and `python -m etfkern info`.
-    blocker = tmp_path / "sitecustomize.py"
-    blocker.write_text(
-        "import sys, importlib.abc\n"
-        "class Block(importlib.abc.MetaPathFinder):\n"
-        "    def find_spec(self, name, path, target=None):\n"
-        "        if name in ('etfkern._C', 'triton') or name.startswith('triton.'):\n"
-        "            raise ImportError('blocked for test: ' + name)\n"
-        "sys.meta_path.insert(0, Block())\n")
+    blocker = _import_blocker(tmp_path)
     code = ("import warnings, torch\n"
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
