@@ -52,7 +52,7 @@ def _extensions():
         ("ETFKERN_COMPILER", f'"{_compiler_version()}"'),
         ("ETFKERN_CUDA_ARCHS", f'"{archs}"'),
     ]
-    cxx_flags = ["-O3", "-fopenmp"]  # torch adds -std=c++20
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]  # torch adds -std=c++20; no errno: std::sqrt vectorises
     extra = {"cxx": cxx_flags}
     if with_cuda:
         macros.append(("ETFKERN_WITH_CUDA", "1"))

@@ -18,9 +18,6 @@
 
 #include <algorithm>
 #include <cstring>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #define ETFKERN_MSAM_NS base
 #include "cpu/msam_step_kernels.h"

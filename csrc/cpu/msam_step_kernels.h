@@ -97,67 +97,27 @@ double sgd_chunk(P* p, const P* g, T* v, int64_t begin, int64_t end, T lr, T mu,
   });
 }
 
-// x[0:n] = sqrt(x[0:n]) with the SIMD square root (IEEE, like std::sqrt; a plain loop would not vectorise
-// because std::sqrt may set errno)
-template <typename T>
-inline void sqrt_inplace(T* x, int n) {
-  int j = 0;
-#if defined(__AVX__)
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, _mm256_sqrt_ps(_mm256_loadu_ps(x + j)));
-  } else {
-    for (; j + 4 <= n; j += 4) _mm256_storeu_pd(x + j, _mm256_sqrt_pd(_mm256_loadu_pd(x + j)));
-  }
-#elif defined(__SSE2__)
-  if constexpr (std::is_same_v<T, float>) {
-    for (; j + 4 <= n; j += 4) _mm_storeu_ps(x + j, _mm_sqrt_ps(_mm_loadu_ps(x + j)));
-  } else {
-    for (; j + 2 <= n; j += 2) _mm_storeu_pd(x + j, _mm_sqrt_pd(_mm_loadu_pd(x + j)));
-  }
-#endif
-  for (; j < n; ++j) x[j] = std::sqrt(x[j]);
-}
-
-// undo, decoupled decay, Adam update, perturb along -m'; returns ||m'||^2 over the range. Works in blocks:
-// a vectorised sweep up to q', the SIMD square roots, a vectorised sweep for the update.
+// undo, decoupled decay, Adam update, perturb along -m'; returns ||m'||^2 over the range. One vectorised sweep
+// (std::sqrt vectorises: the extension is built with -fno-math-errno).
 template <typename P, typename T, bool GS>
 double adamw_chunk(P* p, const P* g, T* m, T* q, int64_t begin, int64_t end, const AdamCoef& k) {
   const T b1 = static_cast<T>(k.b1), b2 = static_cast<T>(k.b2), c1 = static_cast<T>(k.c1);
   const T c2 = static_cast<T>(k.c2), decay = static_cast<T>(k.decay), step_size = static_cast<T>(k.step_size);
   const T bc2_sqrt = static_cast<T>(k.bc2_sqrt), eps = static_cast<T>(k.eps), so = static_cast<T>(k.so);
   const T sn = static_cast<T>(k.sn), gs = static_cast<T>(k.gs);
-  constexpr int kBlock = 256, kLanes = 16;
-  double acc[kLanes] = {};
-  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-    const int n = static_cast<int>(std::min<int64_t>(kBlock, end - b0));
-    T xs[kBlock], ms[kBlock], rs[kBlock];
-    for (int j = 0; j < n; ++j) {
-      const int64_t i = b0 + j;
-      T gi = load<P, T>(g, i);
-      if constexpr (GS) gi = gi / gs;
-      xs[j] = (load<P, T>(p, i) + so * m[i]) * decay;
-      ms[j] = b1 * m[i] + c1 * gi;
-      rs[j] = b2 * q[i] + c2 * (gi * gi);
-      m[i] = ms[j];
-      q[i] = rs[j];
-    }
-    sqrt_inplace(rs, n);
-    for (int j = 0; j < n; ++j) {
-      const T denom = rs[j] / bc2_sqrt + eps;
-      const T x = xs[j] - step_size * (ms[j] / denom);
-      store<P, T>(p, b0 + j, x - sn * ms[j]);
-    }
-    // lane l sums j = l, l + 16, ... (the order of a plain acc[j % 16] loop), written as whole 16-lane rows so
-    // it vectorises (the modulo form stayed scalar: ~5 ms of a 10M-element step on one thread)
-    int j0 = 0;
-    for (; j0 + kLanes <= n; j0 += kLanes) {
-      for (int l = 0; l < kLanes; ++l) acc[l] += static_cast<double>(ms[j0 + l]) * static_cast<double>(ms[j0 + l]);
-    }
-    for (int l = 0; j0 + l < n; ++l) acc[l] += static_cast<double>(ms[j0 + l]) * static_cast<double>(ms[j0 + l]);
-  }
-  double total = 0.0;
-  for (int j = 0; j < kLanes; ++j) total += acc[j];
-  return total;
+  return lanes_sum(begin, end, [&](int64_t i) {
+    T gi = load<P, T>(g, i);
+    if constexpr (GS) gi = gi / gs;
+    const T mi = m[i];
+    const T x = (load<P, T>(p, i) + so * mi) * decay;
+    const T mn = b1 * mi + c1 * gi;
+    const T qn = b2 * q[i] + c2 * (gi * gi);
+    m[i] = mn;
+    q[i] = qn;
+    const T denom = std::sqrt(qn) / bc2_sqrt + eps;
+    store<P, T>(p, i, (x - step_size * (mn / denom)) - sn * mn);
+    return mn;
+  });
 }
 
 }  // namespace ETFKERN_MSAM_NS
