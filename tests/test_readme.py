@@ -94,6 +94,9 @@ def test_readme_benchmark_numbers_match_the_result_files():
         f"per-tensor loop {x('10M float32', 'per_tensor_loop', 'x_msam_exact')} / "
         f"{x('10M bfloat16', 'per_tensor_loop', 'x_msam_exact')} slower",
         f"{x('10M float32', 'msam_lagged')} / {x('10M bfloat16', 'msam_lagged')} torch SGD foreach",
+        f"{x('10M float32', 'adamw_msam', 'x_adamw_fused')} / {x('10M bfloat16', 'adamw_msam', 'x_adamw_fused')} "
+        f"torch AdamW fused (1M: {x('1M float32', 'adamw_msam', 'x_adamw_fused')} / "
+        f"{x('1M bfloat16', 'adamw_msam', 'x_adamw_fused')})",
         f"about {quick_minutes:.1f} minutes, 2 threads",
         f"{quick_collapse['one_pass_vs_two_pass']:.2f}x inside `run_all --quick`",
     ]
