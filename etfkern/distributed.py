@@ -143,7 +143,7 @@ class _VocabParallelCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         x, g_local = ctx.saved_tensors
         dxh = _all_reduce(grad_loss.to(g_local.dtype).unsqueeze(1) * g_local, dist.ReduceOp.SUM, ctx.group)
-        return (normalize_backward(x, dxh).to(x.dtype),) + (None,) * 11
+        return (normalize_backward(x, dxh, inplace=True).to(x.dtype),) + (None,) * 11
 
 
 def spherical_cross_entropy(x: torch.Tensor, bank_shard: torch.Tensor, target: torch.Tensor, *, class_start: int,

@@ -111,14 +111,17 @@ def finish_forward(xh: torch.Tensor, bank: torch.Tensor, target: torch.Tensor, t
     acc = xh.dtype
     n_cls = bank.shape[0]
     valid = target != ignore_index
+    single = target_b is target  # no mixup pair: the soft target is one class (lam drops out)
     ta = torch.where(valid, target, 0).long()
-    tb = torch.where(valid, target_b, 0).long()
     wa = bank.index_select(0, ta).to(acc)
-    wb = bank.index_select(0, tb).to(acc)
-    za, sa = z_and_slope((xh * wa).sum(1), tau, metric)
-    zb, sb = z_and_slope((xh * wb).sum(1), tau, metric)
+    za, sa = z_and_slope(_rowdot(xh, wa), tau, metric)
+    if single:
+        wb, zb, sb = wa, za, sa
+    else:
+        wb = bank.index_select(0, torch.where(valid, target_b, 0).long()).to(acc)
+        zb, sb = z_and_slope(_rowdot(xh, wb), tau, metric)
     lam = lam.to(acc)
-    target_z = (1 - eps) * (lam * za + (1 - lam) * zb)
+    target_z = (1 - eps) * (za if single else lam * za + (1 - lam) * zb)
     need_col = eps > 0 and (metric == "cos")
     colsum = bank.to(acc).sum(0) / tau if need_col else None
     if eps > 0:
@@ -128,11 +131,23 @@ def finish_forward(xh: torch.Tensor, bank: torch.Tensor, target: torch.Tensor, t
         return loss, None
     if metric == "cos":
         sa = sb = torch.full_like(za, 1.0 / tau)
-    tgrad = (1 - eps) * ((lam * sa).unsqueeze(1) * wa + ((1 - lam) * sb).unsqueeze(1) * wb)
+    # grad = a_sum - (1 - eps) (lam s_a w_a + (1 - lam) s_b w_b) - (eps / C) sum_c s_c w_c, formed in place in
+    # a_sum (the class loop's own buffer): no further (N, d) temporaries beyond the gathered target rows
+    grad = a_sum
+    if single:
+        grad.addcmul_(wa, ((1 - eps) * sa).unsqueeze(1), value=-1.0)
+    else:
+        grad.addcmul_(wa, ((1 - eps) * lam * sa).unsqueeze(1), value=-1.0)
+        grad.addcmul_(wb, ((1 - eps) * (1 - lam) * sb).unsqueeze(1), value=-1.0)
     if eps > 0:
-        tgrad = tgrad + (eps / n_cls) * (colsum.unsqueeze(0) if metric == "cos" else b_sum)
-    grad = torch.where(valid.unsqueeze(1), a_sum - tgrad, torch.zeros_like(a_sum))
+        grad.sub_((eps / n_cls) * (colsum.unsqueeze(0) if metric == "cos" else b_sum))
+    grad.masked_fill_(~valid.unsqueeze(1), 0.0)
     return loss, grad
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N,) row-wise dot products of two (N, d) tensors without an (N, d) product temporary (a batched GEMV)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _empty_results(x, need_grad):
@@ -375,14 +390,17 @@ _backend.register("spherical_cos_tiles", "cpu", cos_tiles)  # CPU-internal; _cpu
 # ----------------------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------------------
-def normalize_backward(x: torch.Tensor, grad_xhat: torch.Tensor) -> torch.Tensor:
-    """d/dx of x / max(|x|, NORM_EPS) applied to grad_xhat: (g - x̂ (x̂.g)) / |x| (g / NORM_EPS below eps)."""
-    xf = x.to(grad_xhat.dtype)
+def normalize_backward(x: torch.Tensor, grad_xhat: torch.Tensor, *, inplace: bool = False) -> torch.Tensor:
+    """d/dx of x / max(|x|, NORM_EPS) applied to grad_xhat: (g - x̂ (x̂.g)) / |x| (g / NORM_EPS below eps).
+
+    Formed as (g - x (x.g) / |x|^2) / |x| with one in-place update: no (N, d) temporaries besides the result
+    (``inplace=True`` reuses grad_xhat's buffer for it, for callers that own it)."""
+    g = grad_xhat if inplace else grad_xhat.clone()
+    xf = x.to(g.dtype)
     norm = xf.norm(dim=1, keepdim=True)
-    big = norm > NORM_EPS
-    xh = xf / norm.clamp_min(NORM_EPS)
-    proj = grad_xhat - xh * (xh * grad_xhat).sum(1, keepdim=True)
-    return torch.where(big, proj, grad_xhat) / norm.clamp_min(NORM_EPS)
+    denom = norm.clamp_min(NORM_EPS)
+    coef = torch.where(norm > NORM_EPS, _rowdot(xf, g).unsqueeze(1) / (denom * denom), torch.zeros_like(norm))
+    return g.addcmul_(xf, coef, value=-1.0).div_(denom)
 
 
 def _ce_setup_context(ctx, inputs, output):
@@ -403,7 +421,8 @@ def _ce_backward(ctx, g_loss, g_lse, g_grad):
         if grad_xhat.shape[0] != x.shape[0]:  # op called with need_grad=False: recompute (one more pass)
             grad_xhat = _ops.spherical_ce_forward(x.detach(), bank.detach(), target, target_b, lam, tau, metric,
                                                   eps, ignore_index, True)[2]
-        dx = normalize_backward(x, g_loss.to(grad_xhat.dtype).unsqueeze(1) * grad_xhat).to(x.dtype)
+        dxh = g_loss.to(grad_xhat.dtype).unsqueeze(1) * grad_xhat
+        dx = normalize_backward(x, dxh, inplace=True).to(x.dtype)
     if ctx.needs_input_grad[1]:
         dbank = _ops.spherical_ce_bank_grad(x, bank, target, target_b, lam, g_loss, lse, tau, metric, eps,
                                             ignore_index).to(bank.dtype)
