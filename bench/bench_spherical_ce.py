@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import sys
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import env_var, peak_mib, print_table, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
+from etfkern._measure import reset_peak_rss, proc_status_kib  # noqa: E402
 
 TAU = 0.07
 GPU_SHAPES = [(8192, 512, 32768), (16384, 1024, 131072), (8192, 4096, 262144),  # LLM-vocabulary scale
@@ -124,24 +124,16 @@ def _call(name: str, what: str, x0, bank, target, peers) -> Callable[[], Any]:
     return fwd_bwd
 
 
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _peak_child(name, what, n, d, c, dtype, quick, threads, queue):  # runs in a spawned process
     torch.set_num_threads(threads)
     x0, bank, target = _inputs(n, d, c, "cpu", dtype)
     fn = _call(name, what, x0, bank, target, _peers("cpu", quick))
     fn()  # warm-up: one-time allocations (thread pools, lazy inits) are not the op's memory
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-    start = _vm_kib("VmRSS")
+    if not reset_peak_rss():  # VmHWM := the current RSS
+        raise RuntimeError("peak memory needs Linux /proc/self/clear_refs")
+    start = proc_status_kib("VmRSS")
     fn()
-    queue.put((_vm_kib("VmHWM") - start) / 1024.0)
+    queue.put((proc_status_kib("VmHWM") - start) / 1024.0)
 
 
 def _peak(name, what, n, d, c, device, dtype, quick, fn) -> float:

@@ -32,7 +32,7 @@ def time_ms(fn: Callable[[], Any], device: str | torch.device = "cpu", *, warmup
     return statistics.median(times)
 
 
-def _status_kib(field: str) -> int | None:
+def proc_status_kib(field: str) -> int | None:
     """A ``/proc/self/status`` field (e.g. VmHWM) in KiB; None where there is no procfs."""
     try:
         with open("/proc/self/status") as f:
@@ -54,7 +54,7 @@ def _release_free_heap() -> None:
         pass
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0: clear_refs "5")."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -73,11 +73,11 @@ def _rss_child(fn: Callable[[], Any], queue: Any) -> None:  # runs in a forked c
     # as the CUDA measurement counts what is already allocated as the base.
     fn()
     _release_free_heap()  # memory the first call freed but malloc kept must count again when the second call reuses it
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     with open("/proc/self/statm") as f:
         start_kib = int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
     fn()
-    hwm = _status_kib("VmHWM") if reset else None
+    hwm = proc_status_kib("VmHWM") if reset else None
     # without the reset: the process's lifetime peak (an upper bound that may include the first call's peak)
     peak_kib = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     queue.put((peak_kib - start_kib) / 1024.0)
