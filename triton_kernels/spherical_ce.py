@@ -102,6 +102,15 @@ def _z_slope(cosv, inv_tau, arc_eps, ARC: tl.constexpr):
 
 
 @triton.jit
+def _arc_unit_slope(cosv, arc_eps):
+    """tau * dz/dcos for "arc": 1 / sqrt(max(1 - cos^2, eps)) <= 1 / sqrt(eps) = 1000. float16 dot operands take this
+    (times p <= 1, or the row's coefficient) and the epilogue or launcher applies 1/tau in fp32 (see _tau_free): the
+    full slope (1000 / tau at |cos| = 1) overflows float16 (65504) for tau < 0.0153: inf/NaN gradients."""
+    cc = tl.minimum(tl.maximum(cosv, -1.0), 1.0)
+    return 1.0 / tl.sqrt(tl.maximum(1.0 - cc * cc, arc_eps))
+
+
+@triton.jit
 def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_tau, arc_eps, shift, c_split,
                    ARC: tl.constexpr, NEED_SUMZ: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_B: tl.constexpr,
                    FIXED: tl.constexpr, SPLIT: tl.constexpr, REG_ACC: tl.constexpr, ACC: tl.constexpr,
@@ -151,6 +160,8 @@ def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_ta
         l_i += tl.sum(p, 1)
         if NEED_GRAD:
             if ARC:
+                if W.dtype.element_ty == tl.float16:  # tau-free operands: A gets 1/tau below, B in the launcher
+                    slope = _arc_unit_slope(cosv, arc_eps)
                 p = p * slope
             pm = p.to(W.dtype.element_ty)
             if REG_ACC:
@@ -191,6 +202,8 @@ def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_ta
         else:
             scale = 1.0 / l_i
             if not ARC:
+                scale = scale * inv_tau
+            elif W.dtype.element_ty == tl.float16:
                 scale = scale * inv_tau
         if REG_ACC:
             dmask = row_mask[:, None] & (dv0 < D)[None, :]
@@ -233,6 +246,9 @@ def _ce_dw_kernel(X, W, LSE, G, TA, TB, WA, WB, DW, N, C, D, sxn, sxd, swc, swd,
         coef = g[:, None] * (p - eps_over_c)
         coef -= tl.where(cols[None, :] == ta[:, None], wa[:, None], 0.0)
         coef -= tl.where(cols[None, :] == tb[:, None], wb[:, None], 0.0)
+        if ARC:
+            if X.dtype.element_ty == tl.float16:  # tau-free operand (_arc_unit_slope); the launcher applies 1/tau
+                slope = _arc_unit_slope(cosv, arc_eps)
         coef = tl.where(row_mask[:, None] & col_mask[None, :], coef * slope, 0.0)
         coef_t = tl.trans(coef.to(X.dtype.element_ty))
         if REG_ACC:
@@ -331,6 +347,13 @@ def _config(d: int, dtype: torch.dtype) -> dict:
                 num_warps=8, num_stages=3)  # 4 warps spilled 0.2-2 KB at d = 100 (ptxas, sm_90a)
 
 
+def _tau_free(metric: str, dtype: torch.dtype) -> bool:
+    """"arc" with a float16 bank: the kernels' dot operands carry tau * slope (<= 1000, _arc_unit_slope) instead of
+    the slope (up to 1000 / tau, past float16's 65504 for tau < 0.0153); the 1/tau is applied in fp32 afterwards
+    (A in the forward's epilogue or split combine, B and dW here). Must match the kernels' float16 tests."""
+    return metric == "arc" and dtype == torch.float16
+
+
 _SHIFTS: dict[int, tuple] = {}
 
 
@@ -420,13 +443,19 @@ def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
 
     With S > 1 slabs each program writes raw partials (max or shift m_s, sum-exp l_s, sum_z_s, unscaled A_s,
     B_s); they are combined here over s in a fixed order: lse = M + log(sum_s e^(m_s - M) l_s),
-    A = sum_s e^(m_s - M) A_s / (l tau) (cos) or / l (arc). Extra memory (S - 1) x (n x d) per accumulator.
+    A = sum_s e^(m_s - M) A_s / (l tau) (cos, or "arc" with tau-free slopes: see _tau_free) or / l ("arc").
+    Extra memory (S - 1) x (n x d) per accumulator.
     """
     n, d = x.shape
     n_cls = bank.shape[0]
     acc = acc_dtype(x.dtype)
     xh_acc = normalized(x, acc)
     xh = xh_acc.to(bank.dtype)
+    if xh.dtype != acc:
+        # 16-bit bank: the kernel's cosines (lse, p, "arc" slopes) come from the rounded x̂, so finish_forward's
+        # target terms must too, or lse - z_t and a_sum - s_t w_t mix two cosines (fp16 "arc": x-gradient errors
+        # up to ~3x plain torch's; the slope is steep near |cos| = 1)
+        xh_acc = xh.to(acc)
     shift = _shift(bank, tau, metric)
     if _mm_class_loop(metric, shift, need_sumz, need_b):
         # "cos", fixed shift: tiles of cuBLAS GEMMs (logits of one tile in memory, never N x C), see cos_tiles
@@ -437,8 +466,12 @@ def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
             rows, k = class_tile(n, n_cls, dim=d)
         lse, a_sum = cos_tiles((xh_acc / tau).to(bank.dtype), bank, float(tau), need_grad, rows, k)
         return xh_acc, lse, None, a_sum if need_grad else None, None
-    if need_grad and metric == "cos" and bank.dtype == torch.float16:
-        shift = None  # the fixed shift's p = exp(z) reaches e^40: cast to float16 for P @ W it overflows (65504)
+    if need_grad and bank.dtype == torch.float16:
+        # P @ W takes p (times the "arc" slope) cast to float16: with the fixed shift, "cos" p = exp(z) reaches e^40
+        # and overflows (65504); "arc" p = exp(z) with z in [-pi/tau, 0] falls to e^-45, far below float16's
+        # normal range (6e-5): the rows' p underflow to subnormals/zero and a_sum loses all accuracy. The online
+        # max keeps every row's largest p at 1.
+        shift = None
     cfg = _config(d, bank.dtype)
     if need_b and cfg["REG_ACC"] and cfg["BLOCK_DV"] >= 256 and not triton_interpret():
         cfg["BLOCK_N"] = 32  # two register accumulators: halve the rows (ptxas: 64 x 256 x 2 spilled ~1.3 KB)
@@ -457,6 +490,8 @@ def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
                          FIXED=shift is not None, SPLIT=s > 1, ACC=_tl_acc(x.dtype), PREC=_precision(x.dtype), **cfg)
     a_sum = a_part[0] if need_grad else None
     b_sum = b_part[0] if need_b else None
+    if need_b and _tau_free(metric, bank.dtype):  # the kernel's B is sum_c tau s_c w_c
+        b_part.mul_(1.0 / tau)
     if s == 1:
         return xh_acc, m_part, sum_z if need_sumz else None, a_sum, b_sum
     m = m_part.view(s, n)
@@ -464,7 +499,8 @@ def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
     weight = torch.exp(m - top)  # 0 for an empty slab of the online-max path (m = -inf)
     total = (weight * l_part.view(s, n)).sum(0)
     if need_grad:
-        a_sum = (a_part * weight.unsqueeze(2)).sum(0) / (total * (1.0 if metric == "arc" else tau)).unsqueeze(1)
+        per_tau = metric != "arc" or _tau_free(metric, bank.dtype)
+        a_sum = (a_part * weight.unsqueeze(2)).sum(0) / (total * (tau if per_tau else 1.0)).unsqueeze(1)
     return (xh_acc, top + total.log(), sum_z.view(s, n).sum(0) if need_sumz else None, a_sum,
             b_part.sum(0) if need_b else None)
 
@@ -512,7 +548,8 @@ def ce_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, ep
                         xh.stride(0), xh.stride(1), bank.stride(0), bank.stride(1), 1.0 / tau, ARC_GRAD_EPS,
                         eps / n_cls, rows, ARC=metric == "arc", ACC=_tl_acc(bank.dtype),
                         PREC=_precision(bank.dtype), **cfg)
-    return dw if s == 1 else part.sum(0)  # fixed order over the splits: deterministic
+    dw = dw if s == 1 else part.sum(0)  # fixed order over the splits: deterministic
+    return dw.mul_(1.0 / tau) if _tau_free(metric, bank.dtype) else dw  # the kernel's coefficients were tau-free
 
 
 def nearest(x, bank, k):
