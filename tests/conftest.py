@@ -3,6 +3,7 @@ set before triton compiles anything, so it is set here, before etfkern is import
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -12,6 +13,13 @@ if not torch.cuda.is_available():
 
 import etfkern  # noqa: E402,F401
 from etfkern import _backend  # noqa: E402
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a gloo process group (distributed tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _devices() -> list[str]:

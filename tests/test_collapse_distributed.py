@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -16,10 +17,6 @@ C, D, N = 11, 6, 330
 TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -72,7 +69,7 @@ def test_all_reduce_equals_one_meter(world, disjoint):
     import etfkern
 
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), disjoint, out_dir), nprocs=world,
+        ctx = mp.start_processes(_worker, args=(world, free_port(), disjoint, out_dir), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = TIMEOUT_S
         import time
@@ -147,7 +144,7 @@ def test_all_reduce_of_mismatched_meters_raises_on_every_rank(world):
     import time
 
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_mismatch_worker, args=(world, _free_port(), out_dir), nprocs=world, join=False,
+        ctx = mp.start_processes(_mismatch_worker, args=(world, free_port(), out_dir), nprocs=world, join=False,
                                  start_method="spawn")
         t0 = time.time()
         try:

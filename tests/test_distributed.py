@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import free_port
+
 pytestmark = pytest.mark.distributed
 
 SPLITS = {2: [5, 18], 3: [9, 1, 13]}  # uneven shards of C = 23 (one of a single class)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_loss_and_grad(x0, bank, shard, start, target, kw) -> None:
@@ -107,7 +104,7 @@ def _run_world(body, world: int, timeout: float) -> None:
     """Spawn ``world`` ranks running ``body(rank, world)``; fail with every rank's traceback."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(body, r, world, port, queue)) for r in range(world)]
     for p in procs:
         p.start()

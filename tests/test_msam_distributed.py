@@ -4,12 +4,13 @@ process stepping the same model on the averaged gradient."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -115,15 +116,11 @@ def _worker(rank: int, world: int, mode: str, name: str, port: int, out: str) ->
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(mode: str, name: str, world: int, tmp_path) -> list[torch.Tensor]:
     out = str(tmp_path / f"{mode}-{name}-{world}.pt")
-    ctx = mp.start_processes(_worker, args=(world, mode, name, _free_port(), out), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, mode, name, free_port(), out), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
