@@ -95,6 +95,88 @@ def test_cpu_kernel_scratch_reuse_across_shapes_and_dtypes():
             _close(g, w, rtol=tol, atol=tol * (float(w.abs().max()) + 1.0), msg=f"{n},{k},{d},{dtype} {name}")
 
 
+def _run_in_fresh_thread(fn):
+    # the compiled CPU kernel's scratch is thread_local: a fresh thread starts with an empty cache, so the
+    # first call below is the one that allocates it
+    import threading
+
+    out = {}
+
+    def body():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cpu_kernel_scratch_allocated_under_inference_mode(dtype):
+    # Scratch first allocated inside torch.inference_mode() is an inference tensor; the kernel's in-place ops on
+    # it (float32 partial product) then failed on every later call outside inference mode in that thread:
+    # "Inplace update to inference tensor outside InferenceMode is not allowed".
+    native = torch.ops.etfkern.collapse_update_native
+    x, inv, m_old, n_old = _update_inputs(300, 40, 24)
+    x = x.to(dtype)
+    want = ref.collapse_update(x, inv, m_old, n_old)
+
+    def calls():
+        with torch.inference_mode():
+            first = native(x, inv, m_old, n_old)
+        second = native(x, inv, m_old, n_old)  # same shapes: the cached scratch is reused
+        with torch.inference_mode():
+            third = native(x, inv, m_old, n_old)
+        return first, second, third
+
+    for got in _run_in_fresh_thread(calls):
+        for g, w, name in zip(got, want, ("m_new", "m2_delta", "sw_delta")):
+            tol = _tol("cpu", dtype, name)
+            _close(g, w, rtol=tol, atol=tol * (float(w.abs().max()) + 1.0), msg=f"{dtype} {name}")
+
+
+def test_meter_update_after_inference_mode_update():
+    # the user-facing form of the scratch defect: evaluation under inference_mode, then training-time updates
+    x, y = _clustered(200, 6, 8)
+    x = x.float()
+
+    def updates():
+        m = etfkern.CollapseMeter(6, 8)
+        with torch.inference_mode():
+            m.update(x[:100], y[:100])
+        m.update(x[100:], y[100:])
+        return m
+
+    m = _run_in_fresh_thread(updates)
+    one = etfkern.CollapseMeter(6, 8)
+    one.update(x, y)
+    torch.testing.assert_close(m.means, one.means, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert torch.equal(m.counts, one.counts)
+
+
+@pytest.mark.parametrize("args,match", [
+    (lambda x, inv, m, n: (x[0], inv, m, n), r"features must be \(N, d\)"),
+    (lambda x, inv, m, n: (x, inv[:-1], m, n), r"inv must be \(N,\)"),
+    (lambda x, inv, m, n: (x, inv, m[:, :-1], n), r"m_old must be \(K, d\)"),
+    (lambda x, inv, m, n: (x, inv, m, n[:-1]), r"n_old must be \(K,\)"),
+    (lambda x, inv, m, n: (x, inv.double(), m, n), "inv must be an integer tensor"),
+    (lambda x, inv, m, n: (x, inv - 1, m, n), r"inv must lie in \[0, 5\)"),
+    (lambda x, inv, m, n: (x, inv + 1, m, n), r"inv must lie in \[0, 5\)"),
+    (lambda x, inv, m, n: (x, inv, m[:0], n[:0]), r"inv must lie in \[0, K\)"),
+])
+def test_cpu_update_kernel_bad_input_is_value_error(args, match):
+    # native-op checks raise ValueError naming the argument (DESIGN.md); a float inv was silently truncated and
+    # K = 0 with rows returned empty statistics instead of rejecting the labels
+    x, inv, m_old, n_old = _update_inputs(29, 5, 13)
+    with pytest.raises(ValueError, match=match):
+        torch.ops.etfkern.collapse_update_native(*args(x, inv, m_old, n_old))
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_update_op_bf16_within_twice_plain_torch_error(backend):
     if backend not in backends_for("collapse_update", "cpu"):

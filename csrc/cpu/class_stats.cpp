@@ -27,6 +27,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include "class_stats.h"
@@ -60,7 +61,13 @@ Tensor scratch(Tensor& slot, int64_t rows, int64_t cols, const at::TensorOptions
   const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opt.dtype())));
   if (bytes > budget) return at::empty({rows, cols}, opt);
   budget -= bytes;
-  if (!slot.defined() || slot.numel() < numel || slot.dtype() != opt.dtype()) slot = at::empty({numel}, opt);
+  // A slot allocated under torch.inference_mode() is an inference tensor: outside that mode the in-place ops
+  // below (part.zero_(), addmm_ into part) refuse it ("Inplace update to inference tensor outside
+  // InferenceMode"), so such a slot is replaced by a normal tensor (normal tensors work in both modes).
+  if (!slot.defined() || slot.numel() < numel || slot.dtype() != opt.dtype() ||
+      (slot.is_inference() && !c10::InferenceMode::is_enabled())) {
+    slot = at::empty({numel}, opt);
+  }
   return slot.narrow(0, 0, numel).view({rows, cols});
 }
 
@@ -188,7 +195,7 @@ std::tuple<Tensor, Tensor, Tensor> collapse_update_cpu(const Tensor& features, c
   seg.assign(k + 1, 0);
   perm.resize(n);
   for (int64_t r = 0; r < n; ++r) {
-    TORCH_CHECK(y[r] >= 0 && y[r] < k, "inv must lie in [0, ", k, "), got ", y[r]);
+    TORCH_CHECK_VALUE(y[r] >= 0 && y[r] < k, "inv must lie in [0, ", k, "), got ", y[r]);
     ++seg[y[r] + 1];
   }
   for (int64_t c = 0; c < k; ++c) seg[c + 1] += seg[c];

@@ -13,6 +13,7 @@
 #include <ATen/ops/pow.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -228,6 +229,8 @@ void check(const char* op, at::TensorList params, at::TensorList grads, at::Tens
                       ": params[", i, "] must be float64/float32/bfloat16/float16, got ", pt);
     TORCH_CHECK_VALUE(params[i].is_cuda() && params[i].is_contiguous(), op, ": params[", i,
                       "] must be a contiguous CUDA tensor");
+    TORCH_CHECK_VALUE(params[i].device() == params[0].device(), op, ": params[", i, "] is on ", params[i].device(),
+                      " but params[0] on ", params[0].device(), " (one launch covers one device)");
     TORCH_CHECK_VALUE(grads[i].scalar_type() == pt && grads[i].sizes() == params[i].sizes() &&
                           grads[i].device() == params[i].device(),
                       op, ": grads[", i, "] must match params[", i, "] in dtype, shape and device");
@@ -251,6 +254,11 @@ std::vector<at::Tensor> contig(at::TensorList ts) {
 
 at::Tensor as_scalar(const at::Tensor& t, at::ScalarType dt) {
   TORCH_CHECK_VALUE(t.numel() == 1, "etfkern msam: device scalars must have one element, got shape ", t.sizes());
+  // the kernels dereference these pointers on the device: a CPU (or other-GPU) scalar would be read through a
+  // host / foreign pointer (illegal address), so every scalar must live on the current (guarded) CUDA device
+  TORCH_CHECK_VALUE(t.is_cuda() && t.device().index() == c10::cuda::current_device(),
+                    "etfkern msam: scalar tensors (scale, grad_scale, found_inf, step) must be on the parameters' "
+                    "CUDA device cuda:", static_cast<int>(c10::cuda::current_device()), ", got ", t.device());
   return t.to(dt).contiguous().reshape({1});
 }
 
@@ -301,7 +309,7 @@ at::Tensor msam_sq_norm_cuda(at::TensorList params, at::TensorList grads_in, at:
   check("msam_sq_norm", params, grads_in, bufs, nullptr, momentum.size());
   TORCH_CHECK_VALUE(grad_coef.size() == params.size() && weight_decay.size() == params.size(),
                     "msam_sq_norm: grad_coef and weight_decay need one entry per tensor");
-  const c10::cuda::CUDAGuard guard(scale.device());
+  const c10::cuda::CUDAGuard guard(params.empty() ? scale.device() : params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const std::vector<std::vector<at::Tensor>> lists = {params.vec(), contig(grads_in), bufs.vec()};
   const std::vector<std::vector<double>> hyper = {momentum.vec(), grad_coef.vec(), weight_decay.vec()};
@@ -331,7 +339,7 @@ at::Tensor msam_sgd_step_cuda(at::TensorList params, at::TensorList grads_in, at
   TORCH_CHECK_VALUE(momentum.size() == params.size() && weight_decay.size() == params.size() &&
                         nesterov.size() == params.size(),
                     "msam_sgd_step: momentum, weight_decay and nesterov need one entry per tensor");
-  const c10::cuda::CUDAGuard guard(scale_old.device());
+  const c10::cuda::CUDAGuard guard(params.empty() ? scale_old.device() : params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const std::vector<std::vector<at::Tensor>> lists = {params.vec(), contig(grads_in), bufs.vec()};
   std::vector<double> nest(params.size());
@@ -365,7 +373,7 @@ at::Tensor msam_adamw_step_cuda(at::TensorList params, at::TensorList grads_in, 
   const size_t n = params.size();
   TORCH_CHECK_VALUE(beta1.size() == n && beta2.size() == n && eps.size() == n && weight_decay.size() == n,
                     "msam_adamw_step: beta1, beta2, eps and weight_decay need one entry per tensor");
-  const c10::cuda::CUDAGuard guard(scale_old.device());
+  const c10::cuda::CUDAGuard guard(params.empty() ? scale_old.device() : params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const std::vector<std::vector<at::Tensor>> lists = {params.vec(), contig(grads_in), exp_avgs.vec(),
                                                       exp_avg_sqs.vec()};
