@@ -701,9 +701,9 @@ def save_bank(path: str | os.PathLike, bank: torch.Tensor, **meta: Any) -> None:
         raise FileNotFoundError(f"save_bank: the directory of path {path!r} does not exist ({parent!r})")
     try:
         save_file({"bank": bank.detach().contiguous().cpu()}, path, metadata=encoded)
+    except OSError:
+        raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for I/O failures
-        if isinstance(exc, OSError):
-            raise
         raise OSError(f"save_bank could not write {path!r}: {exc}") from None
 
 

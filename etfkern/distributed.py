@@ -158,9 +158,10 @@ def spherical_cross_entropy(x: torch.Tensor, bank_shard: torch.Tensor, target: t
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     num_classes = _shard_layout(x, bank_shard, class_start, group, validate)
-    # the remaining checks see replicated arguments only (x, targets, lam, hyper-parameters): every rank agrees
+    # the remaining checks see replicated arguments only (x, targets, lam, hyper-parameters): every rank agrees;
+    # the shard itself was checked by _shard_layout
     target_b, lam_t = _prepare(x, _proxy(bank_shard), target, tau, metric, label_smoothing, ignore_index, target_b,
-                               lam, validate, num_classes=num_classes)
+                               lam, validate, num_classes=num_classes, check_bank=False)
     loss = _VocabParallelCE.apply(x, bank_shard, target, target_b, lam_t, class_start, num_classes, float(tau),
                                   metric, float(label_smoothing), int(ignore_index), group)
     return reduce_rows(loss, target, ignore_index, reduction, x.dtype)

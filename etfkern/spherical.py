@@ -545,8 +545,9 @@ def spherical_logits(x: torch.Tensor, bank: torch.Tensor, *, tau: float = 0.07, 
 
 
 def _prepare(x, bank, target, tau, metric, label_smoothing, ignore_index, target_b, lam, validate,
-             num_classes: int | None = None):
-    """Validate the arguments; return (target_b, per-row lam). num_classes: total C (default bank rows)."""
+             num_classes: int | None = None, check_bank: bool = True):
+    """Validate the arguments; return (target_b, per-row lam). num_classes: total C (default bank rows).
+    check_bank=False skips the bank's finiteness check (a caller that checked it already)."""
     _check_x_bank(x, bank)
     _check_tau_metric(tau, metric)
     n, n_cls = x.shape[0], num_classes if num_classes is not None else bank.shape[0]
@@ -582,7 +583,7 @@ def _prepare(x, bank, target, tau, metric, label_smoothing, ignore_index, target
     if target_b is not target:
         checks.append((lambda: ((target_b >= 0) & (target_b < n_cls) | (target == ignore_index)).all(),
                        f"target_b must hold class indices in [0, {n_cls}) where target != ignore_index", None))
-    checks += [_finite_check(x, "x")] + _bank_finite_checks(bank)
+    checks += [_finite_check(x, "x")] + (_bank_finite_checks(bank) if check_bank else [])
     _data_checks(checks, validate, x.device)
     return target_b, lam_t
 
