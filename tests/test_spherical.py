@@ -690,7 +690,7 @@ def fwd(d, dtype, arc, fixed, split):
     sig = dict(X=p, W=p, LSE="*fp32", L="*fp32", SUMZ="*fp32", A="*fp32", B="*fp32", N="i32", C="i32", D="i32",
                sxn="i32", sxd="i32", swc="i32", swd="i32", inv_tau="fp32", arc_eps="fp32", shift="fp32", c_split="i32")
     const = dict(ARC=arc, NEED_SUMZ=arc, NEED_GRAD=True, NEED_B=arc, FIXED=fixed, SPLIT=split,
-                 ACC=tk._tl_acc(dtype), PREC=prec(dtype), **cfg)
+                 TAU_FREE=tk._tau_free("arc" if arc else "cos", dtype), ACC=tk._tl_acc(dtype), PREC=prec(dtype), **cfg)
     return build(tk._ce_fwd_kernel, sig, const, num_warps=nw, num_stages=ns)
 
 def dw(d, dtype, arc):
@@ -700,7 +700,8 @@ def dw(d, dtype, arc):
     sig = dict(X=p, W=p, LSE="*fp32", G="*fp32", TA="*i64", TB="*i64", WA="*fp32", WB="*fp32", DW="*fp32", N="i32",
                C="i32", D="i32", sxn="i32", sxd="i32", swc="i32", swd="i32", inv_tau="fp32", arc_eps="fp32",
                eps_over_c="fp32", n_split="i32")
-    const = dict(ARC=arc, ACC=tk._tl_acc(dtype), PREC=prec(dtype), **cfg)
+    const = dict(ARC=arc, TAU_FREE=tk._tau_free("arc" if arc else "cos", dtype), ACC=tk._tl_acc(dtype),
+                 PREC=prec(dtype), **cfg)
     return build(tk._ce_dw_kernel, sig, const, num_warps=nw, num_stages=ns)
 
 def nearest(d, dtype, k):

@@ -113,7 +113,8 @@ def _arc_unit_slope(cosv, arc_eps):
 @triton.jit
 def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_tau, arc_eps, shift, c_split,
                    ARC: tl.constexpr, NEED_SUMZ: tl.constexpr, NEED_GRAD: tl.constexpr, NEED_B: tl.constexpr,
-                   FIXED: tl.constexpr, SPLIT: tl.constexpr, REG_ACC: tl.constexpr, ACC: tl.constexpr,
+                   FIXED: tl.constexpr, SPLIT: tl.constexpr, TAU_FREE: tl.constexpr, REG_ACC: tl.constexpr,
+                   ACC: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
                    BLOCK_DV: tl.constexpr):
     """Program (row block, slab): classes [slab * c_split, min(C, (slab + 1) * c_split)) in BLOCK_C tiles.
@@ -160,7 +161,7 @@ def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_ta
         l_i += tl.sum(p, 1)
         if NEED_GRAD:
             if ARC:
-                if W.dtype.element_ty == tl.float16:  # tau-free operands: A gets 1/tau below, B in the launcher
+                if TAU_FREE:  # tau-free operands (_tau_free): A gets 1/tau below, B in the launcher
                     slope = _arc_unit_slope(cosv, arc_eps)
                 p = p * slope
             pm = p.to(W.dtype.element_ty)
@@ -203,7 +204,7 @@ def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_ta
             scale = 1.0 / l_i
             if not ARC:
                 scale = scale * inv_tau
-            elif W.dtype.element_ty == tl.float16:
+            elif TAU_FREE:
                 scale = scale * inv_tau
         if REG_ACC:
             dmask = row_mask[:, None] & (dv0 < D)[None, :]
@@ -220,7 +221,8 @@ def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_ta
 
 @triton.jit
 def _ce_dw_kernel(X, W, LSE, G, TA, TB, WA, WB, DW, N, C, D, sxn, sxd, swc, swd, inv_tau, arc_eps, eps_over_c,
-                  n_split, ARC: tl.constexpr, REG_ACC: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+                  n_split, ARC: tl.constexpr, TAU_FREE: tl.constexpr, REG_ACC: tl.constexpr, ACC: tl.constexpr,
+                  PREC: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)  # rows [split * n_split, (split + 1) * n_split) into its own C x D slab
@@ -247,7 +249,7 @@ def _ce_dw_kernel(X, W, LSE, G, TA, TB, WA, WB, DW, N, C, D, sxn, sxd, swc, swd,
         coef -= tl.where(cols[None, :] == ta[:, None], wa[:, None], 0.0)
         coef -= tl.where(cols[None, :] == tb[:, None], wb[:, None], 0.0)
         if ARC:
-            if X.dtype.element_ty == tl.float16:  # tau-free operand (_arc_unit_slope); the launcher applies 1/tau
+            if TAU_FREE:  # tau-free operand (_arc_unit_slope, _tau_free); the launcher applies 1/tau
                 slope = _arc_unit_slope(cosv, arc_eps)
         coef = tl.where(row_mask[:, None] & col_mask[None, :], coef * slope, 0.0)
         coef_t = tl.trans(coef.to(X.dtype.element_ty))
@@ -350,7 +352,7 @@ def _config(d: int, dtype: torch.dtype) -> dict:
 def _tau_free(metric: str, dtype: torch.dtype) -> bool:
     """"arc" with a float16 bank: the kernels' dot operands carry tau * slope (<= 1000, _arc_unit_slope) instead of
     the slope (up to 1000 / tau, past float16's 65504 for tau < 0.0153); the 1/tau is applied in fp32 afterwards
-    (A in the forward's epilogue or split combine, B and dW here). Must match the kernels' float16 tests."""
+    (A in the forward's epilogue or split combine, B and dW here); the kernels get it as their TAU_FREE flag."""
     return metric == "arc" and dtype == torch.float16
 
 
@@ -487,7 +489,8 @@ def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
                          bank.stride(0), bank.stride(1), 1.0 / tau, ARC_GRAD_EPS,
                          shift if shift is not None else 0.0, c_split,
                          ARC=metric == "arc", NEED_SUMZ=need_sumz, NEED_GRAD=need_grad, NEED_B=need_b,
-                         FIXED=shift is not None, SPLIT=s > 1, ACC=_tl_acc(x.dtype), PREC=_precision(x.dtype), **cfg)
+                         FIXED=shift is not None, SPLIT=s > 1, TAU_FREE=_tau_free(metric, bank.dtype),
+                         ACC=_tl_acc(x.dtype), PREC=_precision(x.dtype), **cfg)
     a_sum = a_part[0] if need_grad else None
     b_sum = b_part[0] if need_b else None
     if need_b and _tau_free(metric, bank.dtype):  # the kernel's B is sum_c tau s_c w_c
@@ -546,7 +549,8 @@ def ce_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, ep
     grid = (triton.cdiv(n_cls, cfg["BLOCK_C"]), s)
     _ce_dw_kernel[grid](xh, bank, lse.to(acc).contiguous(), g, ta, tb, wa, wb, part, n, n_cls, d,
                         xh.stride(0), xh.stride(1), bank.stride(0), bank.stride(1), 1.0 / tau, ARC_GRAD_EPS,
-                        eps / n_cls, rows, ARC=metric == "arc", ACC=_tl_acc(bank.dtype),
+                        eps / n_cls, rows, ARC=metric == "arc", TAU_FREE=_tau_free(metric, bank.dtype),
+                        ACC=_tl_acc(bank.dtype),
                         PREC=_precision(bank.dtype), **cfg)
     dw = dw if s == 1 else part.sum(0)  # fixed order over the splits: deterministic
     return dw.mul_(1.0 / tau) if _tau_free(metric, bank.dtype) else dw  # the kernel's coefficients were tau-free
