@@ -42,12 +42,12 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     os.environ.setdefault("MAX_JOBS", str(max(1, min(4, os.cpu_count() or 1))))
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*/*.cpp"))
     with_cuda = _want_cuda(torch)
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS) if with_cuda else ""
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += sorted(glob.glob("csrc/*/*.cu"))
     macros = [
         ("ETFKERN_COMPILER", f'"{_compiler_version()}"'),
         ("ETFKERN_CUDA_ARCHS", f'"{archs}"'),

@@ -6,33 +6,20 @@ GPU tensors use Triton/CUDA kernels. See README.md for a tour.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 __version__ = "0.1.0"
 
-# The compiled library registers its C++/CUDA kernels (TORCH_LIBRARY_IMPL) on import. When it is missing
-# or broken, everything still works through the torch paths: warn once, never fail the import.
-try:
-    from etfkern import _C  # type: ignore[attr-defined]
-
-    _C_ERROR: str | None = None
-except Exception as _exc:  # noqa: BLE001 - ImportError, OSError (ABI), undefined symbols...
-    _C = None
-    _C_ERROR = f"{type(_exc).__name__}: {_exc}"
-    warnings.warn(f"etfkern: compiled kernels unavailable ({_C_ERROR}); using the torch fallbacks. "
-                  "Rebuild with `pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=2)
-
-from etfkern import _ops  # noqa: E402,F401  (schemas first: the family modules register against them)
-from etfkern._backend import BackendUnavailableError, use_backend  # noqa: E402
+# The compiled library first (it registers the C++/CUDA kernels); missing or broken, the torch paths still work.
+from etfkern._core.native import C as _C, ERROR as _C_ERROR  # noqa: E402,F401
+from etfkern._core.backend import BackendUnavailableError, use_backend  # noqa: E402
 
 # ---- family modules (each registers its backends and autograd on import) ----------------------------------
 # banks
 from etfkern.banks import bank_stats, ebv_bank, load_bank, save_bank, simplex_etf, sparse_etf  # noqa: E402
-# spherical
-from etfkern import nn  # noqa: E402
+# spherical (etfkern.nn, etfkern.distributed)
 from etfkern.spherical import nearest, spherical_cross_entropy, spherical_logits  # noqa: E402
+from etfkern import distributed, nn  # noqa: E402,F401
 
 # collapse
 from etfkern.collapse import CollapseMeter, ncc_mismatch  # noqa: E402
@@ -47,7 +34,7 @@ __all__ = [
     # banks
     "simplex_etf", "ebv_bank", "sparse_etf", "bank_stats", "save_bank", "load_bank",
     # spherical
-    "spherical_logits", "spherical_cross_entropy", "nearest", "nn",
+    "spherical_logits", "spherical_cross_entropy", "nearest", "nn", "distributed",
 
     # collapse
     "CollapseMeter", "ncc_mismatch",

@@ -74,7 +74,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
          arguments=_info_arguments)
 def cmd_info(args: argparse.Namespace) -> int:
     import etfkern
-    from etfkern import _backend
+    from etfkern._core import backend as _backend
 
     info = etfkern.build_info()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return EXIT_USAGE
-    from etfkern._backend import BackendUnavailableError, requested
+    from etfkern._core.backend import BackendUnavailableError, requested
 
     try:
         if args.command != "info":  # info reports a bad ETFKERN_BACKEND itself

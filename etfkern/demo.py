@@ -67,7 +67,7 @@ def _features(model: torch.nn.Module, x: torch.Tensor, device: str, batch: int =
 
 def compare_losses(x: torch.Tensor, bank: torch.Tensor, y: torch.Tensor, tau: float, eps: float) -> dict[str, float]:
     """fwd+bwd time (ms) and extra peak memory (MiB) of the fused loss vs eager torch on the same batch."""
-    from etfkern._measure import peak_mib, time_ms
+    from etfkern._core.measure import peak_mib, time_ms
     from etfkern.spherical import spherical_cross_entropy
 
     device = x.device
@@ -90,7 +90,7 @@ def compare_losses(x: torch.Tensor, bank: torch.Tensor, y: torch.Tensor, tau: fl
 
 def plot_history(history: list[dict[str, Any]], path: str) -> str | None:
     """Loss, accuracy and collapse metrics per epoch as a 2x2 PNG; returns the path (None without matplotlib)."""
-    from etfkern._plot import agg_figure
+    from etfkern._core.plot import agg_figure
 
     try:
         fig, axes = agg_figure(2, 2, figsize=(10, 7))

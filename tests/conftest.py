@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import etfkern  # noqa: E402,F401
-from etfkern import _backend  # noqa: E402
+from etfkern._core import backend as _backend  # noqa: E402
 
 
 def free_port() -> int:
@@ -37,6 +37,46 @@ def backends_for(op: str, device: str) -> list[str]:
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+# ---- tolerances: one table for every family --------------------------------------------------------------------
+# dtype -> (atol, rtol) for comparing an op against its float64 reference on unit-scale data. A test that needs a
+# scale-dependent atol multiplies by its own scale; a test of a 16-bit input judges by the rule below instead.
+TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+# 16-bit inputs: an op's error against float64 must be at most this many times plain torch's error in that dtype.
+TORCH_ERROR_FACTOR = 2.0
+
+
+def tol(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for results computed from ``dtype`` inputs (see TOL)."""
+    return TOL[dtype]
+
+
+def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, *, scale: float = 1.0,
+                              msg: str = "") -> None:
+    """``got`` equals the float64 ``want`` within TOL[dtype] (atol multiplied by ``scale``), compared in float64."""
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.to(torch.float64).cpu(), want.to(torch.float64).cpu(), atol=atol * scale, rtol=rtol,
+                               msg=msg or None)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """|got - want| / |want| in the Frobenius norm, computed in float64 (0/0 counts as 0)."""
+    g, w = got.detach().to(torch.float64).cpu(), want.detach().to(torch.float64).cpu()
+    num, den = float((g - w).norm()), float(w.norm())
+    return num / den if den > 0 else num
+
+
+def assert_no_worse_than_torch(got: torch.Tensor, plain: torch.Tensor, want: torch.Tensor, *, slack: float = 0.0,
+                               msg: str = "") -> None:
+    """The 16-bit rule: relative_error(got) <= TORCH_ERROR_FACTOR * relative_error(plain torch) + slack."""
+    err, base = relative_error(got, want), relative_error(plain, want)
+    assert err <= TORCH_ERROR_FACTOR * base + slack, (msg, err, base)
 
 
 @pytest.fixture(autouse=True)

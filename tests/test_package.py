@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import etfkern
-from etfkern import _backend
+from etfkern._core import backend as _backend
 from etfkern.cli import main as cli_main
 
 
@@ -54,7 +54,7 @@ def test_import_works_without_compiled_library_and_triton(tmp_path):
     blocker = _import_blocker(tmp_path)
     code = ("import warnings; warnings.simplefilter('always')\n"
             "import etfkern\n"
-            "from etfkern import _backend\n"
+            "from etfkern._core import backend as _backend\n"
             "assert etfkern._C is None and 'blocked' in etfkern._C_ERROR\n"
             "a = _backend.availability('cpu')\n"
             "assert a['cpu'] is None and a['reference'] is None and 'triton' in a['triton']\n"
@@ -187,7 +187,7 @@ def test_cpu_peak_mib_counts_one_call_not_one_time_state():
     # fn keeps a 32 MiB buffer after its first call (one-time state, like a library's workspace) and allocates a
     # 32 MiB of temporaries per call: the measured extra peak is the temporaries', not 64 MiB (and not 16 MiB: heap
     # pages the first call freed count again when the second call reuses them).
-    from etfkern._measure import peak_mib
+    from etfkern._core.measure import peak_mib
 
     cache = {}
 

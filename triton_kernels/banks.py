@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from etfkern._backend import triton_interpret
+from etfkern.triton_kernels._common import triton_interpret
 
 
 def _interp() -> bool:
@@ -112,7 +112,7 @@ def _f32(bank: torch.Tensor) -> torch.Tensor:
 
 def pair_stats(bank: torch.Tensor, bins: int, lo: float, hi: float
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher for ``etfkern::bank_pair_stats`` (see etfkern.reference.banks.bank_pair_stats)."""
+    """Launcher for ``etfkern::bank_pair_stats`` (see etfkern.banks.reference.bank_pair_stats)."""
     w = _f32(bank)
     c, d = w.shape
     hist = torch.zeros(bins + 2, dtype=torch.int64, device=w.device)

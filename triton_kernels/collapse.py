@@ -9,7 +9,7 @@ Kernels:
                           class means), tensor-core dot, float32 partial sums flushed into the split's float64 tile;
                           the splits (enough programs to fill the GPU when d is small) are summed in a fixed order.
   _centre_kernel          (ETFKERN_COLLAPSE_PRODUCT=mm only) per (row block, feature block): A = X - P[Y] in the
-                          input's 16-bit type, the single centred operand of csrc/cpu/class_stats.cpp, whose
+                          input's 16-bit type, the single centred operand of csrc/collapse/cpu.cpp, whose
                           A^T A (one cuBLAS GEMM per 4096-row chunk, float32 out) replaces the scatter GEMM.
   _pair_kernel            per upper-triangle (class-block, class-block) tile: the Gram tile, then an epilogue that
                           reduces the CDNV / GNC2 / max-angle terms of the pairs c < c' to 4 numbers. No K x K store.
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from etfkern._backend import kernel_variant
+from etfkern.triton_kernels._common import kernel_variant
 
 
 def _triangle_tiles(nb: int, device: torch.device) -> torch.Tensor:
@@ -156,7 +156,7 @@ def _product_mode(features: torch.Tensor, product: str | None) -> str:
 def _mm_scatter(features: torch.Tensor, inv: torch.Tensor, m_old_eff: torch.Tensor, m_new: torch.Tensor,
                 n_old: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     """sum_r (x_r - m_old[y_r])(x_r - m_new[y_r])^T as A^T A with A = X - P[Y], P = m_b - t u (u = m_b - m_old,
-    t = sqrt(n_old / (n_old + n_b)); derivation in csrc/cpu/class_stats.cpp), A in the input's 16-bit type.
+    t = sqrt(n_old / (n_old + n_b)); derivation in csrc/collapse/cpu.cpp), A in the input's 16-bit type.
     u comes back from the merged mean: m_new - m_old = u n_b / n (float64)."""
     n, d = features.shape
     nb = (seg[1:] - seg[:-1]).to(torch.float64)

@@ -1,4 +1,4 @@
-"""Optimizers: Momentum-SAM with the perturbation fused into the step (see :mod:`etfkern.optim.msam`)."""
-from etfkern.optim.msam import MSAM, AdamWMSAM, recompute_bn_stats
+"""Optimizers: Momentum-SAM with the perturbation fused into the step (see :mod:`etfkern.msam`)."""
+from etfkern.msam.optim import MSAM, AdamWMSAM, recompute_bn_stats
 
 __all__ = ["MSAM", "AdamWMSAM", "recompute_bn_stats"]

@@ -1,0 +1,740 @@
+"""Fixed classifier banks: simplex ETF, Equiangular Basis Vectors (Kerdock / optimised), sparse ETF (SSE-C),
+their quality statistics and storage.
+
+Memory: every generator and statistic here is O(C*d) (plus O(d^2) for a random rotation); no C x C matrix is
+ever stored. Pairwise work goes through two routed ops defined in :mod:`etfkern._ops`:
+
+* ``bank_pair_stats`` (max / sum / histogram of |cos| over pairs i < j) -- backs :func:`bank_stats`;
+* ``ebv_dir`` -- one step of ``ebv_bank(method="optimize")``: per-row max |cos| and the row-scaled gradient of
+  the soft-max coherence objective, in ONE pass over the pairs (two GEMM-sized products per step).
+
+Backends: "reference" (dense float64, :mod:`etfkern.banks.reference`), "cpu" (row strips of chunked torch
+matmuls, O(strip * C) scratch), "triton" (tiled kernels, :mod:`etfkern.triton_kernels.banks`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from etfkern._core import backend as _backend
+from etfkern.banks import ops as _ops
+from etfkern.banks import reference as _ref
+
+__all__ = ["simplex_etf", "ebv_bank", "sparse_etf", "bank_stats", "save_bank", "load_bank", "welch_bound",
+           "kerdock_size", "chirp_size", "check_unit_bank"]
+
+HIST_BINS = 2048  # bank_stats: coarse bins over [0, 1], then the same number of fine bins inside one coarse bin
+P999_RESOLUTION = 1.0 / HIST_BINS**2  # p99.9 is the upper edge of a fine bin: error in [0, 2.4e-7]
+AUTO_WELCH_RATIO = 1.05  # ebv_bank(method="auto") keeps a structured start this close to the Welch bound
+_STRIP_ELEMS = 1 << 22  # cpu backend: rows per strip chosen so that one strip holds <= 4M cosines (16 MiB fp32)
+_DIR_STRIP_ELEMS = 1 << 21  # ebv_dir on cpu: two reused (strip, C) buffers of <= 2M entries
+
+
+# ==========================================================================================================
+# Validation helpers
+# ==========================================================================================================
+def _check_sizes(num_classes: int, dim: int) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+
+
+def _check_output(dtype: Any, device: Any) -> None:
+    """The generators' ``dtype`` (a floating-point torch dtype) and ``device`` (None, a str or torch.device)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch dtype (e.g. torch.float32), got {dtype!r}")
+    if device is not None:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch device or None, got {device!r} ({exc})") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: CUDA is not available here")
+
+
+def _check_steps_lr(steps: Any, lr: Any) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+
+
+def _check_bank(bank: Any, name: str = "bank") -> None:
+    if not isinstance(bank, torch.Tensor) or bank.dim() != 2 or not bank.is_floating_point():
+        shape = tuple(bank.shape) if isinstance(bank, torch.Tensor) else type(bank).__name__
+        raise ValueError(f"{name} must be a floating-point (C, d) tensor, got {shape}")
+    if bank.shape[0] < 2 or bank.shape[1] < 1:
+        raise ValueError(f"{name} must have C >= 2 rows and d >= 1 columns, got shape {tuple(bank.shape)}")
+    if not torch.isfinite(bank).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_unit_bank(bank: torch.Tensor, name: str = "bank", atol: float = 1e-3) -> None:
+    """Raise ValueError naming ``name`` unless ``bank`` is a finite (C, d) float tensor with C >= 2 and every
+    row of norm 1 within ``atol`` (for callers that use rows as given, e.g. fixed classifier heads)."""
+    _check_bank(bank, name)
+    err = (bank.detach().to(torch.float32).norm(dim=1) - 1).abs().max().item()
+    if err > atol:
+        raise ValueError(f"{name} rows must be unit-norm (max | |w_c| - 1 | <= {atol}), got {err:.3g}; "
+                         f"normalise with torch.nn.functional.normalize({name}, dim=1)")
+
+
+def welch_bound(num_classes: int, dim: int) -> float:
+    """Welch lower bound on max |cos| of C unit vectors in R^d: sqrt((C-d)/(d(C-1))), 0 when C <= d."""
+    if num_classes <= dim:
+        return 0.0
+    return math.sqrt((num_classes - dim) / (dim * (num_classes - 1)))
+
+
+def _generator(seed: int) -> torch.Generator:
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _orthonormal_columns(dim: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """(dim, k) float64 with orthonormal columns, Haar-random (QR of a Gaussian with the sign fix)."""
+    q, r = torch.linalg.qr(torch.randn(dim, k, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))[None, :]
+
+
+def _finish(bank: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    return bank.to(device=device if device is not None else "cpu", dtype=dtype).contiguous()
+
+
+def _unit_rows_as(bank: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float32-computed bank in ``dtype``: float64 rows are re-normalised in float64 (unit to ~1e-16, not to
+    float32's ~1e-7); other dtypes are a plain cast."""
+    if dtype != torch.float64:
+        return bank.to(dtype)
+    b = bank.to(torch.float64)
+    return (b / b.norm(dim=1, keepdim=True)).contiguous()
+
+
+# ==========================================================================================================
+# Simplex ETF
+# ==========================================================================================================
+def simplex_etf(num_classes: int, dim: int, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """The simplex ETF: C unit vectors in R^d with every pairwise cos exactly -1/(C-1). Needs C <= d + 1.
+
+    Construction (float64, O(C*d) memory, never the C x C centring matrix): the Householder reflection H
+    of R^C that maps 1/sqrt(C) to e_C sends the centred basis (I - 11^T/C) to the first C-1 columns of H,
+    so the vertices are rows of sqrt(C/(C-1)) H[:, :C-1] Q^T with Q a seeded random (d, C-1) orthonormal
+    frame; H Q^T is applied as a rank-one update. Returns (C, d) ``dtype`` on ``device``.
+    """
+    _check_sizes(num_classes, dim)
+    _check_output(dtype, device)
+    c = num_classes
+    if c > dim + 1:
+        raise ValueError(f"simplex_etf needs num_classes <= dim + 1 (got num_classes={c}, dim={dim}); "
+                         "for more classes than that use ebv_bank(num_classes, dim) (minimal max |cos|)")
+    q_t = _orthonormal_columns(dim, c - 1, _generator(seed)).T  # (C-1, d)
+    v = torch.full((c,), 1.0 / math.sqrt(c), dtype=torch.float64)
+    v[-1] -= 1.0  # Householder vector: H = I - 2 v v^T / |v|^2 maps 1/sqrt(C) onto e_C
+    padded = torch.cat([q_t, torch.zeros(1, dim, dtype=torch.float64)])  # [I_{C-1}; 0] Q^T
+    bank = padded - (2.0 / (v @ v)) * v[:, None] * (v[:-1] @ q_t)[None, :]
+    bank = bank * math.sqrt(c / (c - 1))
+    return _finish(bank, dtype, device)
+
+
+# ==========================================================================================================
+# Realified Z4-Kerdock mutually unbiased bases (d a power of 4)
+# ==========================================================================================================
+# Primitive polynomials over F_2 of odd degree k (bit i = coefficient of x^i): F_{2^k} for n = d/2 = 2^k.
+# d = 4 .. 4096 (16, 64, 256 checked exhaustively or on large subsets by the tests, 1024 and 4096 on subsets).
+_GF_POLY = {1: 0b11, 3: 0b1011, 5: 0b100101, 7: 0b10000011, 9: 0b1000010001, 11: 0b100000000101}
+
+
+def _is_power_of_4(d: int) -> bool:
+    return d >= 4 and d & (d - 1) == 0 and (d.bit_length() - 1) % 2 == 0
+
+
+def kerdock_size(dim: int) -> int:
+    """Number of vectors of the realified Kerdock bank in R^dim: dim*(dim/2+1) if dim is a power of 4, else 0."""
+    return dim * (dim // 2 + 1) if _is_power_of_4(dim) and (dim.bit_length() - 2) in _GF_POLY else 0
+
+
+def _gf_mul(a: int, b: int, k: int, poly: int) -> int:
+    r = 0
+    while b:
+        if b & 1:
+            r ^= a
+        b >>= 1
+        a <<= 1
+        if a >> k:
+            a ^= poly
+    return r
+
+
+def _kerdock_tables(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q[a, x] = x^T S_a x mod 4 (integer quadratic form, S_a[i,j] = Tr(a x^i x^j) over F_{2^k}, polynomial
+    basis) and P[b, x] = b.x mod 2, both (n, n) uint8 with a, b, x read as k-bit vectors."""
+    k = n.bit_length() - 1
+    poly = _GF_POLY[k]
+    gen = 2 if k > 1 else 1  # the field element x (for k = 1, F_2 = {0, 1})
+    trace = []
+    power = 1  # x^m
+    for _ in range(3 * k - 2):
+        s, z = 0, power
+        for _ in range(k):  # Tr(y) = y + y^2 + y^4 + ... + y^(2^(k-1))
+            s ^= z
+            z = _gf_mul(z, z, k, poly)
+        trace.append(s)
+        power = _gf_mul(power, gen, k, poly)
+    t = torch.tensor(trace, dtype=torch.float64)
+    l = torch.arange(k)
+    tri = t[l[:, None, None] + l[None, :, None] + l[None, None, :]]  # [l, i, j] = Tr(x^(l+i+j))
+    bits = ((torch.arange(n)[:, None] >> l) & 1).to(torch.float64)  # (n, k)
+    q = torch.empty(n, n, dtype=torch.uint8)
+    for a0 in range(0, n, 128):  # S_a = sum_l a_l Tr(x^(l+i+j)) mod 2; Q = x^T S_a x over the integers mod 4
+        s = torch.einsum("al,lij->aij", bits[a0:a0 + 128], tri).remainder(2)
+        xs = torch.matmul(bits, s)  # (a, x, k)
+        q[a0:a0 + 128] = (xs * bits).sum(-1).round().remainder(4).to(torch.uint8)
+    p = (bits @ bits.T).round().remainder(2).to(torch.uint8)
+    return q, p
+
+
+def _kerdock_rows(dim: int, idx: torch.Tensor, dtype: torch.dtype = torch.float32,
+                  chunk: int = 8192) -> torch.Tensor:
+    """Rows ``idx`` (int64, any order) of the realified Kerdock bank in R^dim, generated one chunk at a time.
+
+    Row r < 2n^2 (n = dim/2): basis a = r // 2n, vector b = (r % 2n) // 2, part = r % 2 of
+    v_{a,b}(x) = i^(Q[a,x] + 2 b.x) / sqrt(n) realified as (Re v, Im v) (part 0) or (-Im v, Re v) (part 1):
+    entries {0, +-sqrt(2/dim)}. Rows r >= 2n^2 realify the standard basis times e^(i pi/4): two entries +-1/sqrt2.
+    Every pair of distinct rows has |cos| in {0, 1/sqrt(dim)}.
+    """
+    n = dim // 2
+    q, p = _kerdock_tables(n)
+    out = torch.empty(idx.numel(), dim, dtype=dtype)
+    inv = 1.0 / math.sqrt(n)
+    half = 1.0 / math.sqrt(2.0)
+    for s in range(0, idx.numel(), chunk):
+        r = idx[s:s + chunk]
+        kerd = r < 2 * n * n
+        a = torch.where(kerd, r // (2 * n), 0)
+        b = torch.where(kerd, (r % (2 * n)) // 2, 0)
+        m = (q[a] + 2 * p[b]) % 4  # (rows, n) uint8: the exponent of i
+        re = ((m == 0).to(dtype) - (m == 2).to(dtype)) * inv
+        im = ((m == 1).to(dtype) - (m == 3).to(dtype)) * inv
+        first = (r % 2 == 0)[:, None]
+        block = torch.where(first, torch.cat([re, im], 1), torch.cat([-im, re], 1))
+        std = (r - 2 * n * n).clamp(min=0)
+        j, part = std // 2, std % 2
+        std_rows = torch.zeros(r.numel(), dim, dtype=dtype)
+        ar = torch.arange(r.numel())
+        h = torch.tensor(half, dtype=dtype)
+        std_rows[ar, j.clamp(max=n - 1)] = torch.where(part == 0, h, -h)
+        std_rows[ar, (n + j).clamp(max=dim - 1)] = h
+        out[s:s + chunk] = torch.where(kerd[:, None], block, std_rows)
+    return out
+
+
+def _kerdock_subset(num_classes: int, dim: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """A seeded subset of C rows of the Kerdock bank of R^dim: drawn among the 2n^2 rows with entries
+    {0, +-sqrt(2/dim)} when C <= dim^2/2, else among all dim(dim/2+1) rows."""
+    n = dim // 2
+    pool = 2 * n * n if num_classes <= 2 * n * n else kerdock_size(dim)
+    idx = torch.randperm(pool, generator=gen)[:num_classes]
+    return _kerdock_rows(dim, idx, dtype)
+
+
+def _largest_prime_at_most(n: int) -> int:
+    """The largest odd prime <= n, or 0 when there is none (n < 3)."""
+    for q in range(n, 2, -1):
+        if q % 2 and all(q % f for f in range(3, math.isqrt(q) + 1, 2)):
+            return q
+    return 0
+
+
+def chirp_size(prime: int) -> int:
+    """Number of vectors of the realified chirp bank of an odd prime p (in R^2p): 2p(p+1)."""
+    return 2 * prime * (prime + 1)
+
+
+def _chirp_rows(prime: int, idx: torch.Tensor, dtype: torch.dtype = torch.float32,
+                chunk: int = 8192) -> torch.Tensor:
+    """Rows ``idx`` (int64) of the realified chirp bank of the odd prime p, in R^2p, one chunk at a time.
+
+    The p+1 mutually unbiased bases of C^p (Wootters-Fields): the chirps u_{a,b}(x) = w^(a x^2 + b x) / sqrt(p),
+    w = e^(2 pi i / p), x, a, b in Z_p (basis a), and the standard basis. Row r < 2p^2: a = r // 2p,
+    b = (r % 2p) // 2, realified as (Re u, Im u) (r even) or that of i u, (-Im u, Re u) (r odd); rows r >= 2p^2
+    realify e_j and i e_j. Each basis gives an orthonormal basis of R^2p. Across bases |<u, v>| = 1/sqrt(p)
+    (a Gauss sum), so every pair of distinct rows has |cos| = |Re(phase)| / sqrt(p) <= 1/sqrt(p), with equality
+    e.g. for chirps sharing b: coherence 1/sqrt(p) ~ sqrt(2) x Welch for C << p^2.
+    """
+    p = prime
+    ang = torch.arange(p, dtype=torch.float64) * (2.0 * math.pi / p)
+    cos_t, sin_t = (torch.cos(ang) / math.sqrt(p)).to(dtype), (torch.sin(ang) / math.sqrt(p)).to(dtype)
+    x = torch.arange(p)
+    x2 = x * x % p
+    out = torch.zeros(idx.numel(), 2 * p, dtype=dtype)
+    for s in range(0, idx.numel(), chunk):
+        r = idx[s:s + chunk]
+        chirp = r < 2 * p * p
+        a = torch.where(chirp, r // (2 * p), 0)
+        b = torch.where(chirp, (r % (2 * p)) // 2, 0)
+        m = (a[:, None] * x2 + b[:, None] * x) % p  # (rows, p): the exponent of w
+        re, im = cos_t[m], sin_t[m]
+        odd = (r % 2 == 1)[:, None]
+        block = torch.where(odd, torch.cat([-im, re], 1), torch.cat([re, im], 1))
+        std = (r - 2 * p * p).clamp(min=0)  # e_j -> coordinate j, i e_j -> coordinate p + j
+        std_rows = torch.zeros(r.numel(), 2 * p, dtype=dtype)
+        std_rows[torch.arange(r.numel()), (std // 2 + p * (std % 2)).clamp(max=2 * p - 1)] = 1.0
+        out[s:s + chunk] = torch.where(chirp[:, None], block, std_rows)
+    return out
+
+
+# ==========================================================================================================
+# Routed ops: cpu backends (row strips of torch matmuls) and registration
+# ==========================================================================================================
+def _pair_stats_cpu(bank: torch.Tensor, bins: int, lo: float, hi: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    c = bank.shape[0]
+    w = bank.contiguous()
+    mx = torch.zeros((), dtype=torch.float64, device=bank.device)
+    total = torch.zeros((), dtype=torch.float64, device=bank.device)
+    hist = torch.zeros(bins + 2, dtype=torch.int64, device=bank.device)
+    scale = bins / (hi - lo)
+    rows = max(1, _STRIP_ELEMS // max(1, c))
+    for i0 in range(0, c - 1, rows):
+        i1 = min(c - 1, i0 + rows)
+        a = (w[i0:i1] @ w[i0 + 1:].T).abs()  # (strip, C - i0 - 1); keep j > i only
+        keep = torch.ones_like(a, dtype=torch.bool).triu_(0)
+        v = a[keep]
+        mx = torch.maximum(mx, v.max().to(torch.float64))
+        total += v.sum(dtype=torch.float64)
+        k = (torch.floor((v - lo) * scale) + 1).clamp_(0, bins + 1).to(torch.int64)
+        hist += torch.bincount(k, minlength=bins + 2)
+    return mx, total, hist
+
+
+def _dir_cpu(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ebv_dir`` on CPU: one pass of row strips. Per strip: one GEMM for the cosines, four in-place
+    elementwise passes into two reused (strip, C) buffers (no allocation per strip: fresh multi-MiB tensors
+    cost page faults that dominated the old step), one GEMM for the weighted sum of rows."""
+    c, d = bank.shape
+    w = bank.contiguous()
+    out = torch.empty_like(w)
+    rowmax = torch.zeros(c, dtype=w.dtype, device=w.device)
+    if c == 0:
+        return out, rowmax
+    rows = max(1, min(c, _DIR_STRIP_ELEMS // c))
+    w_t = w.T.contiguous()
+    cos_buf = torch.empty(rows, c, dtype=w.dtype, device=w.device)
+    p_buf = torch.empty_like(cos_buf)
+    diag = torch.arange(rows, device=w.device)
+    for i0 in range(0, c, rows):
+        i1 = min(c, i0 + rows)
+        cos, p, ar = cos_buf[: i1 - i0], p_buf[: i1 - i0], diag[: i1 - i0]
+        torch.matmul(w[i0:i1], w_t, out=cos)
+        cos[ar, ar + i0] = 0.0  # sign(0) = 0 drops the diagonal from dir; rowmax >= 0 anyway
+        torch.abs(cos, out=p)
+        m = p.amax(dim=1, keepdim=True)
+        rowmax[i0:i1] = m[:, 0]
+        p.sub_(m).mul_(beta).exp_().mul_(cos.sign_())
+        torch.matmul(p, w, out=out[i0:i1])
+    return out, rowmax
+
+
+for _op, _cpu, _ref_fn, _tri in (("bank_pair_stats", _pair_stats_cpu, _ref.bank_pair_stats, "pair_stats"),
+                                 ("ebv_dir", _dir_cpu, _ref.ebv_dir, "ebv_dir")):
+    _backend.register(_op, "reference", _ref_fn)
+    _backend.register(_op, "cpu", _cpu)
+    _backend.register(_op, "triton", f"etfkern.triton_kernels.banks:{_tri}")
+
+
+# ==========================================================================================================
+# Statistics
+# ==========================================================================================================
+def _unit_rows(bank: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float64 if bank.dtype == torch.float64 else torch.float32
+    w = bank.detach().to(dtype)
+    return (w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)).contiguous()
+
+
+def bank_max_abs_cos(bank: torch.Tensor) -> float:
+    """max over i != j of |cos(w_i, w_j)| (one tiled pass, no histogram work beyond 1 bin)."""
+    _check_bank(bank)
+    mx, _, _ = _ops.bank_pair_stats(_unit_rows(bank), 1, 0.0, 2.0)
+    return float(mx)
+
+
+def bank_stats(bank: torch.Tensor) -> dict[str, float]:
+    """Quality statistics of a (C, d) bank (C >= 2), from tiled passes that never store a C x C matrix.
+
+    Keys: ``max_abs_cos``, ``mean_abs_cos`` (over the C(C-1)/2 pairs c != c'), ``p999_abs_cos`` (the 99.9th
+    percentile of |cos| over those pairs: the smallest value at or below which >= 99.9% of them lie, found by a
+    2048-bin histogram over [0, 1] and a second 2048-bin pass inside the bin holding it; reported as the upper
+    edge of its fine bin, so it overestimates by at most 1/2048^2 ~ 2.4e-7), ``welch_bound`` (for C, d) and
+    ``max_norm_error`` (max | |w_c| - 1 |). Cosines use normalised rows; on CPU float64 banks are measured in
+    float64, anything else in float32; the GPU (Triton) kernels always compute in float32.
+    """
+    _check_bank(bank)
+    c, d = bank.shape
+    norm_err = (bank.detach().to(torch.float64).norm(dim=1) - 1).abs().max().item()
+    u = _unit_rows(bank)
+    mx, total, hist = _ops.bank_pair_stats(u, HIST_BINS, 0.0, 1.0)
+    pairs = c * (c - 1) // 2
+    rank = math.ceil(0.999 * pairs)  # 1-based rank of the percentile among sorted values
+    cum = torch.cumsum(hist.cpu(), 0)
+    k = int(torch.searchsorted(cum, torch.tensor(rank)).item())  # hist slot holding that rank
+    if k >= HIST_BINS + 1:  # |cos| >= 1 (duplicate or antipodal rows; rounding): cannot be above the max
+        p999 = float(mx)
+    else:
+        lo, hi = (k - 1) / HIST_BINS, k / HIST_BINS
+        _, _, fine = _ops.bank_pair_stats(u, HIST_BINS, lo, hi)
+        fine_cum = torch.cumsum(fine.cpu(), 0)
+        j = int(torch.searchsorted(fine_cum, torch.tensor(rank)).item())
+        # fine[0] counts everything below lo (= `below`): rank > below, so j >= 1
+        j = max(1, min(j, HIST_BINS))
+        p999 = min(lo + j * (hi - lo) / HIST_BINS, float(mx))
+    return {"max_abs_cos": float(mx), "mean_abs_cos": float(total) / pairs, "p999_abs_cos": float(p999),
+            "welch_bound": welch_bound(c, d), "max_norm_error": float(norm_err)}
+
+
+# ==========================================================================================================
+# EBV banks
+# ==========================================================================================================
+def _renorm(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=1, keepdim=True)
+
+
+def _structured_start(num_classes: int, dim: int, gen: torch.Generator, dtype: torch.dtype,
+                      device: torch.device | str | None) -> tuple[torch.Tensor, str, float | None]:
+    """The best structured start for C > d + 1: (bank on device, description, known max |cos| or None).
+
+    Candidates: the Kerdock bank of R^d (d a power of 4); the Kerdock bank of the largest power of 4 p < d
+    zero-padded and randomly rotated (coherence 1/sqrt(p)); the chirp bank of the largest odd prime p <= d/2
+    with 2p(p+1) >= C, zero-padded from R^2p and rotated (coherence 1/sqrt(p), ~sqrt(2) x Welch: the only
+    structured start at shapes such as (5000, 128) or (100k, 1000)); the Kerdock bank of the next power of 4
+    P > d with (P - d)/2 coordinate pairs (x, n + x) dropped, renormalised (its rows stay equinorm) and
+    rotated; a Gaussian random bank. The truncated Kerdock bank's coherence is not known in closed form: it
+    is measured on its first 4096 rows first (a lower bound, ~(C/4096)^2 times cheaper than the whole bank)
+    and only measured in full when that does not already lose to a candidate with a known value.
+    """
+    if kerdock_size(dim) >= num_classes:
+        return _finish(_kerdock_subset(num_classes, dim, gen, torch.float32), dtype, device), \
+            f"kerdock{dim}", 1.0 / math.sqrt(dim)
+    cands: list[tuple[float, str, torch.Tensor]] = []
+
+    def rotated(rows: torch.Tensor) -> torch.Tensor:
+        """(C, k) unit rows (k <= d) into R^d by a random rotation, on the target device in float32 (C x k x d
+        flops: GPU work at C = 100k)."""
+        rows = _finish(rows, torch.float32, device)
+        rot = _finish(_orthonormal_columns(dim, rows.shape[1], gen).T, torch.float32, device)  # (k, d)
+        return _finish(_renorm(rows @ rot), dtype, device)
+
+    p = 4
+    while p * 4 <= dim:
+        p *= 4
+    while p >= 4 and kerdock_size(p) < num_classes:
+        p //= 4
+    if 4 <= p <= dim:  # (d < 4 has no Kerdock bank to pad)
+        cands.append((1.0 / math.sqrt(p), f"kerdock{p}-padded", rotated(_kerdock_subset(num_classes, p, gen,
+                                                                                      torch.float32))))
+    q = _largest_prime_at_most(dim // 2)
+    if q and chirp_size(q) >= num_classes and (not cands or 1.0 / math.sqrt(q) < cands[0][0]):
+        idx = torch.randperm(chirp_size(q), generator=gen)[:num_classes]
+        cands.append((1.0 / math.sqrt(q), f"chirp{q}-padded", rotated(_chirp_rows(q, idx, torch.float32))))
+    big = 4
+    while big <= dim:
+        big *= 4
+    nb = big // 2
+    drop = math.ceil((big - dim) / 2)
+    if kerdock_size(big) and num_classes <= 2 * nb * nb and drop < nb // 2:
+        idx = torch.randperm(2 * nb * nb, generator=gen)[:num_classes]
+        keep = torch.cat([torch.arange(nb - drop), nb + torch.arange(nb - drop)])  # (Re x, Im x) pairs kept
+        bank = rotated(_renorm(_kerdock_rows(big, idx, torch.float32)[:, keep]))
+        known = min((c[0] for c in cands), default=float("inf"))
+        if num_classes <= 4096 or bank_max_abs_cos(bank[:4096]) < known:
+            cands.append((bank_max_abs_cos(bank), f"kerdock{big}-truncated", bank))
+    if not cands:
+        return _finish(_renorm(torch.randn(num_classes, dim, generator=gen)), dtype, device), "random", None
+    best = min(cands, key=lambda t: t[0])
+    return best[2], best[1], best[0]
+
+
+def _step_seconds(w: torch.Tensor, beta: float) -> float:
+    """Estimated seconds of one ``ebv_dir`` pass over all C rows of ``w``: a pass over its first m rows (~4 GFLOP)
+    timed (second of two calls: the first may compile a Triton kernel) and scaled by (C/m)^2. 0 when m = C."""
+    c, d = w.shape
+    m = min(c, max(512, int(math.sqrt(1e9 / max(d, 1)))))
+    if m >= c:
+        return 0.0
+    sub = w[:m].contiguous()
+    dt = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        _ops.ebv_dir(sub, beta)
+        if sub.is_cuda:
+            torch.cuda.synchronize(sub.device)
+        dt = time.perf_counter() - t0
+    return dt * (c / m) ** 2
+
+
+def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, start_max: float | None,
+              time_budget_s: float | None = None, t_start: float | None = None) -> tuple[torch.Tensor, float]:
+    """Projected gradient descent on the unit sphere of F = (1/beta) log sum_{i != j} e^{beta |c_ij|}, beta
+    annealed geometrically from 3/Welch to 300/Welch; each row moves along its normalised Riemannian gradient
+    (from one ``ebv_dir`` pass per step) by an angle annealed from lr to 0.003 lr.
+
+    ``time_budget_s`` counts from ``t_start`` (a ``time.perf_counter()`` value; default: now). The loop stops
+    before another step plus the final scoring (reserved as two more steps) would overrun it (then the result
+    depends on the machine's speed); it does not start when one step alone is estimated to take longer than
+    what is left (a warning says so; the start is returned, with its max |cos| if known, else NaN).
+    Returns the iterate with the smallest max |cos| seen (the start included) and that value."""
+    from tqdm.auto import tqdm
+
+    if steps == 0:  # the start itself (measured only when its coherence is not known)
+        return bank.to(torch.float32).contiguous(), bank_max_abs_cos(bank) if start_max is None else start_max
+    c, d = bank.shape
+    welch = max(welch_bound(c, d), 1e-3)
+    w = bank.to(torch.float32).contiguous()
+    t0 = time.perf_counter() if t_start is None else t_start
+    if time_budget_s is not None:
+        est = _step_seconds(w, 3.0 / welch)  # 0 for small problems: then at least one step runs
+        left = time_budget_s - (time.perf_counter() - t0)
+        if est > 0 and est > left:
+            warnings.warn(f"ebv_bank: one optimiser step at C={c}, d={d} would take ~{est:.0f} s on this "
+                          f"{w.device.type} device, more than the {max(left, 0):.3g} s left of time_budget_s="
+                          f"{time_budget_s:g} s; returning the structured start unoptimised (pass "
+                          "time_budget_s=None to optimise anyway)", RuntimeWarning, stacklevel=3)
+            return w, float("nan") if start_max is None else start_max
+    best, best_max = w.clone(), float("inf") if start_max is None else start_max
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = tqdm(range(steps), desc=f"ebv_bank C={c} d={d}", disable=not progress, leave=False)
+    for step in bar:
+        t_step = time.perf_counter()
+        frac = step / max(1, steps - 1)
+        beta = (3.0 / welch) * 100.0 ** frac
+        g, rowmax = _ops.ebv_dir(w, beta)
+        cur = float(rowmax.max())
+        if cur < best_max:
+            best, best_max = w.clone(), cur
+        bar.set_postfix(max_cos=f"{cur:.5f}", best=f"{best_max:.5f}", refresh=False)
+        g = g - (g * w).sum(dim=1, keepdim=True) * w  # Riemannian gradient: drop the radial part
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)  # every row moves by the same angle
+        w = w - (lr * 0.003 ** frac) * g
+        w = (w / w.norm(dim=1, keepdim=True)).contiguous()
+        now = time.perf_counter()
+        # reserve: the next step and the final scoring (up to 3 max |cos| passes, each ~half a step)
+        if time_budget_s is not None and step + 1 < steps and now - t0 + 3 * (now - t_step) > time_budget_s:
+            warnings.warn(f"ebv_bank: time budget of {time_budget_s:g} s reached after {step + 1}/{steps} steps "
+                          "(another step and the final scoring would overrun it); returning the best iterate so "
+                          "far (pass time_budget_s=None for all steps)", RuntimeWarning, stacklevel=3)
+            break
+    bar.close()
+    # The per-step maxima may come from TF32 products (GPU): re-measure the candidates exactly before choosing.
+    start_exact = bank_max_abs_cos(bank) if start_max is None else start_max
+    cands = [(start_exact, bank.to(torch.float32)), (bank_max_abs_cos(w), w)]
+    if best_max < start_exact or start_max is None:
+        cands.append((bank_max_abs_cos(best), best))
+    best_max, best = min(cands, key=lambda t: t[0])
+    return best.contiguous(), best_max
+
+
+# Default optimiser budget in units of C^2 d per device: a step is one ebv_dir pass, ~4 C^2 d FLOPs (two
+# GEMM-sized products). CPU: ~100 steps at (10k, 64), ~200 at (5000, 128), the 1000-step cap at (1000, 100).
+_GPU_STEP_BUDGET = 3e15
+_CPU_STEP_BUDGET = 6.4e11
+_MAX_STEPS = 1000
+
+
+def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto", steps: int | None = None,
+             lr: float = 0.1, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+             progress: bool | None = None, time_budget_s: float | None = 120.0) -> torch.Tensor:
+    """Equiangular Basis Vectors: C unit vectors in R^d with the smallest max |cos| we can reach.
+
+    * C <= d: a random orthonormal set (max |cos| = 0); C = d + 1: the simplex ETF (meets the Welch bound).
+    * ``method="kerdock"``: d a power of 4 (4..4096) and C <= d(d/2+1): a seeded subset of the realified
+      Z4-Kerdock bank, every pairwise |cos| in {0, 1/sqrt(d)} (Levenshtein bound); entries {0, +-sqrt(2/d)}
+      when C <= d^2/2. Only the C chosen rows are generated (O(C*d) memory).
+    * ``method="optimize"``: starts from the best structured bank available (see ``_structured_start``: the
+      Kerdock bank of a smaller power of 4, or the chirp bank of the largest odd prime p <= d/2 with
+      2p(p+1) >= C, coherence 1/sqrt(p) ~ 1.42 x Welch at (100k, 1000)) and runs ``steps`` projected-gradient
+      steps on the annealed soft-max of |cos| over all pairs (one tiled ``ebv_dir`` pass per step, never a
+      C x C matrix; float32, on ``device``); returns the iterate with the smallest max |cos| (never worse than
+      the start). ``steps=0`` returns the structured start itself.
+    * ``method="auto"``: the structured start if it is within 5% of the Welch bound (the optimiser has not
+      improved a Kerdock start in our runs, also not after perturbing it to break the exact ties, and not a
+      chirp start at (5000, 128)), else ``optimize``.
+
+    ``steps`` (optimiser) defaults to min(1000, max(20, budget / (C^2 d))), budget 6.4e11 on CPU (~100 steps
+    at (10k, 64)) and 3e15 on GPU (300 at (100k, 1000)). ``time_budget_s`` (default 120 s, None: no limit)
+    bounds the whole call (to within the final scoring's spread): the optimiser stops before another step plus
+    the final scoring would overrun it, and the best iterate so far is returned with a RuntimeWarning (a run
+    cut short depends on the machine's speed; otherwise the result is deterministic for a seed on a device).
+    When one step alone is estimated (from a timed pass over a row subset) to exceed what is left, e.g.
+    (100k, 1000) on a CPU, the optimiser does not start: a RuntimeWarning says so and the structured start is
+    returned.
+    ``lr``: initial step, radians per row. ``progress``: tqdm bar (default: when stderr is a tty).
+    Returns (C, d) ``dtype`` on ``device`` (CPU by default).
+    """
+    t_call = time.perf_counter()
+    _check_sizes(num_classes, dim)
+    _check_output(dtype, device)
+    if method not in ("auto", "optimize", "kerdock"):
+        raise ValueError(f"method must be one of 'auto', 'optimize', 'kerdock', got {method!r}")
+    if steps is None:
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        budget = _GPU_STEP_BUDGET if on_gpu else _CPU_STEP_BUDGET
+        steps = int(min(_MAX_STEPS, max(20, budget / (float(num_classes) ** 2 * dim))))
+    _check_steps_lr(steps, lr)
+    if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and
+                                          not isinstance(time_budget_s, bool) and time_budget_s > 0):
+        raise ValueError(f"time_budget_s must be a number > 0 or None, got {time_budget_s!r}")
+    gen = _generator(seed)
+    if method == "kerdock":
+        if kerdock_size(dim) < num_classes:
+            why = (f"dim={dim} is not a power of 4 in 4..4096" if not kerdock_size(dim)
+                   else f"num_classes={num_classes} > {kerdock_size(dim)} = dim*(dim/2+1)")
+            raise ValueError(f"method='kerdock' needs dim a power of 4 and num_classes <= dim*(dim/2+1): {why}; "
+                             "use method='optimize' or 'auto'")
+        return _finish(_kerdock_subset(num_classes, dim, gen, torch.float32 if dtype != torch.float64
+                                       else torch.float64), dtype, device)
+    if num_classes <= dim:
+        return _finish(_orthonormal_columns(dim, num_classes, gen).T, dtype, device)
+    if num_classes == dim + 1:
+        return simplex_etf(num_classes, dim, seed=seed, dtype=dtype, device=device)
+    start, _, start_max = _structured_start(num_classes, dim, gen, torch.float32, device)
+    near_optimal = start_max is not None and start_max <= AUTO_WELCH_RATIO * welch_bound(num_classes, dim)
+    if method == "auto" and near_optimal:
+        return _unit_rows_as(start, dtype)
+    best, _ = _optimize(start, steps, lr, progress, start_max, time_budget_s, t_call)
+    return _unit_rows_as(best, dtype)
+
+
+# ==========================================================================================================
+# Sparse ETF (FedLoGe SSE-C)
+# ==========================================================================================================
+def sparse_etf(num_classes: int, dim: int, *, sparsity: float = 0.6, seed: int = 0, steps: int = 500,
+               lr: float = 1e-3, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+               ) -> torch.Tensor:
+    """FedLoGe's static sparse ETF (SSE-C): unit rows with at least ``sparsity`` of the entries exactly zero
+    and pairwise cos close to -1/(C-1).
+
+    Start: the simplex ETF when C <= d + 1, else a Gaussian bank (no exact ETF exists; the same target is
+    then a least-squares compromise). Mask: every row gets exactly ceil(sparsity * d) zeros at seeded random
+    positions (so the whole bank has at least ``sparsity`` zeros too). Then ``steps`` Adam steps on the masked
+    entries minimise mean over c != c' of (cos_cc' + 1/(C-1))^2 with rows normalised in the forward; the loss
+    uses the Gram identities sum_ij cos_ij^2 = |U^T U|_F^2 and sum_ij cos_ij = |U^T 1|^2, so memory is
+    O(C*d + d^2), never C x C. Returns (C, d) ``dtype`` on ``device``; zeros are exact.
+    """
+    _check_sizes(num_classes, dim)
+    _check_output(dtype, device)
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    zeros = math.ceil(sparsity * dim - 1e-9)
+    if zeros > dim - 1:
+        raise ValueError(f"sparsity={sparsity} leaves no nonzero entry per row at dim={dim} "
+                         f"(needs ceil(sparsity*dim) <= dim - 1)")
+    _check_steps_lr(steps, lr)
+    c = num_classes
+    gen = _generator(seed)
+    if c <= dim + 1:
+        dense = simplex_etf(c, dim, seed=seed, dtype=torch.float64)
+    else:
+        dense = torch.randn(c, dim, generator=gen, dtype=torch.float64)
+    order = torch.rand(c, dim, generator=gen).argsort(dim=1)
+    mask = torch.ones(c, dim, dtype=torch.float64)
+    mask.scatter_(1, order[:, :zeros], 0.0)
+    dev = device if device is not None else "cpu"
+    mask = mask.to(dev)
+    w = (dense.to(dev) * mask).requires_grad_(True)
+    a = 1.0 / (c - 1)  # target cos is -a
+    opt = torch.optim.Adam([w], lr=lr)
+
+    def unit() -> torch.Tensor:
+        m = w * mask
+        return m / m.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+    for _ in range(steps):
+        u = unit()
+        gram = u.T @ u
+        s1 = u.sum(0)
+        # sum over c != c' of (cos + a)^2 = |U^T U|_F^2 + 2a |U^T 1|^2 + a^2 C^2 - C (1 + a)^2  (diagonal cos = 1)
+        loss = ((gram * gram).sum() + 2 * a * (s1 @ s1) + a**2 * c * c - c * (1 + a) ** 2) \
+            / (c * (c - 1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        out = unit()
+    return out.to(dtype).contiguous()
+
+
+# ==========================================================================================================
+# Storage
+# ==========================================================================================================
+def save_bank(path: str | os.PathLike, bank: torch.Tensor, **meta: Any) -> None:
+    """Write ``bank`` to a safetensors file (tensor "bank", stored contiguous on CPU) with metadata.
+
+    Metadata: every keyword (JSON-encoded), plus ``num_classes``, ``dim``, ``dtype`` and ``stats`` (the
+    :func:`bank_stats` dict). ``stats`` is computed when not given; pass ``stats=None`` to skip it.
+    Conventional keys: ``kind`` (simplex|ebv|sparse), ``seed``, ``method``, ``sparsity``.
+    FileNotFoundError when the directory of ``path`` does not exist, IsADirectoryError when ``path`` is one.
+    """
+    from safetensors.torch import save_file
+
+    _check_bank(bank)
+    if "stats" not in meta:
+        meta["stats"] = bank_stats(bank)
+    meta.update(num_classes=int(bank.shape[0]), dim=int(bank.shape[1]), dtype=str(bank.dtype).replace("torch.", ""))
+    try:
+        encoded = {k: json.dumps(v) for k, v in meta.items()}
+    except TypeError as exc:
+        raise ValueError(f"save_bank metadata must be JSON-serialisable: {exc}") from None
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"save_bank: path {path!r} is a directory; give a file name, e.g. bank.safetensors")
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"save_bank: the directory of path {path!r} does not exist ({parent!r})")
+    try:
+        save_file({"bank": bank.detach().contiguous().cpu()}, path, metadata=encoded)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for I/O failures
+        raise OSError(f"save_bank could not write {path!r}: {exc}") from None
+
+
+def load_bank(path: str | os.PathLike, *, device: torch.device | str | None = None
+              ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Read a bank written by :func:`save_bank`: returns (bank (C, d) on ``device`` or CPU, metadata dict).
+    FileNotFoundError for a missing file; ValueError for a file that holds no "bank" tensor or one that is not
+    a floating-point (C, d) matrix."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no bank file at {path!r}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            if "bank" not in f.keys():
+                raise ValueError(f"{path!r} holds no 'bank' tensor (keys: {sorted(f.keys())})")
+            bank = f.get_tensor("bank")
+            raw = f.metadata() or {}
+        if bank.dim() != 2 or not bank.is_floating_point():
+            raise ValueError(f"{path!r}: 'bank' must be a floating-point (C, d) tensor, got {bank.dtype} "
+                             f"of shape {tuple(bank.shape)}")
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+        raise ValueError(f"{path!r} is not a readable safetensors bank: {exc}") from None
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return (bank.to(device) if device is not None else bank), meta
