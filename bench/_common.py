@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from etfkern._measure import peak_mib, sync, time_ms  # noqa: F401  (re-exported for the bench scripts)
+from etfkern._core.measure import peak_mib, sync, time_ms  # noqa: F401  (re-exported for the bench scripts)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

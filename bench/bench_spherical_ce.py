@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import env_var, peak_mib, print_table, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
-from etfkern._measure import reset_peak_rss, proc_status_kib  # noqa: E402
+from etfkern._core.measure import reset_peak_rss, proc_status_kib  # noqa: E402
 
 TAU = 0.07
 GPU_SHAPES = [(8192, 512, 32768), (16384, 1024, 131072), (8192, 4096, 262144),  # LLM-vocabulary scale

@@ -146,7 +146,7 @@ def _chart(name: str, rows: list[dict[str, Any]], chart_dir: str) -> str | None:
     groups = list(dict.fromkeys(f"{r.get('op', '')} {_cell(r.get('shape'))}".strip() for r in timed))
     impls = list(dict.fromkeys(r["impl"] for r in timed))
     try:
-        from etfkern._plot import agg_figure
+        from etfkern._core.plot import agg_figure
 
         fig, axes = agg_figure(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(impls)) / 2), 4))
     except ImportError:

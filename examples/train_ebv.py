@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     history = {"loss": [], "acc": [accuracy()]}
     print(f"classes={args.classes} d={args.dim} train={len(y_tr)} test={len(y_te)} device={dev} "
-          f"backend={etfkern._backend.choose('spherical_ce_forward', dev)}")
+          f"backend={etfkern._core.backend.choose('spherical_ce_forward', dev)}")
     print(f"epoch 0  held-out top-1 {history['acc'][0]:.4f} (chance {1 / args.classes:.4f})")
     step = 0
     for epoch in range(1, args.epochs + 1):
