@@ -2,17 +2,16 @@
 
     python bench/run_all.py                 # full sizes (meant for the GPU machine)
     python bench/run_all.py --quick         # small shapes, minutes on a CPU
-    python bench/run_all.py --only spherical_ce,msam
+    python bench/run_all.py --only spherical,msam
     python bench/run_all.py --report-only bench/results/<file>.json   # re-render REPORT.md from a result file
 
-Each family is a module bench/bench_<family>.py exposing ``run(quick: bool, device: str) -> list[dict]``; rows carry
+Each family is a module bench/<family>.py exposing ``run(quick: bool, device: str) -> list[dict]``; rows carry
 at least ``op``, ``shape`` and ``impl`` and usually ``ms`` / ``peak_mib`` / ratio columns computed in the same run.
 A family that fails is recorded with its error and does not stop the others.
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import json
 import os
@@ -29,11 +28,11 @@ from _common import RESULTS_DIR, environment  # noqa: E402
 FIRST_COLUMNS = ["op", "shape", "impl", "dtype", "ms", "peak_mib"]
 
 
+FAMILIES = ("banks", "collapse", "msam", "spherical")  # bench/<family>.py, one per etfkern family
+
+
 def families() -> dict[str, str]:
-    found = {}
-    for path in sorted(glob.glob(os.path.join(HERE, "bench_*.py"))):
-        found[os.path.basename(path)[len("bench_"):-3]] = path
-    return found
+    return {name: os.path.join(HERE, f"{name}.py") for name in FAMILIES}
 
 
 def _load(name: str, path: str):
@@ -88,7 +87,7 @@ def _cell(v: Any) -> str:
 
 
 def load_result(path: str) -> dict[str, Any]:
-    """A result file as run_all's shape: run_all's own JSON, or one family's file written by bench_<family>.py
+    """A result file as run_all's shape: run_all's own JSON, or one family's file written by bench/<family>.py
     (``{"family", "environment", "rows"}``), wrapped as a one-family result. ValueError when it is neither."""
     try:
         with open(path) as f:

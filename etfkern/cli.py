@@ -358,7 +358,7 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------------
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("parts", nargs="*", help="families to run (default: all), e.g. spherical_ce msam")
+    p.add_argument("parts", nargs="*", help="families to run (default: all), e.g. spherical msam")
     p.add_argument("--quick", action="store_true", help="small shapes (CPU minutes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, metavar="JSON",

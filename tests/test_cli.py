@@ -181,7 +181,7 @@ def _run_all():
 
 
 def test_run_all_report_only_renders_every_committed_result(tmp_path):
-    """run_all's own files and the per-family files bench_<family>.py writes both render (no KeyError)."""
+    """run_all's own files and the per-family files bench/<family>.py writes both render (no KeyError)."""
     import glob
 
     run_all, root = _run_all()

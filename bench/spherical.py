@@ -1,6 +1,6 @@
 """Benchmark: fused spherical cross-entropy (and nearest) vs eager torch, torch.compile, Liger, cut-cross-entropy.
 
-    python bench/bench_spherical_ce.py [--quick] [--device cpu|cuda] [--no-write]
+    python bench/spherical.py [--quick] [--device cpu|cuda] [--no-write]
 
 Rows: op (ce_fwd | ce_bwd | ce_fwd_bwd | nearest; on the first shape also ce_fwd_bwd_arc (metric "arc") and
 ce_fwd_bwd_bank_grad (trainable bank), etfkern vs eager), shape N x d x C, impl, ms, peak_mib (extra peak over the live

@@ -1,6 +1,6 @@
 """Optimizer step time: fused Momentum-SAM vs torch's SGD/AdamW and the public per-tensor MSAM loop.
 
-    python bench/bench_msam.py [--quick] [--device cpu|cuda] [--no-write]
+    python bench/msam.py [--quick] [--device cpu|cuda] [--no-write]
 
 Parameters are split like a network (32 weight matrices + 32 bias vectors). Rows: ms per step (median),
 effective bandwidth from the bytes each method must move per element, and ratios against the peers

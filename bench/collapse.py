@@ -19,7 +19,7 @@ two_pass_f64; one_pass_gram_metrics_vs_two_pass_nc1 with etfkern computing every
 nc2_equinorm/equiangular/etf_error: one more (C' x d) Gram); one_pass_all_metrics_vs_two_pass_nc1 with every
 metric (the O(C'^2 d) pair kernel included); onehot_over_etfkern = onehot update / etfkern update.
 
-    python bench/bench_collapse.py [--quick] [--device cpu|cuda] [--threads N] [--no-write]
+    python bench/collapse.py [--quick] [--device cpu|cuda] [--threads N] [--no-write]
 """
 from __future__ import annotations
 

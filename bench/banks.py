@@ -2,7 +2,7 @@
 banks measured in the same run and the official EBV generator's shipped banks (C=1000: 0.1350 at d=100, 0.0800
 at d=200, 0.0350 at d=500; published figures, not re-run here); bank_stats speed and memory against a dense C x C computation.
 
-    python bench/bench_banks.py [--quick] [--device cpu|cuda]
+    python bench/banks.py [--quick] [--device cpu|cuda]
 
 --quick: the (C=100k, d=1024) bank's statistics are measured on its first 10,000 rows only (the full pass is
 ~10^13 flops: minutes on a small CPU); the row says so in "measured_on".
