@@ -1,4 +1,4 @@
-"""Float64 references for the collapse family, written straight from the definitions in DESIGN.md.
+"""Float64 references for the collapse family, written straight from the definitions in docs/metrics.md.
 
 Two kinds of functions live here:
   * the ``reference`` backend of each op (``collapse_update``, ``collapse_pair_stats``, ``collapse_ncc``): dense,
@@ -107,19 +107,32 @@ def two_pass_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 
 def dense_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, global_mean: str = "class",
-                  weights: torch.Tensor | None = None) -> dict[str, float]:
-    """Every metric of DESIGN.md from the raw data, the dense way (C x C matrices, pinv of Sigma_B)."""
+                  weights: torch.Tensor | None = None, ignore_index: int | None = None,
+                  min_count: int = 1) -> dict[str, float]:
+    """Every metric of docs/metrics.md from the raw data, the dense way (C x C matrices, pinv of Sigma_B).
+
+    Rows labelled ``ignore_index`` are dropped first. Classes with fewer than ``min_count`` samples are left out
+    of everything built from class means (mu_G, M~, Sigma_B, NC2, CDNV, GNC2, NC3); Sigma_W stays the pooled
+    within-class covariance of every sample kept (docs/metrics.md, "min_count")."""
+    if ignore_index is not None:
+        keep = labels != ignore_index
+        features, labels = features[keep], labels[keep]
     counts, means, sigma_w, s = two_pass_stats(features, labels, num_classes)
     seen = counts > 0
-    mu = means[seen]
+    used = counts >= max(min_count, 1)
+    mu = means[used]
     k = mu.shape[0]
     if global_mean == "class":
         mu_g = mu.mean(0)
     else:
-        mu_g = features.to(torch.float64).mean(0)
+        mu_g = features.to(torch.float64)[used[labels]].mean(0)
     mt = mu - mu_g
     sigma_b = mt.T @ mt / k
-    out: dict[str, float] = {"num_classes_seen": k}
+    out: dict[str, float] = {"num_classes_seen": int(seen.sum())}
+    if min_count > 1:
+        excluded = seen & ~used
+        out["num_classes_excluded"] = int(excluded.sum())
+        out["num_samples_excluded"] = int(counts[excluded].sum())
     out["nc1"] = float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True)) / k)
     out["nc1_quotient"] = float(torch.trace(sigma_w) / torch.trace(sigma_b))
     iu = torch.triu_indices(k, k, offset=1)
@@ -136,11 +149,11 @@ def dense_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     log_inv = -torch.log(torch.cdist(u, u))[iu[0], iu[1]]
     out["gnc2"] = float(log_inv.var(unbiased=False))
     out["gnc2_mean"] = float(log_inv.mean())
-    ss = s[seen]
+    ss = s[used]
     dist2 = torch.cdist(mu, mu).pow(2)
     out["cdnv"] = float(((ss[:, None] + ss[None, :]) / (2 * dist2))[iu[0], iu[1]].mean())
     if weights is not None:
-        w = weights.to(torch.float64)[seen]
+        w = weights.to(torch.float64)[used]
         out["nc3"] = float((w / w.norm() - mt / mt.norm()).norm().pow(2))
         cw = torch.nn.functional.cosine_similarity(w, mt, dim=1)
         out["unc3"] = float(cw.std(unbiased=False))
