@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import env_var, print_table, sync, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
-from etfkern.collapse import _product_dtype  # noqa: E402
+from etfkern.collapse.cpu import _product_dtype  # noqa: E402
 
 
 def _zipf_labels(n: int, c: int, gen: torch.Generator, device: str) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from etfkern.triton_kernels._common import kernel_variant
+from ._common import kernel_variant
 
 
 def _triangle_tiles(nb: int, device: torch.device) -> torch.Tensor:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from etfkern._core.backend import register
 from etfkern._core.library import define
+from etfkern.collapse import cpu, reference
 
 
 def _collapse_update_fake(features, inv, m_old, n_old):
@@ -32,3 +34,13 @@ collapse_pair_stats = define("collapse_pair_stats", "(Tensor mt, Tensor s, float
 # NC4 indices: classifier argmax over C rows, nearest-mean argmin over K rows: two (N,) int64.
 collapse_ncc = define("collapse_ncc", "(Tensor features, Tensor means, Tensor weights, Tensor? bias) "
                       "-> (Tensor, Tensor)", _collapse_ncc_fake)
+
+
+# Implementations per backend (the router in etfkern._core.backend picks one per call; a compiled
+# ``<op>_native`` kernel shadows the cpu entry when etfkern._C has it).
+for _op in ("collapse_update", "collapse_pair_stats", "collapse_ncc"):
+    register(_op, "reference", getattr(reference, _op))
+    register(_op, "triton", f"etfkern.triton_kernels.collapse:{_op}")
+register("collapse_update", "cpu", cpu._update_cpu)
+register("collapse_pair_stats", "cpu", cpu._pair_stats_cpu)
+register("collapse_ncc", "cpu", cpu._ncc_cpu)
