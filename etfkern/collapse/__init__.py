@@ -1,5 +1,6 @@
 """Streaming neural-collapse statistics at vocabulary scale: :class:`CollapseMeter`, :func:`ncc_mismatch`, and
-helpers to collect features from a Hugging Face-style causal LM and to plot metrics across checkpoints/layers.
+helpers to collect features from a Hugging Face-style causal LM (:mod:`etfkern.collapse.lm`) and to plot metrics
+across checkpoints/layers. What every metric means, with its formula and paper: docs/metrics.md.
 
 Accumulation is exact in one pass. Per class c the meter keeps the count n_c (int64), the running mean mu_c and
 the sum of squared deviations sum_i |h_i - mu_c|^2 (float64); for all classes together the pooled within-class
@@ -31,13 +32,17 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from etfkern.collapse import ops as _ops
+from etfkern.collapse.lm import collect_lm_features
 
 __all__ = ["CollapseMeter", "ncc_mismatch", "collect_lm_features", "plot_metrics", "METRIC_KEYS"]
+
+METRICS_DOC = "docs/metrics.md"  # the page that defines every key compute() returns
 
 METRIC_KEYS = ("nc1", "nc1_quotient", "cdnv", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "nc2_etf_error",
                "gnc2", "gnc2_mean", "nc3", "unc3", "nc3_cos_mean", "num_classes_seen")
 _PAIR_KEYS = ("cdnv", "gnc2", "gnc2_mean", "nc2_maxangle")  # from the O(C'^2 d) pair kernel
 _CLASSIFIER_KEYS = ("nc3", "unc3", "nc3_cos_mean")  # need the classifier weights
+_EXCLUSION_KEYS = ("num_classes_excluded", "num_samples_excluded")  # compute() adds them when min_count > 1
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -94,6 +99,34 @@ def _all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
 
 
+def _int_arg(name: str, value: Any, *, minimum: int | None = None) -> int:
+    """``value`` as a Python int (numpy integers too, bool never), else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int{'' if minimum is None else f' >= {minimum}'}, got "
+                         f"{type(value).__name__} {value!r}")
+    if minimum is not None and int(value) < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {int(value)}")
+    return int(value)
+
+
+def _global_mean_arg(name: str, value: Any) -> str:
+    if not isinstance(value, str) or value not in ("class", "sample"):
+        raise ValueError(f"{name} must be 'class' or 'sample', got {value!r}")
+    return value
+
+
+def _device_arg(device: Any) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(f"device must be a torch.device or a string such as 'cpu' or 'cuda', got "
+                         f"{type(device).__name__} {device!r}")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device {device!r} is not a torch device: {exc}") from None
+
+
 def _fmt(shape: tuple[int | None, ...]) -> str:
     items = ["?" if s is None else str(s) for s in shape]
     return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
@@ -103,31 +136,34 @@ def _fmt(shape: tuple[int | None, ...]) -> str:
 # The meter
 # ----------------------------------------------------------------------------------------------------------
 class CollapseMeter:
-    """Streaming per-class statistics and the neural-collapse metrics of DESIGN.md.
+    """Streaming per-class statistics and the neural-collapse metrics defined in docs/metrics.md.
 
     Args:
-        num_classes: C, labels must lie in [0, C).
+        num_classes: C, labels must lie in [0, C) or equal ``ignore_index``.
         dim: d, the feature dimension.
-        global_mean: "class" (mu_G = mean of the seen class means, Wu & Papyan) or "sample" (mean of all
-            samples, Papyan et al.).
-        device: where the accumulators live (default CPU); batches are moved there.
+        global_mean: "class" (mu_G = mean of the class means, Wu & Papyan) or "sample" (mean of the samples,
+            Papyan et al.).
+        device: where the accumulators live (default CPU); batches are moved there. :meth:`to` moves them later.
+        ignore_index: rows whose label equals it are skipped (torch's convention, default -100: a language
+            model's padding/prompt labels). Their features are not looked at.
+        min_count: classes with fewer samples are left out of the metrics (rare tokens); :meth:`compute` reports
+            how many classes and samples that excluded, :meth:`excluded_classes` which.
+
+    An :meth:`update`, :meth:`merge` or :meth:`load_state_dict` either applies whole or, whatever raises inside
+    it, leaves the meter unchanged. A meter created under ``torch.inference_mode()`` can be updated outside it.
 
     State (all on ``device``): counts (C,) int64; means (C, d) float64; per-class sums of squared deviations (C,)
     float64; pooled within-class scatter (d, d) float64. Memory: 8 (C d + d^2 + 2C) bytes.
     """
 
     def __init__(self, num_classes: int, dim: int, *, global_mean: str = "class",
-                 device: torch.device | str | None = None) -> None:
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if global_mean not in ("class", "sample"):
-            raise ValueError(f"global_mean must be 'class' or 'sample', got {global_mean!r}")
-        self.num_classes = num_classes
-        self.dim = dim
-        self.global_mean = global_mean
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+                 device: torch.device | str | None = None, ignore_index: int = -100, min_count: int = 1) -> None:
+        self.num_classes = _int_arg("num_classes", num_classes, minimum=1)
+        self.dim = _int_arg("dim", dim, minimum=1)
+        self.global_mean = _global_mean_arg("global_mean", global_mean)
+        self.ignore_index = _int_arg("ignore_index", ignore_index)
+        self.min_count = _int_arg("min_count", min_count, minimum=1)
+        self.device = _device_arg(device)
         self.reset()
 
     def reset(self) -> None:
@@ -153,13 +189,31 @@ class CollapseMeter:
 
     @property
     def num_samples(self) -> int:
+        """Samples seen so far (rows labelled ``ignore_index`` excluded)."""
         return int(self._counts.sum())
+
+    def excluded_classes(self) -> torch.Tensor:
+        """int64 ids of the classes seen but fewer than ``min_count`` times, left out of :meth:`compute`."""
+        return torch.nonzero((self._counts > 0) & (self._counts < self.min_count)).flatten()
+
+    def to(self, device: torch.device | str) -> "CollapseMeter":
+        """Move the accumulators to ``device`` and return the meter (as ``nn.Module.to``); later batches are moved
+        there too. A device that cannot hold them raises ValueError with the meter unchanged."""
+        dev = _device_arg(device)
+        try:
+            moved = tuple(t.to(dev) for t in (self._counts, self._means, self._m2, self._sw))
+        except (RuntimeError, AssertionError) as exc:  # e.g. "cuda" on a machine without a CUDA build
+            raise ValueError(f"device {str(dev)!r} cannot hold the meter here: {exc}") from None
+        self._counts, self._means, self._m2, self._sw = moved
+        self.device = dev
+        return self
 
     # -- accumulation -----------------------------------------------------------------------------------
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Merge one batch. features (N, d) (or (..., d) with labels (...)) float16/bfloat16/float32/float64;
-        labels (N,) integer in [0, C). Raises ValueError naming the argument, with the meter unchanged, on a
-        bad shape, dtype, out-of-range label or non-finite feature."""
+        labels (N,) integer in [0, C) or equal to ``ignore_index`` (those rows are skipped). Raises ValueError
+        naming the argument, with the meter unchanged, on a bad shape, dtype, out-of-range label or non-finite
+        feature; any other failure inside also leaves the meter unchanged."""
         if not isinstance(labels, torch.Tensor):
             raise ValueError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
         if isinstance(features, torch.Tensor) and features.dim() > 2 and labels.shape == features.shape[:-1]:
@@ -177,6 +231,12 @@ class CollapseMeter:
             return
         features = features.to(self.device)
         labels = labels.to(self.device, torch.int64)
+        ignored = labels == self.ignore_index
+        if bool(ignored.any()):
+            kept = ~ignored
+            features, labels = features[kept], labels[kept]
+            if labels.numel() == 0:
+                return
         uniq, inv, cnt = torch.unique(labels, return_inverse=True, return_counts=True)
         safe = uniq.clamp(0, self.num_classes - 1)  # gathers stay in bounds until the range is checked below
         n_old = self._counts.index_select(0, safe)  # index_select: ~4x faster than advanced indexing on CPU
@@ -190,7 +250,8 @@ class CollapseMeter:
         lo, hi, probe = torch.stack([uniq[0].to(torch.float64), uniq[-1].to(torch.float64),
                                      m_new.sum() + m2_delta.sum() + sw_delta.diagonal().sum()]).tolist()
         if lo < 0 or hi >= self.num_classes:
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in [{int(lo)}, {int(hi)}]")
+            raise ValueError(f"labels must lie in [0, {self.num_classes}) or equal ignore_index={self.ignore_index}, "
+                             f"got values in [{int(lo)}, {int(hi)}]")
         if not math.isfinite(probe) and not all(bool(torch.isfinite(t).all()) for t in (m_new, m2_delta, sw_delta)):
             if not bool(torch.isfinite(features).all()):
                 raise ValueError("features contains NaN or inf")
@@ -199,10 +260,33 @@ class CollapseMeter:
             if not (bool(torch.isfinite(m2_delta).all()) and bool(torch.isfinite(sw_delta).all())):
                 raise ValueError("features are too large: the within-class scatter overflows float64")
         # Nothing above mutated the meter: commit all at once.
-        self._counts.index_add_(0, uniq, cnt)
-        self._means.index_copy_(0, uniq, m_new)  # not means[uniq] = ...: index_put allocates a K x d index
-        self._m2.index_add_(0, uniq, m2_delta)
-        self._sw += sw_delta
+        self._commit(uniq, n_old + cnt, m_new, self._m2.index_select(0, uniq) + m2_delta, sw_delta)
+
+    def _commit(self, rows: torch.Tensor, counts_rows: torch.Tensor, means_rows: torch.Tensor,
+                m2_rows: torch.Tensor, sw_delta: torch.Tensor) -> None:
+        """Write ``rows`` of counts/means/m2 and add ``sw_delta`` to the scatter: all of it, or nothing.
+
+        Everything was computed before; a write that raises part-way (any exception, KeyboardInterrupt
+        included) has the rows already written restored, so a retry never counts a batch twice."""
+        state = (self._counts, self._means, self._m2)
+        new_rows = (counts_rows, means_rows, m2_rows)
+        if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in state + (self._sw,)):
+            # Created under torch.inference_mode(): in-place writes are refused outside it. Out-of-place results
+            # are normal tensors, so the meter leaves inference mode behind once (one copy of the state).
+            counts, means, m2 = (t.index_copy(0, rows, r.to(t.dtype)) for t, r in zip(state, new_rows))
+            self._counts, self._means, self._m2, self._sw = counts, means, m2, self._sw + sw_delta
+            return
+        old_rows = [t.index_select(0, rows) for t in state]
+        written = []
+        try:
+            for t, r in zip(state, new_rows):
+                t.index_copy_(0, rows, r)  # not t[rows] = r: index_put allocates a K x d index
+                written.append(t)
+            self._sw.add_(sw_delta)  # last: an in-place op checks its arguments before it writes
+        except BaseException:
+            for t, old in zip(written, old_rows):
+                t.index_copy_(0, rows, old)
+            raise
 
     def _merge_stats(self, n_b: torch.Tensor, m_b: torch.Tensor, m2_b: torch.Tensor, sw_b: torch.Tensor) -> None:
         """Chan's merge of another set of statistics over all C classes (rows with n_b == 0 are no-ops)."""
@@ -216,19 +300,22 @@ class CollapseMeter:
         w = no * nb / n
         new_means = mo + delta * (nb / n)[:, None]
         new_m2 = self._m2[idx] + m2_b[idx] + w * (delta * delta).sum(1)
-        new_sw = self._sw + sw_b + (delta * w[:, None]).T @ delta
-        self._counts[idx] += n_b[idx]
-        self._means[idx] = new_means
-        self._m2[idx] = new_m2
-        self._sw = new_sw
+        sw_delta = sw_b + (delta * w[:, None]).T @ delta
+        self._commit(idx, self._counts[idx] + n_b[idx], new_means, new_m2, sw_delta)
 
     def merge(self, other: "CollapseMeter") -> None:
-        """Add everything ``other`` has seen (same num_classes and dim; exact, as if one meter saw both)."""
+        """Add everything ``other`` has seen (exact, as if one meter saw both). ``other`` must have the same
+        num_classes, dim, global_mean, ignore_index and min_count (else the merged metrics would silently follow
+        this meter's settings): ValueError otherwise, with the meter unchanged."""
         if not isinstance(other, CollapseMeter):
             raise ValueError(f"other must be a CollapseMeter, got {type(other).__name__}")
         if (other.num_classes, other.dim) != (self.num_classes, self.dim):
             raise ValueError(f"other must have num_classes={self.num_classes}, dim={self.dim}; got "
                              f"num_classes={other.num_classes}, dim={other.dim}")
+        for name in ("global_mean", "ignore_index", "min_count"):
+            if getattr(other, name) != getattr(self, name):
+                raise ValueError(f"other must have {name}={getattr(self, name)!r} as this meter, got "
+                                 f"{getattr(other, name)!r}")
         dev = self.device
         self._merge_stats(other._counts.to(dev), other._means.to(dev), other._m2.to(dev), other._sw.to(dev))
 
@@ -245,13 +332,20 @@ class CollapseMeter:
         # Every collective below is sized by (num_classes, dim): meters of different shapes would make gloo abort
         # the process or hang (seen on gloo, also with equal C*d). One small all-gather first, so that every
         # rank raises the same ValueError, with the meter unchanged.
-        mine = torch.tensor([self.num_classes, self.dim], dtype=torch.int64, device=self.device)
-        shapes = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(shapes, mine, group=group)
-        shapes = [tuple(int(v) for v in t) for t in shapes]
+        mine = torch.tensor([self.num_classes, self.dim, ("class", "sample").index(self.global_mean),
+                             self.ignore_index, self.min_count], dtype=torch.int64, device=self.device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        gathered = [[int(v) for v in t] for t in gathered]
+        shapes = [tuple(g[:2]) for g in gathered]
         if any(sh != shapes[0] for sh in shapes):
             raise ValueError("all_reduce needs meters of the same num_classes and dim on every rank, got "
                              f"(num_classes, dim) = {shapes} (rank order)")
+        for col, name in ((2, "global_mean"), (3, "ignore_index"), (4, "min_count")):
+            if any(g[col] != gathered[0][col] for g in gathered):
+                values = [("class", "sample")[g[col]] if name == "global_mean" else g[col] for g in gathered]
+                raise ValueError(f"all_reduce needs meters of the same {name} on every rank, got {values} "
+                                 "(rank order)")
         n_r = self._counts.clone()
         counts = self._counts.clone()
         dist.all_reduce(counts, group=group)
@@ -282,17 +376,27 @@ class CollapseMeter:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: a later :meth:`load_state_dict` + more updates == never interrupted."""
         return {"num_classes": self.num_classes, "dim": self.dim, "global_mean": self.global_mean,
+                "ignore_index": self.ignore_index, "min_count": self.min_count,
                 "counts": self._counts.clone(), "means": self._means.clone(), "m2": self._m2.clone(),
                 "sw": self._sw.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (tensors are moved to this meter's device). ValueError on a
-        mismatch of num_classes/dim or tensor shapes, non-integer or negative counts, NaN/inf statistics or a
-        negative m2 (a corrupted checkpoint would otherwise surface later as NaN metrics), with the meter
-        unchanged."""
+        """Restore from :meth:`state_dict` (tensors are moved to this meter's device; global_mean, ignore_index
+        and min_count are taken from the state when it has them). ValueError, with the meter unchanged, on
+        whatever is cheap to check: a state that is not a mapping, a missing key, a mismatch of num_classes/dim
+        or of tensor shapes, wrong types, non-integer or negative counts, NaN/inf statistics, a negative m2, a
+        scatter sw that is not symmetric or has a negative diagonal (a corrupted checkpoint would otherwise
+        surface later as NaN or nonsense metrics)."""
+        if not isinstance(state, Mapping):
+            raise ValueError(f"state must be a mapping from CollapseMeter.state_dict(), got {type(state).__name__}")
         for key in ("num_classes", "dim", "counts", "means", "m2", "sw"):
             if key not in state:
                 raise ValueError(f"state is missing {key!r}")
+        for key in ("num_classes", "dim"):
+            _int_arg(f"state[{key!r}]", state[key], minimum=1)
+        settings = {"global_mean": _global_mean_arg("state['global_mean']", state.get("global_mean", self.global_mean)),
+                    "ignore_index": _int_arg("state['ignore_index']", state.get("ignore_index", self.ignore_index)),
+                    "min_count": _int_arg("state['min_count']", state.get("min_count", self.min_count), minimum=1)}
         if (state["num_classes"], state["dim"]) != (self.num_classes, self.dim):
             raise ValueError(f"state has num_classes={state['num_classes']}, dim={state['dim']}; this meter "
                              f"has num_classes={self.num_classes}, dim={self.dim}")
@@ -302,8 +406,6 @@ class CollapseMeter:
                 raise ValueError(f"state[{key!r}] must be a tensor of shape {shape}, got {type(state[key]).__name__}")
             if tuple(state[key].shape) != shape:
                 raise ValueError(f"state[{key!r}] must have shape {shape}, got {tuple(state[key].shape)}")
-        if state.get("global_mean", self.global_mean) not in ("class", "sample"):
-            raise ValueError(f"state['global_mean'] must be 'class' or 'sample', got {state['global_mean']!r}")
         counts = state["counts"]
         if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
             raise ValueError(f"state['counts'] must be an integer tensor, got {counts.dtype}")
@@ -316,17 +418,29 @@ class CollapseMeter:
                                  + (" with NaN or inf" if t.dtype.is_floating_point else ""))
         if bool((state["m2"] < 0).any()):
             raise ValueError("state['m2'] (sums of squared deviations) must be >= 0, got a negative entry")
-        self.global_mean = state.get("global_mean", self.global_mean)
-        self._counts = state["counts"].to(self.device, torch.int64).clone()
-        self._means = state["means"].to(self.device, torch.float64).clone()
-        self._m2 = state["m2"].to(self.device, torch.float64).clone()
-        self._sw = state["sw"].to(self.device, torch.float64).clone()
+        sw = state["sw"].to(torch.float64)
+        diag = sw.diagonal()
+        if bool((diag < 0).any()):
+            raise ValueError("state['sw'] (the within-class scatter) must have a diagonal >= 0, got a negative entry")
+        # Updates leave sw exactly symmetric and merges to rounding (|S_ij| <= max diagonal): 1e-9 of it is slack.
+        asym = float((sw - sw.T).abs().max())
+        if asym > 1e-9 * float(diag.max()):
+            raise ValueError("state['sw'] (the within-class scatter) must be symmetric, got |sw - sw^T| up to "
+                             f"{asym:.3g}")
+        dtypes = (("counts", torch.int64), ("means", torch.float64), ("m2", torch.float64), ("sw", torch.float64))
+        loaded = tuple(state[key].to(self.device, dtype).clone() for key, dtype in dtypes)
+        # every check passed and every copy exists: only assignments from here on
+        self._counts, self._means, self._m2, self._sw = loaded
+        self.global_mean, self.ignore_index, self.min_count = (settings["global_mean"], settings["ignore_index"],
+                                                               settings["min_count"])
 
     # -- metrics ----------------------------------------------------------------------------------------
     def compute(self, weights: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
                 pinv_rtol: float | None = None, pair_metrics: bool = True,
                 metrics: Iterable[str] | None = None) -> dict[str, float]:
-        """The metrics of DESIGN.md over the C' classes seen so far (C' >= 2 needed), as Python floats.
+        """The metrics defined in docs/metrics.md over the C' classes seen at least ``min_count`` times (C' >= 2
+        needed), as Python floats; ``num_classes_seen`` counts every class seen, and with ``min_count`` > 1
+        ``num_classes_excluded`` / ``num_samples_excluded`` say what was left out.
 
         weights (C, d) classifier rows (adds nc3, unc3, nc3_cos_mean, using the rows of seen classes); bias (C,)
         is accepted for symmetry with :func:`ncc_mismatch` and shape-checked, none of these metrics uses it.
@@ -349,17 +463,24 @@ class CollapseMeter:
         if bias is not None:
             _check_float("bias", bias, (c,))
         want = self._wanted_metrics(metrics, pair_metrics, weights is not None)
-        seen = self._counts > 0
+        seen = self._counts >= self.min_count  # the C' classes of the metrics (min_count >= 1: all seen)
         k = int(seen.sum())
         if k < 2:
-            raise ValueError(f"compute needs at least 2 classes with samples, got {k}")
+            extra = "" if self.min_count == 1 else f" (at least min_count={self.min_count} each)"
+            raise ValueError(f"compute needs at least 2 classes with samples{extra}, got {k}")
         n = self._counts[seen].to(torch.float64)
         total = n.sum()
         mu = self._means if k == c else self._means[seen]  # no (C', d) copy when every class was seen
         mu_g = mu.mean(0) if self.global_mean == "class" else (n[:, None] * mu).sum(0) / total
         mt = mu - mu_g
-        out: dict[str, float] = {"num_classes_seen": k}
-        sigma_w = 0.5 * (self._sw + self._sw.T) / total if want & {"nc1", "nc1_quotient"} else None
+        out: dict[str, float] = {"num_classes_seen": int((self._counts > 0).sum())}
+        if self.min_count > 1:
+            excluded = (self._counts > 0) & ~seen
+            out["num_classes_excluded"] = int(excluded.sum())
+            out["num_samples_excluded"] = int(self._counts[excluded].sum())
+        # Sigma_W pools every sample kept, excluded classes included: their scatter is not separable from S_W
+        sigma_w = (0.5 * (self._sw + self._sw.T) / self._counts.sum().to(torch.float64)
+                   if want & {"nc1", "nc1_quotient"} else None)
         gram_m = _small_gram(mt) if want & {"nc1", "nc2_etf_error"} else None  # d x d or C' x C', the smaller
         if "nc1" in want:
             rtol = d * torch.finfo(torch.float64).eps if pinv_rtol is None else float(pinv_rtol)
@@ -407,7 +528,7 @@ class CollapseMeter:
             values = {"nc3": lambda: (w / w.norm() - mt / mt.norm()).pow(2).sum(),
                       "unc3": lambda: cw.std(unbiased=False), "nc3_cos_mean": cw.mean}
             out.update({key: float(fn()) for key, fn in values.items() if key in want})
-        return {key: out[key] for key in METRIC_KEYS if key in out}
+        return {key: out[key] for key in METRIC_KEYS + _EXCLUSION_KEYS if key in out}
 
     @staticmethod
     def _wanted_metrics(metrics: Iterable[str] | None, pair_metrics: bool, have_weights: bool) -> set[str]:
@@ -431,18 +552,22 @@ class CollapseMeter:
         return want
 
     def ncc_mismatch(self, features: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None = None) -> float:
-        """NC4 against this meter's class means (classes never seen are never the nearest mean)."""
-        return ncc_mismatch(features, self.means, weights, bias)
+        """NC4 (docs/metrics.md) against this meter's class means: classes never seen, or seen fewer than
+        ``min_count`` times, are never the nearest mean."""
+        means = self.means
+        means[self._counts < self.min_count] = float("nan")
+        return ncc_mismatch(features, means, weights, bias)
 
     def __repr__(self) -> str:
         return (f"CollapseMeter(num_classes={self.num_classes}, dim={self.dim}, global_mean={self.global_mean!r}, "
-                f"device={str(self.device)!r}, samples={self.num_samples})")
+                f"device={str(self.device)!r}, ignore_index={self.ignore_index}, min_count={self.min_count}, "
+                f"samples={self.num_samples})")
 
 
 def ncc_mismatch(features: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,
                  bias: torch.Tensor | None = None) -> float:
     """NC4: the fraction of samples whose classifier prediction argmax_c (w_c . h + b_c) differs from the
-    nearest class mean argmin_c |h - mu_c|.
+    nearest class mean argmin_c |h - mu_c| (docs/metrics.md; ``ncc_mismatch`` is NC4's one name in etfkern).
 
     features (N, d); means (C, d) (rows containing NaN, e.g. :attr:`CollapseMeter.means` of classes never seen,
     are excluded from the argmin); weights (C, d); bias (C,) or None. Fused per sample: no N x C buffer."""
@@ -470,85 +595,8 @@ def ncc_mismatch(features: torch.Tensor, means: torch.Tensor, weights: torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Hugging Face-style feature collection and plotting
+# Plotting (collect_lm_features lives in etfkern/collapse/lm.py)
 # ----------------------------------------------------------------------------------------------------------
-def _field(obj: Any, name: str) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _model_device(model: Any) -> torch.device | None:
-    """Where the model's inputs must live: ``model.device`` (Hugging Face models), else its first parameter's
-    device, else None (leave inputs where they are)."""
-    dev = getattr(model, "device", None)
-    if isinstance(dev, (torch.device, str)):
-        return torch.device(dev)
-    params = getattr(model, "parameters", None)
-    if callable(params):
-        for p in params():
-            return p.device
-    return None
-
-
-def collect_lm_features(model: Any, batches: Iterable[Any], meter: CollapseMeter | None = None, *,
-                        layer: int = -1, ignore_index: int = -100, progress: bool = True,
-                        total: int | None = None, global_mean: str = "class") -> CollapseMeter:
-    """Stream a causal LM's hidden states into a :class:`CollapseMeter`, labels = next tokens.
-
-    model: called as ``model(input_ids=..., attention_mask=..., output_hidden_states=True)`` under no_grad; its
-    output has ``hidden_states`` (a sequence of (B, T, d) tensors; ``layer`` picks one, -1 the last). The caller
-    puts the model in eval mode. batches: dicts (or objects) with ``input_ids`` (B, T), optional
-    ``attention_mask`` (B, T) and optional ``labels`` (B, T; default input_ids); input_ids and attention_mask are
-    moved to the model's device (``model.device`` or its first parameter's). The feature at position t is paired
-    with token t+1; it is dropped when token t+1 is ``ignore_index`` or either position is padding.
-    meter: accumulate into it; if None one is created from ``model.config.vocab_size`` and the hidden size, on the
-    hidden states' device. Shows a tqdm progress bar unless ``progress=False``. Returns the meter.
-    """
-    from tqdm.auto import tqdm
-
-    device = _model_device(model)
-    bar = tqdm(batches, total=total, disable=not progress, desc="collapse stats", unit="batch")
-    tokens = 0
-    for batch in bar:
-        ids = batch if isinstance(batch, torch.Tensor) else _field(batch, "input_ids")
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            raise ValueError("each batch must carry input_ids of shape (B, T)")
-        mask = None if isinstance(batch, torch.Tensor) else _field(batch, "attention_mask")
-        labels = None if isinstance(batch, torch.Tensor) else _field(batch, "labels")
-        model_ids, model_mask = ids, mask
-        if device is not None:  # a CPU data loader feeding a model on the GPU
-            model_ids = ids.to(device)
-            model_mask = mask.to(device) if isinstance(mask, torch.Tensor) else mask
-        with torch.no_grad():
-            out = model(input_ids=model_ids, attention_mask=model_mask, output_hidden_states=True)
-        hidden = _field(out, "hidden_states")
-        if hidden is None:
-            raise ValueError("model output has no hidden_states (was output_hidden_states=True honoured?)")
-        h = hidden[layer]
-        if h.dim() != 3 or h.shape[:2] != ids.shape:
-            raise ValueError(f"hidden_states[{layer}] must have shape {tuple(ids.shape) + ('d',)}, "
-                             f"got {tuple(h.shape)}")
-        if meter is None:
-            config = _field(model, "config")
-            vocab = _field(config, "vocab_size") if config is not None else None
-            if vocab is None:
-                raise ValueError("meter is None and model.config.vocab_size is missing: pass a meter")
-            meter = CollapseMeter(int(vocab), int(h.shape[-1]), global_mean=global_mean, device=h.device)
-        target = (labels if labels is not None else ids)[:, 1:].to(h.device)
-        keep = target != ignore_index
-        if mask is not None:
-            m = mask.to(h.device).bool()
-            keep &= m[:, 1:] & m[:, :-1]
-        feats = h[:, :-1][keep]
-        meter.update(feats, target[keep])
-        tokens += int(keep.sum())
-        bar.set_postfix(tokens=tokens)
-    if meter is None:
-        raise ValueError("batches was empty and no meter was given")
-    return meter
-
-
 def plot_metrics(history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[float]], path: str | os.PathLike,
                  *, x: Sequence[Any] | None = None, keys: Sequence[str] | None = None, xlabel: str = "checkpoint",
                  title: str | None = None) -> str:

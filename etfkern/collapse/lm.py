@@ -89,10 +89,11 @@ def _progress_enabled(progress: bool | None) -> bool:
     return bool(progress)
 
 
-def collect_lm_features(model: Any, batches: Iterable[Any], meter: "CollapseMeter | Mapping[int, CollapseMeter] | None" = None,
-                        *, layer: int = -1, layers: Sequence[int] | None = None, ignore_index: int = -100,
-                        min_count: int = 1, progress: bool | None = None, total: int | None = None,
-                        global_mean: str = "class") -> "CollapseMeter | dict[int, CollapseMeter]":
+def collect_lm_features(model: Any, batches: Iterable[Any],
+                        meter: "CollapseMeter | Mapping[int, CollapseMeter] | None" = None, *, layer: int = -1,
+                        layers: Sequence[int] | None = None, ignore_index: int = -100, min_count: int = 1,
+                        progress: bool | None = None, total: int | None = None, global_mean: str = "class"
+                        ) -> "CollapseMeter | dict[int, CollapseMeter]":
     """Stream a causal LM's hidden states into :class:`~etfkern.collapse.CollapseMeter` (labels = next tokens).
 
     model: called once per batch as ``model(input_ids=..., attention_mask=..., output_hidden_states=True)`` under
