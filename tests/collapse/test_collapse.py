@@ -1,5 +1,5 @@
 """Streaming collapse statistics (issue 4): every backend of every op vs the float64 reference, and the meter's
-metrics vs the dense two-pass definitions of DESIGN.md."""
+metrics vs the dense two-pass definitions of docs/metrics.md."""
 from __future__ import annotations
 
 import io
@@ -354,6 +354,213 @@ def test_empty_batch_and_sequence_shaped_input():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# language-model labels: ignore_index and min_count (issue 20)
+# ----------------------------------------------------------------------------------------------------------
+def test_ignore_index_skips_those_rows_unseen():
+    c, d = 6, 4
+    x, y = _clustered(60, c, d)
+    y = y.clone()
+    y[::7] = -100  # torch's ignore label: prompt / padding positions
+    x = x.clone()
+    x[::14] = float("nan")  # features at ignored positions are never looked at
+    m = etfkern.CollapseMeter(c, d)  # ignore_index=-100 by default
+    for i in range(0, 60, 11):
+        m.update(x[i:i + 11], y[i:i + 11])
+    kept = y != -100
+    want = _meter_from(x[kept], y[kept], c, batch=11)
+    assert torch.equal(m.counts, want.counts) and m.num_samples == int(kept.sum())
+    _assert_metrics(m.compute(), want.compute(), rtol=1e-9)
+    before = _state(m)
+    m.update(torch.randn(3, d), torch.full((3,), -100))  # a batch of ignored rows only: nothing changes
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items() if isinstance(v, torch.Tensor))
+    # an index inside [0, C) skips that class, as torch's cross_entropy does
+    x2, y2 = _clustered(80, c, d)
+    skip2 = etfkern.CollapseMeter(c, d, ignore_index=2)
+    skip2.update(x2, y2)
+    assert int(skip2.counts[2]) == 0
+    _assert_metrics(skip2.compute(), ref.dense_metrics(x2, y2, c, ignore_index=2), rtol=1e-8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 6\) or equal ignore_index=-1"):
+        etfkern.CollapseMeter(c, d, ignore_index=-1).update(x2[:4], torch.full((4,), -100))
+
+
+@pytest.mark.parametrize("global_mean", ["class", "sample"])
+def test_min_count_leaves_rare_classes_out(global_mean):
+    c, d, min_count = 12, 5, 4
+    x, y = _clustered(120, 8, d)  # classes 0..7 frequent
+    rare_x = 3.0 * torch.randn(6, d, dtype=torch.float64)
+    rare_y = torch.tensor([8, 9, 9, 10, 10, 10])  # 1, 2 and 3 samples; class 11 never seen
+    x, y = torch.cat([x, rare_x]), torch.cat([y, rare_y])
+    perm = torch.randperm(x.shape[0])
+    x, y = x[perm], y[perm]
+    w = torch.randn(c, d, dtype=torch.float64)
+    m = etfkern.CollapseMeter(c, d, global_mean=global_mean, min_count=min_count)
+    for i in range(0, x.shape[0], 29):
+        m.update(x[i:i + 29], y[i:i + 29])
+    got = m.compute(weights=w)
+    want = ref.dense_metrics(x, y, c, global_mean=global_mean, weights=w, min_count=min_count)
+    frequent = int((torch.bincount(y, minlength=c) >= min_count).sum())
+    assert want["num_classes_seen"] == 11 and frequent == 8  # the dense oracle really excluded three classes
+    assert (got["num_classes_excluded"], got["num_samples_excluded"]) == (3, 6)
+    _assert_metrics(got, want, rtol=1e-8)
+    assert m.excluded_classes().tolist() == [8, 9, 10]
+    # NC4: excluded classes are never the nearest mean
+    means = m.means
+    means[8:] = float("nan")
+    assert m.ncc_mismatch(x.float(), w.float()) == ref.dense_ncc_mismatch(x.float(), means, w.float())
+    # without min_count the same data keeps them (and reports no exclusion keys)
+    plain = etfkern.CollapseMeter(c, d, global_mean=global_mean)
+    plain.update(x, y)
+    assert "num_classes_excluded" not in plain.compute() and plain.excluded_classes().numel() == 0
+    # the setting survives a checkpoint
+    resumed = etfkern.CollapseMeter(c, d)
+    resumed.load_state_dict(m.state_dict())
+    assert (resumed.min_count, resumed.global_mean) == (min_count, global_mean)
+    assert resumed.compute(weights=w) == pytest.approx(got, rel=1e-12)
+    rare_only = etfkern.CollapseMeter(c, d, min_count=100)
+    rare_only.update(x, y)
+    with pytest.raises(ValueError, match=r"at least 2 classes with samples \(at least min_count=100 each\), got 0"):
+        rare_only.compute()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# all or nothing (issue 19 items 1 and 10)
+# ----------------------------------------------------------------------------------------------------------
+def _tensors(m):
+    return {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def _assert_same(before, m):
+    after = _tensors(m)
+    for key, value in before.items():
+        assert value.dtype == after[key].dtype and torch.equal(value, after[key]), key
+
+
+def test_meter_made_under_inference_mode_updates_outside_it():
+    # used to raise RuntimeError after _counts had already grown: a retry counted the batch twice
+    c, d = 5, 3
+    x, y = _clustered(40, c, d)
+    with torch.inference_mode():
+        m = etfkern.CollapseMeter(c, d)
+        m.update(x[:10], y[:10])
+    m.update(x[10:], y[10:])
+    want = _meter_from(x, y, c, batch=10)
+    assert torch.equal(m.counts, want.counts)
+    _close(m._sw, want._sw, rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        merged = etfkern.CollapseMeter(c, d)
+    merged.merge(_meter_from(x, y, c))
+    assert torch.equal(merged.counts, want.counts)
+    _assert_metrics(merged.compute(), want.compute(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("operation", ["update", "merge"])
+def test_a_write_that_fails_part_way_changes_nothing(operation):
+    # counts and means are written before m2 refuses the float64 rows (a float32 m2 stands in for any failure
+    # in the commit): the rows already written must be restored
+    c, d = 6, 4
+    x, y = _clustered(60, c, d)
+    m = _meter_from(x[:30], y[:30], c)
+    m._m2 = m._m2.float()
+    before = _tensors(m)
+    with pytest.raises(RuntimeError):
+        if operation == "update":
+            m.update(x[30:], y[30:])
+        else:
+            m.merge(_meter_from(x[30:], y[30:], c))
+    _assert_same(before, m)
+
+
+@pytest.mark.parametrize("setting,value", [("global_mean", "sample"), ("ignore_index", -1), ("min_count", 3)])
+def test_merge_refuses_different_settings(setting, value):
+    # a merge of different global_mean used to be accepted, silently keeping the receiver's setting
+    c, d = 5, 3
+    x, y = _clustered(30, c, d)
+    m = _meter_from(x, y, c)
+    other = etfkern.CollapseMeter(c, d, **{setting: value})
+    other.update(x, y)
+    before = _tensors(m)
+    with pytest.raises(ValueError, match=f"other must have {setting}="):
+        m.merge(other)
+    _assert_same(before, m)
+
+
+@pytest.mark.parametrize("make_state,match", [
+    (lambda s: None, r"state must be a mapping from CollapseMeter\.state_dict\(\), got NoneType"),
+    (lambda s: [s], "state must be a mapping"),
+    (lambda s: {**s, "sw": -s["sw"]}, r"state\['sw'\] .* diagonal >= 0"),
+    (lambda s: {**s, "sw": s["sw"] + torch.triu(torch.ones_like(s["sw"]), 1)}, r"state\['sw'\] .* must be symmetric"),
+    (lambda s: {**s, "num_classes": "6"}, r"state\['num_classes'\] must be an int >= 1, got str"),
+    (lambda s: {**s, "dim": 4.0}, r"state\['dim'\] must be an int >= 1, got float"),
+    (lambda s: {**s, "global_mean": "median"}, r"state\['global_mean'\] must be 'class' or 'sample'"),
+    (lambda s: {**s, "min_count": 0}, r"state\['min_count'\] must be an int >= 1, got 0"),
+    (lambda s: {**s, "ignore_index": None}, r"state\['ignore_index'\] must be an int"),
+    (lambda s: {**s, "means": s["means"].tolist()}, r"state\['means'\] must be a tensor"),
+])
+def test_load_state_dict_rejects_bad_state_unchanged(make_state, match):
+    # load_state_dict(None) used to raise TypeError; a negated scatter loaded and gave NC1 < 0
+    c, d = 6, 4
+    x, y = _clustered(50, c, d)
+    m = _meter_from(x[:20], y[:20], c)
+    before = _tensors(m)
+    with pytest.raises(ValueError, match=match):
+        m.load_state_dict(make_state(_meter_from(x, y, c).state_dict()))
+    _assert_same(before, m)
+    assert (m.global_mean, m.ignore_index, m.min_count) == ("class", -100, 1)
+
+
+def test_state_after_merges_passes_the_symmetry_check():
+    # merges leave sw symmetric only to rounding: the check must not refuse a real checkpoint
+    c, d = 30, 17
+    x, y = _clustered(600, c, d, offset=50.0)
+    m = etfkern.CollapseMeter(c, d)
+    for i in range(0, 600, 50):
+        part = etfkern.CollapseMeter(c, d)
+        part.update(x[i:i + 50].float(), y[i:i + 50])
+        m.merge(part)
+    etfkern.CollapseMeter(c, d).load_state_dict(m.state_dict())
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((True, 6), {}, "num_classes must be an int >= 1, got bool True"),
+    (("10", 3), {}, "num_classes must be an int >= 1, got str '10'"),
+    ((4, 2.0), {}, "dim must be an int >= 1, got float 2.0"),
+    ((4, False), {}, "dim must be an int >= 1, got bool"),
+    ((4, 3), {"ignore_index": None}, "ignore_index must be an int, got NoneType"),
+    ((4, 3), {"min_count": 0}, "min_count must be an int >= 1, got 0"),
+    ((4, 3), {"global_mean": 1}, "global_mean must be 'class' or 'sample', got 1"),
+    ((4, 3), {"device": "not-a-device"}, "device 'not-a-device' is not a torch device"),
+    ((4, 3), {"device": 3.5}, "device must be a torch.device or a string"),
+])
+def test_constructor_rejects_wrong_types_by_name(args, kwargs, match):
+    # CollapseMeter(True, 6) used to end in a torch TypeError
+    with pytest.raises(ValueError, match=match):
+        etfkern.CollapseMeter(*args, **kwargs)
+
+
+def test_numpy_integer_sizes_are_accepted():
+    np = pytest.importorskip("numpy")
+    m = etfkern.CollapseMeter(np.int64(4), np.int32(3))
+    assert (m.num_classes, m.dim) == (4, 3) and type(m.num_classes) is int
+
+
+def test_to_moves_the_meter_and_refuses_bad_devices_unchanged():
+    c, d = 4, 3
+    x, y = _clustered(20, c, d)
+    m = _meter_from(x, y, c)
+    assert m.to("cpu") is m and m.device == torch.device("cpu")
+    before = _tensors(m)
+    with pytest.raises(ValueError, match="device 'nowhere' is not a torch device"):
+        m.to("nowhere")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' cannot hold the meter here"):
+            m.to("cuda")
+    assert m.device == torch.device("cpu")
+    _assert_same(before, m)
+    m.update(x, y)  # still usable
+    assert m.num_samples == 40
+
+
+# ----------------------------------------------------------------------------------------------------------
 # NC4
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
@@ -492,6 +699,112 @@ def test_collect_lm_features_moves_inputs_to_the_model_device():
     meter = col.collect_lm_features(_Elsewhere(), [{"input_ids": ids, "attention_mask": torch.ones_like(ids),
                                                     "labels": ids}], progress=False)
     assert seen == [("meta", "meta")] and meter.num_samples == 8
+
+
+class _TinyCausalLM(torch.nn.Module):
+    """A real (tiny) torch causal LM built here, no download: embeddings, dropout, then layers that each mix
+    the prefix (a running mean over positions) and apply Linear + tanh. hidden_states = (embeddings, layer 1..L)
+    as Hugging Face models return them; ``forward_calls`` counts forward passes."""
+
+    def __init__(self, vocab: int = 13, dim: int = 6, num_layers: int = 3, declare_layers: bool = True):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(vocab_size=vocab, hidden_size=dim)
+        if declare_layers:
+            self.config.num_hidden_layers = num_layers
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.drop = torch.nn.Dropout(0.3)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(dim, dim) for _ in range(num_layers))
+        self.forward_calls = 0
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+        from types import SimpleNamespace
+
+        self.forward_calls += 1
+        h = self.drop(self.embed(input_ids))
+        hidden = [h]
+        steps = torch.arange(1, input_ids.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        for layer in self.layers:
+            h = torch.tanh(layer(h.cumsum(1) / steps))
+            hidden.append(h)
+        return SimpleNamespace(hidden_states=tuple(hidden) if output_hidden_states else None, logits=None)
+
+
+def _lm_batches(vocab: int = 13, count: int = 3):
+    gen = torch.Generator().manual_seed(3)
+    out = []
+    for i in range(count):
+        ids = torch.randint(0, vocab, (2, 7), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[1, 5 + i % 2:] = 0
+        labels = ids.clone()
+        labels[0, 2] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def test_collect_lm_features_every_layer_from_one_forward_pass():
+    torch.manual_seed(0)
+    model = _TinyCausalLM().eval()
+    batches = _lm_batches()
+    meters = col.collect_lm_features(model, batches, layers=[0, 2, -1], progress=False)
+    assert model.forward_calls == len(batches)  # one pass per batch, not one per layer
+    assert list(meters) == [0, 2, -1] and len({id(m) for m in meters.values()}) == 3
+    for index, meter in meters.items():
+        one = col.collect_lm_features(model, batches, layer=index, progress=False)
+        assert torch.equal(meter.counts, one.counts) and meter.num_samples == 28
+        for key, value in _tensors(one).items():  # the same hidden states, the same updates: bitwise equal
+            assert torch.equal(_tensors(meter)[key], value), (index, key)
+    # the layers really differ (not one layer copied three times)
+    assert not torch.equal(meters[0].means.nan_to_num(), meters[-1].means.nan_to_num())
+    # into existing meters, by layer
+    given = {1: etfkern.CollapseMeter(13, 6), 3: etfkern.CollapseMeter(13, 6)}
+    assert col.collect_lm_features(model, batches[:1], given, layers=[1, 3], progress=False) == given
+    assert given[1].num_samples == given[3].num_samples > 0
+
+
+def test_collect_lm_features_layer_out_of_range_names_the_count():
+    model = _TinyCausalLM().eval()
+    with pytest.raises(ValueError, match=r"layer 4 out of range: the model returns 4 hidden states \(the embeddings "
+                                         r"and 3 layers\), so valid indices are -4..3"):
+        col.collect_lm_features(model, _lm_batches(), layer=4, progress=False)
+    assert model.forward_calls == 0  # checked against model.config before any forward pass
+    with pytest.raises(ValueError, match=r"layers \[-5, 7\] out of range"):
+        col.collect_lm_features(model, _lm_batches(), layers=[0, -5, 7], progress=False)
+    # a config without num_hidden_layers: found on the first batch, before any meter changes
+    quiet = _TinyCausalLM(declare_layers=False).eval()
+    meter = etfkern.CollapseMeter(13, 6)
+    with pytest.raises(ValueError, match="the model returns 4 hidden states"):
+        col.collect_lm_features(quiet, _lm_batches(), meter, layer=-5, progress=False)
+    assert meter.num_samples == 0 and quiet.forward_calls == 1
+    for bad, match in (({"layer": 1, "layers": [1]}, "pass layer or layers, not both"),
+                       ({"layers": [1, 1]}, "layers must not repeat"), ({"layers": []}, "non-empty"),
+                       ({"layer": "1"}, "layer must be an int"),
+                       ({"layers": [1], "meter": etfkern.CollapseMeter(13, 6)}, "meter must be None or a dict")):
+        with pytest.raises(ValueError, match=match):
+            col.collect_lm_features(model, _lm_batches(), progress=False, **bad)
+
+
+def test_collect_lm_features_warns_in_train_mode():
+    # dropout changes the features and NC1 (0.93 vs 0.70 on the same data in issue 20)
+    model = _TinyCausalLM().train()
+    with pytest.warns(UserWarning, match="train mode"):
+        col.collect_lm_features(model, _lm_batches(count=1), progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        col.collect_lm_features(model.eval(), _lm_batches(count=1), progress=False)
+
+
+def test_collect_lm_features_progress_bar_shows_tokens_per_second(capsys):
+    model = _TinyCausalLM().eval()
+    col.collect_lm_features(model, _lm_batches(), total=3)  # default: a bar only on a terminal
+    assert "collapse stats" not in capsys.readouterr().err
+    col.collect_lm_features(model, _lm_batches(), total=3, progress=True)
+    err = capsys.readouterr().err
+    assert "collapse stats" in err and "tok_per_s=" in err and "tokens=28" in err
 
 
 def test_plot_metrics_writes_png(tmp_path):
