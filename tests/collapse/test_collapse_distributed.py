@@ -127,6 +127,17 @@ def _mismatch_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 after = m.state_dict()
                 unchanged = all(torch.equal(before[k], after[k]) for k in ("counts", "means", "m2", "sw"))
                 outcome.append(("ValueError", "num_classes and dim" in str(exc), unchanged))
+        # same shapes, a different global_mean on the last rank: the merged metrics would follow each rank's own
+        m = etfkern.CollapseMeter(C, D, global_mean="sample" if rank == world - 1 else "class")
+        m.update(torch.randn(20, D, generator=g, dtype=torch.float64), torch.randint(0, C, (20,), generator=g))
+        before = m.state_dict()
+        try:
+            m.all_reduce()
+            outcome.append("accepted")
+        except ValueError as exc:
+            after = m.state_dict()
+            unchanged = all(torch.equal(before[k], after[k]) for k in ("counts", "means", "m2", "sw"))
+            outcome.append(("ValueError", "same global_mean on every rank" in str(exc), unchanged))
         # the group is still in step: matching meters reduce normally afterwards
         m = etfkern.CollapseMeter(C, D)
         m.update(torch.randn(20, D, generator=g, dtype=torch.float64), torch.randint(0, C, (20,), generator=g))
@@ -157,5 +168,5 @@ def test_all_reduce_of_mismatched_meters_raises_on_every_rank(world):
                     p.kill()
         outcomes = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
     for r, outcome in enumerate(outcomes):
-        assert outcome[:3] == [("ValueError", True, True)] * 3, (r, outcome)
-        assert outcome[3] == 20 * world, (r, outcome)
+        assert outcome[:4] == [("ValueError", True, True)] * 4, (r, outcome)
+        assert outcome[4] == 20 * world, (r, outcome)
