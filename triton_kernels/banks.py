@@ -1,12 +1,20 @@
 """Triton kernels for the bank ops (tiled: no C x C matrix is ever stored) and their launchers.
 
-* ``pair_stats``: one program per row block I walks the column blocks J >= I (upper triangle), K-looped dot
-  tiles; per-row max and float64 sums are kept per program and reduced on the host side in a fixed order;
-  the histogram is a per-tile ``tl.histogram`` added to a global int64 histogram with integer atomics
-  (integer addition: the result does not depend on the order).
+* ``pair_stats`` (``etfkern::bank_pair_stats``), two kernel layouts:
+  - ``"rows"``: one program per row block I walks the column blocks J >= I (the layout measured on the H200,
+    float32 FFMA dot products);
+  - ``"tiles-ieee"`` / ``"tiles-tf32x3"``: one program per upper-triangle tile (I <= J), so the work is spread
+    evenly; ``tf32x3`` runs the dot products on tensor cores as three TF32 products of split operands
+    (hi*hi + hi*lo + lo*hi: about float32 accuracy), ``ieee`` as float32 FFMA.
+  Per program: max and a float64 sum (reduced on the host in a fixed order), and a per-tile ``tl.histogram``
+  added to a global int64 histogram with integer atomics (integer addition: the result does not depend on the
+  order). The histogram takes no ``mask``: the compiler marks both reshapes feeding ``tt.histogram`` as
+  reorderable and may reorder the values and the mask differently (it did on the H200: counts moved between
+  bins); pairs that do not count go to a trash slot past the last real one instead.
 * ``ebv_dir`` (one EBV optimiser step): per (row block, feature block), online row max of |cos| and
   accumulation of P @ W_J with P = e^{beta (|cos| - running max)} sign(cos), rescaled when the max grows
-  (flash-attention style); no atomics.
+  (flash-attention style); no atomics. Dot precision ``"ieee"`` (float32 FFMA, the default: the op returns
+  float32-accurate values), ``"tf32x3"`` or ``"tf32"`` (tensor cores; TF32 alone is ~1e-3 relative).
 Inputs are computed in float32 (float64 banks are cast); outputs are cast back to the bank's dtype.
 """
 from __future__ import annotations
@@ -15,16 +23,21 @@ import torch
 import triton
 import triton.language as tl
 
-from etfkern.triton_kernels._common import triton_interpret
+from ._common import triton_interpret
+
+PAIR_STATS_KERNELS = ("rows", "tiles-ieee", "tiles-tf32x3")
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
-def _interp() -> bool:
-    return triton_interpret()
+def histogram_slots(bins: int) -> int:
+    """Power-of-two ``tl.histogram`` size for ``bins`` bins: [< lo], bins, [>= hi] and one trash slot."""
+    return triton.next_power_of_2(bins + 3)
 
 
 @triton.jit
 def _dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TF32: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 tile of W[rows] W[cols]^T (masked rows/cols give 0)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     roff = rows.to(tl.int64)[:, None] * stride_w
     coff = cols.to(tl.int64)[:, None] * stride_w
@@ -33,43 +46,67 @@ def _dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w,
         kmask = ks < D
         a = tl.load(w_ptr + roff + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_ptr + coff + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-        if TF32:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="tf32")
-        else:
-            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
+def _histogram_add(hist_ptr, v, valid, lo, scale, top, nslots,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
+    """hist[slot] += count of valid v per slot: slot 0 below lo, 1 + floor((v - lo) * scale) inside, ``top``
+    (= bins + 1) at or above hi. Invalid elements go to slot top + 1 (< NB), which is never stored."""
+    k = tl.floor((v - lo) * scale) + 1.0
+    k = tl.minimum(tl.maximum(k, 0.0), top)
+    k = tl.where(valid, k, top + 1.0).to(tl.int32)
+    h = tl.histogram(tl.reshape(k, (BLOCK_M * BLOCK_N,)), NB)
+    idx = tl.arange(0, NB)
+    tl.atomic_add(hist_ptr + idx, h.to(tl.int64), mask=(h > 0) & (idx < nslots))
+
+
+@triton.jit
 def _pair_stats_kernel(w_ptr, C, D, stride_w, lo, scale, top, nslots, max_ptr, sum_ptr, hist_ptr,
-                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, NB: tl.constexpr):
+                       BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, NB: tl.constexpr, PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < C
     row_max = tl.zeros((BLOCK,), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK,), dtype=tl.float64)
     nblocks = tl.cdiv(C, BLOCK)
-    bins_idx = tl.arange(0, NB)
     for jb in range(pid, nblocks):
         cols = jb * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < C
-        v = tl.abs(_dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK, BLOCK, BLOCK_K, False))
+        v = tl.abs(_dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK, BLOCK, BLOCK_K, PRECISION))
         valid = (rows[:, None] < cols[None, :]) & rmask[:, None] & cmask[None, :]
         vm = tl.where(valid, v, 0.0)
         row_max = tl.maximum(row_max, tl.max(vm, axis=1))
         row_sum += tl.sum(vm, axis=1).to(tl.float64)
-        k = tl.floor((v - lo) * scale) + 1.0
-        k = tl.minimum(tl.maximum(k, 0.0), top).to(tl.int32)  # top = bins + 1 (the overflow slot)
-        h = tl.histogram(tl.reshape(k, (BLOCK * BLOCK,)), NB, mask=tl.reshape(valid, (BLOCK * BLOCK,)))
-        tl.atomic_add(hist_ptr + bins_idx, h.to(tl.int64), mask=(h > 0) & (bins_idx < nslots))
+        _histogram_add(hist_ptr, v, valid, lo, scale, top, nslots, BLOCK, BLOCK, NB)
     tl.store(max_ptr + pid, tl.max(row_max, axis=0))
     tl.store(sum_ptr + pid, tl.sum(row_sum, axis=0))
 
 
 @triton.jit
+def _pair_tiles_kernel(w_ptr, tile_i_ptr, tile_j_ptr, C, D, stride_w, lo, scale, top, nslots, max_ptr, sum_ptr,
+                       hist_ptr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, NB: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """One upper-triangle tile (row block tile_i[t] <= column block tile_j[t]) per program t."""
+    t = tl.program_id(0)
+    rows = tl.load(tile_i_ptr + t) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.load(tile_j_ptr + t) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < C
+    cmask = cols < C
+    v = tl.abs(_dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK, BLOCK, BLOCK_K, PRECISION))
+    valid = (rows[:, None] < cols[None, :]) & rmask[:, None] & cmask[None, :]
+    vm = tl.where(valid, v, 0.0)
+    tl.store(max_ptr + t, tl.max(tl.max(vm, axis=1), axis=0))
+    tl.store(sum_ptr + t, tl.sum(tl.sum(vm, axis=1).to(tl.float64), axis=0))
+    _histogram_add(hist_ptr, v, valid, lo, scale, top, nslots, BLOCK, BLOCK, NB)
+
+
+@triton.jit
 def _dir_kernel(w_ptr, out_ptr, rowmax_ptr, C, D, stride_w, stride_o, beta,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                TF32: tl.constexpr):
+                PRECISION: tl.constexpr):
     """One (row block, feature block): flash-attention style online rescaling. acc holds
     sum_j e^{beta (a_ij - m_i)} sign(c_ij) W[j, dcols] for the running row max m_i; when m_i grows, acc is
     scaled by e^{beta (m_old - m_new)} <= 1. Every exponent is <= 0, so nothing overflows."""
@@ -84,7 +121,7 @@ def _dir_kernel(w_ptr, out_ptr, rowmax_ptr, C, D, stride_w, stride_o, beta,
     for j0 in range(0, C, BLOCK_N):
         cols = j0 + tl.arange(0, BLOCK_N)
         cmask = cols < C
-        cos = _dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, TF32)
+        cos = _dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         valid = (rows[:, None] != cols[None, :]) & rmask[:, None] & cmask[None, :]
         a = tl.where(valid, tl.abs(cos), float("-inf"))
         m_new = tl.maximum(m, tl.max(a, axis=1))
@@ -94,11 +131,7 @@ def _dir_kernel(w_ptr, out_ptr, rowmax_ptr, C, D, stride_w, stride_o, beta,
         p = tl.where(valid, tl.exp(beta * (a - m_safe[:, None])) * sgn, 0.0)
         wj = tl.load(w_ptr + cols.to(tl.int64)[:, None] * stride_w + dcols[None, :],
                      mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        if TF32:
-            acc = tl.dot(p, wj, acc, input_precision="tf32")
-        else:
-            acc = tl.dot(p, wj, acc, input_precision="ieee")
+        acc = tl.dot(p, wj, acc * alpha[:, None], input_precision=PRECISION)
         m = m_new
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + dcols[None, :], acc,
              mask=rmask[:, None] & dmask[None, :])
@@ -110,43 +143,77 @@ def _f32(bank: torch.Tensor) -> torch.Tensor:
     return bank.detach().to(torch.float32).contiguous()
 
 
-def pair_stats(bank: torch.Tensor, bins: int, lo: float, hi: float
+def pair_stats_config(kernel: str, interpret: bool | None = None) -> dict:
+    """Launch constants of ``pair_stats`` for ``kernel`` (the sm_90 compile test builds exactly these)."""
+    if kernel not in PAIR_STATS_KERNELS:
+        raise ValueError(f"kernel must be one of {PAIR_STATS_KERNELS}, got {kernel!r}")
+    if triton_interpret() if interpret is None else interpret:
+        return {"BLOCK": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1,
+                "PRECISION": "ieee" if kernel == "rows" else kernel.removeprefix("tiles-")}
+    if kernel == "rows":
+        return {"BLOCK": 64, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "PRECISION": "ieee"}
+    return {"BLOCK": 128, "BLOCK_K": 32, "num_warps": 8, "num_stages": 3, "PRECISION": kernel.removeprefix("tiles-")}
+
+
+def pair_stats(bank: torch.Tensor, bins: int, lo: float, hi: float, kernel: str = "rows"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launcher for ``etfkern::bank_pair_stats`` (see etfkern.banks.reference.bank_pair_stats)."""
+    """Launcher for ``etfkern::bank_pair_stats`` (see etfkern.banks.reference.bank_pair_stats); ``kernel`` one
+    of PAIR_STATS_KERNELS."""
+    cfg = pair_stats_config(kernel)
     w = _f32(bank)
     c, d = w.shape
     hist = torch.zeros(bins + 2, dtype=torch.int64, device=w.device)
-    block = 16 if _interp() else 64
-    nprog = triton.cdiv(c, block)
-    if nprog == 0 or d == 0:
+    block = cfg["BLOCK"]
+    nblocks = triton.cdiv(c, block)
+    if nblocks == 0 or d == 0:
         zero = torch.zeros((), dtype=torch.float64, device=w.device)
         if c > 1:  # d == 0: every pair has cos 0
             hist[min(max(int((0.0 - lo) * bins / (hi - lo)) + 1, 0), bins + 1)] = c * (c - 1) // 2
         return zero, zero.clone(), hist
-    maxes = torch.zeros(nprog, dtype=torch.float32, device=w.device)
-    sums = torch.zeros(nprog, dtype=torch.float64, device=w.device)
-    nb = triton.next_power_of_2(bins + 2)
     # bins + 1 goes in as a float: Triton would specialise an int argument equal to 1 into a constexpr
-    _pair_stats_kernel[(nprog,)](w, c, d, w.stride(0), float(lo), float(bins / (hi - lo)), float(bins + 1),
-                                 bins + 2, maxes, sums, hist, BLOCK=block, BLOCK_K=16 if _interp() else 32,
-                                 NB=nb, num_warps=4)
+    scalars = (float(lo), float(bins / (hi - lo)), float(bins + 1), bins + 2)
+    consts = dict(BLOCK=block, BLOCK_K=cfg["BLOCK_K"], NB=histogram_slots(bins), PRECISION=cfg["PRECISION"],
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if kernel == "rows":
+        nprog = nblocks
+        maxes = torch.zeros(nprog, dtype=torch.float32, device=w.device)
+        sums = torch.zeros(nprog, dtype=torch.float64, device=w.device)
+        _pair_stats_kernel[(nprog,)](w, c, d, w.stride(0), *scalars, maxes, sums, hist, **consts)
+    else:
+        tiles = torch.triu_indices(nblocks, nblocks, device=w.device).to(torch.int32)
+        nprog = tiles.shape[1]
+        maxes = torch.zeros(nprog, dtype=torch.float32, device=w.device)
+        sums = torch.zeros(nprog, dtype=torch.float64, device=w.device)
+        _pair_tiles_kernel[(nprog,)](w, tiles[0].contiguous(), tiles[1].contiguous(), c, d, w.stride(0), *scalars,
+                                     maxes, sums, hist, **consts)
     return maxes.max().to(torch.float64), sums.sum(), hist
 
 
-def ebv_dir(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def ebv_dir_config(precision: str, d: int, interpret: bool | None = None) -> dict:
+    """Launch constants of ``ebv_dir`` for ``precision`` and feature dimension ``d``."""
+    if precision not in DOT_PRECISIONS:
+        raise ValueError(f"precision must be one of {DOT_PRECISIONS}, got {precision!r}")
+    if triton_interpret() if interpret is None else interpret:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": max(16, min(32, triton.next_power_of_2(d))),
+                "num_warps": 4, "num_stages": 1, "PRECISION": precision}
+    bd = min(256, max(16, triton.next_power_of_2(d)))
+    if precision == "ieee":  # the layout that ran on the H200 (then with TF32), W_J tile 32 KB per stage
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2,
+                "PRECISION": precision}
+    # tensor cores: 64-row blocks (a Hopper warpgroup MMA is 64 rows), W_J tile 64 KB per stage
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2,
+            "PRECISION": precision}
+
+
+def ebv_dir(bank: torch.Tensor, beta: float, precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher for ``etfkern::ebv_dir``: grid (row blocks, feature blocks of <= 256; each feature block
-    recomputes its cosine tiles, so d <= 256 is one pass); float32 inside, TF32 dot products on GPU."""
+    recomputes its cosine tiles, so d <= 256 is one pass); float32 inside, ``precision`` one of DOT_PRECISIONS."""
     w = _f32(bank)
     c, d = w.shape
     out = torch.zeros(c, d, dtype=torch.float32, device=w.device)
     rowmax = torch.zeros(c, dtype=torch.float32, device=w.device)
     if c > 0 and d > 0:
-        if _interp():
-            bm, bn, bk, bd, warps = 16, 16, 16, min(32, triton.next_power_of_2(d)), 4
-        else:
-            # W_J tile (BLOCK_N x BLOCK_D fp32) = 32 KB per pipeline stage
-            bm, bn, bk, bd, warps = 32, 32, 32, min(256, max(16, triton.next_power_of_2(d))), 8
-        grid = (triton.cdiv(c, bm), triton.cdiv(d, bd))
-        _dir_kernel[grid](w, out, rowmax, c, d, w.stride(0), out.stride(0), float(beta), BLOCK_M=bm, BLOCK_N=bn,
-                          BLOCK_K=bk, BLOCK_D=max(16, bd), TF32=not _interp(), num_warps=warps, num_stages=2)
+        cfg = ebv_dir_config(precision, d)
+        grid = (triton.cdiv(c, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
+        _dir_kernel[grid](w, out, rowmax, c, d, w.stride(0), out.stride(0), float(beta), **cfg)
     return out.to(bank.dtype), rowmax.to(bank.dtype)

@@ -81,12 +81,72 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # ==========================================================================================================
-# spherical: the "cos" fixed-shift class loop of the Triton backend on CUDA
-#   variants: "fused" (the Triton class-loop kernel), "mm" (tiled torch GEMMs: cos_tiles on the device)
+# spherical: which class loop the Triton backend runs on CUDA, and which nearest()
+#   "spherical_class_loop" variants: "fused" (the Triton class-loop kernel), "mm" (tiled torch GEMMs: cos_tiles on
+#   the device), "chunked" (cuBLAS GEMM per row chunk + one Triton pass over the chunk's logits)
 #   features: dtype (str), d, C, N, metric, need_grad, bank_grad
+#   "spherical_nearest" variants: "fused" (Triton top-k kernel), "chunked" (GEMM per chunk + torch topk);
+#   features: dtype, d, C, N, k
+# Rows measured by bench/spherical.py --device cuda come first: it writes bench/results/spherical-dispatch.json
+# (one entry per measured problem: the fastest variant, ranges of d, C, N around the measured shape, the numbers and
+# the result file); the hand-written rows below it are the fallback.
 # ==========================================================================================================
-register_table("spherical_class_loop", "fused", [
+SPHERICAL_DISPATCH_JSON = "bench/results/spherical-dispatch.json"
+
+
+def _range(bounds: list) -> Callable[[Any], bool]:
+    lo, hi = bounds
+    return lambda v: v is not None and lo <= v < hi
+
+
+def load_measured(path: str) -> dict[str, list[Measured]]:
+    """op -> rows from a dispatch JSON written by a benchmark sweep ({"entries": [{"op", "variant", "evidence",
+    "source", "when": {feature: value | [lo, hi] (a half-open range)}}]}). A missing file (an installed wheel,
+    a tree without GPU results) gives no rows."""
+    import json
+    from pathlib import Path
+
+    file = Path(path) if Path(path).is_absolute() else Path(__file__).resolve().parents[2] / path
+    if not file.is_file():
+        return {}
+    rows: dict[str, list[Measured]] = {}
+    for e in json.loads(file.read_text()).get("entries", []):
+        when = {k: _range(v) if isinstance(v, list) else v for k, v in e["when"].items()}
+        rows.setdefault(e["op"], []).append(Measured(e["variant"], evidence=e["evidence"], source=e["source"],
+                                                     when=when))
+    return rows
+
+
+_SPHERICAL_MEASURED = load_measured(SPHERICAL_DISPATCH_JSON)
+register_table("spherical_class_loop", "fused", _SPHERICAL_MEASURED.get("spherical_class_loop", []) + [
     Measured("mm", when={"metric": "cos", "d": at_least(512)}, source=_H200_2026_12_04,
              evidence="bf16 fwd+bwd ms, fused vs mm: 8192x1024x131072 79.1 vs 19.6; 16384x4096x32000 111.3 vs 26.4; "
                       "4096x4096x262144 549.3 vs 39.5; 32768x2048x65536 224.2 vs 58.6; 8192x512x32768 6.0 vs 3.9"),
 ])
+register_table("spherical_nearest", "fused", _SPHERICAL_MEASURED.get("spherical_nearest", []))
+
+# ==========================================================================================================
+# banks: the Triton kernel of bank_pair_stats (bank_stats) and the dot precision of ebv_dir (ebv_bank's
+# optimiser step) on CUDA. Overrides: ETFKERN_BANK_STATS_KERNEL, ETFKERN_EBV_DIR_PRECISION (etfkern.banks).
+#   bank_pair_stats variants: "rows" (row block x all column blocks, float32 FFMA: the layout that ran on the
+#     H200, 4.7 s at C=131072 d=1024 and 9.7 ms at C=4000 d=128, with the histogram fix of issue 15 not yet
+#     re-run), "tiles-ieee", "tiles-tf32x3" (one program per upper-triangle tile; never ran on a GPU)
+#   ebv_dir variants: "ieee" (float32 FFMA), "tf32x3", "tf32" (tensor cores; never ran on a GPU)
+#   features: C, d, dtype (str)
+# No rows yet: no measurement puts a tensor-core candidate ahead (bench/banks.py --device cuda sweeps them).
+# ==========================================================================================================
+register_table("bank_pair_stats", "rows", [])
+register_table("ebv_dir", "ieee", [])
+
+
+# ==========================================================================================================
+# collapse: which scatter product the Triton collapse_update runs on CUDA, and the pair kernel's Gram precision
+#   "collapse_update_product" variants (triton_kernels/collapse.py::_product_mode): "triton" (fused scatter GEMM),
+#   "mm" (16-bit centred operand + cuBLAS), "split" (float64-centred bfloat16 pieces + cuBLAS), "split_tri" (the
+#   same pieces, Triton upper-triangle GEMM); features: dtype (str), d, N (batch rows)
+#   "collapse_pair_precision" variants: "tf32x3", "bf16x3"; features: K (classes seen), d
+# No rows yet: no variant but the defaults has run on a GPU. bench/collapse.py --device cuda measures every one
+# (ETFKERN_COLLAPSE_PRODUCT / ETFKERN_COLLAPSE_PAIR_PRECISION select them meanwhile).
+# ==========================================================================================================
+register_table("collapse_update_product", "triton", [])
+register_table("collapse_pair_precision", "tf32x3", [])

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from etfkern._core import backend as _backend
+from etfkern._core import dispatch as _dispatch
 from etfkern.banks import ops as _ops
 from etfkern.banks import reference as _ref
 
@@ -32,6 +33,7 @@ __all__ = ["simplex_etf", "ebv_bank", "sparse_etf", "bank_stats", "save_bank", "
 
 HIST_BINS = 2048  # bank_stats: coarse bins over [0, 1], then the same number of fine bins inside one coarse bin
 P999_RESOLUTION = 1.0 / HIST_BINS**2  # p99.9 is the upper edge of a fine bin: error in [0, 2.4e-7]
+GPU_HIST_BINS = 253  # the tiled Triton kernels: 3 passes of 253 bins (resolution 1/253^3 ~ 6.2e-8)
 AUTO_WELCH_RATIO = 1.05  # ebv_bank(method="auto") keeps a structured start this close to the Welch bound
 _STRIP_ELEMS = 1 << 22  # cpu backend: rows per strip chosen so that one strip holds <= 4M cosines (16 MiB fp32)
 _DIR_STRIP_ELEMS = 1 << 21  # ebv_dir on cpu: two reused (strip, C) buffers of <= 2M entries
@@ -345,11 +347,42 @@ def _dir_cpu(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tenso
     return out, rowmax
 
 
-for _op, _cpu, _ref_fn, _tri in (("bank_pair_stats", _pair_stats_cpu, _ref.bank_pair_stats, "pair_stats"),
-                                 ("ebv_dir", _dir_cpu, _ref.ebv_dir, "ebv_dir")):
+PAIR_STATS_KERNELS = ("rows", "tiles-ieee", "tiles-tf32x3")  # = etfkern.triton_kernels.banks.PAIR_STATS_KERNELS
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")  # = etfkern.triton_kernels.banks.DOT_PRECISIONS
+STATS_KERNEL_ENV = "ETFKERN_BANK_STATS_KERNEL"
+DIR_PRECISION_ENV = "ETFKERN_EBV_DIR_PRECISION"
+
+
+def _gpu_variant(op: str, env: str, choices: tuple[str, ...], bank: torch.Tensor) -> str:
+    """The Triton variant of ``op`` for ``bank``: env ``env`` when set (ValueError naming it unless one of
+    ``choices``), else the measured table in :mod:`etfkern._core.dispatch` on CUDA, else its default."""
+    if os.environ.get(env, "").strip():
+        return _backend.kernel_variant(env, choices, os.environ[env].strip().lower())
+    if bank.device.type != "cuda":
+        return choices[0]
+    return _dispatch.choose_variant(op, C=int(bank.shape[0]), d=int(bank.shape[1]),
+                                    dtype=_dispatch.dtype_name(bank.dtype))[0]
+
+
+def _pair_stats_triton(bank: torch.Tensor, bins: int, lo: float, hi: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from etfkern.triton_kernels import banks as _tk
+
+    kernel = _gpu_variant("bank_pair_stats", STATS_KERNEL_ENV, PAIR_STATS_KERNELS, bank)
+    return _tk.pair_stats(bank, bins, lo, hi, kernel=kernel)
+
+
+def _dir_triton(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from etfkern.triton_kernels import banks as _tk
+
+    return _tk.ebv_dir(bank, beta, precision=_gpu_variant("ebv_dir", DIR_PRECISION_ENV, DOT_PRECISIONS, bank))
+
+
+for _op, _cpu, _ref_fn, _tri in (("bank_pair_stats", _pair_stats_cpu, _ref.bank_pair_stats, _pair_stats_triton),
+                                 ("ebv_dir", _dir_cpu, _ref.ebv_dir, _dir_triton)):
     _backend.register(_op, "reference", _ref_fn)
     _backend.register(_op, "cpu", _cpu)
-    _backend.register(_op, "triton", f"etfkern.triton_kernels.banks:{_tri}")
+    _backend.register(_op, "triton", _tri)
 
 
 # ==========================================================================================================
@@ -368,35 +401,49 @@ def bank_max_abs_cos(bank: torch.Tensor) -> float:
     return float(mx)
 
 
+def _histogram_plan(u: torch.Tensor) -> tuple[int, int]:
+    """(bins per pass, passes) of bank_stats' p99.9 search for unit rows ``u``: 2048 bins x 2 passes, or on the
+    tiled Triton kernels 253 bins x 3 passes (253 + 3 slots fill a 256-slot ``tl.histogram``, cheap in the
+    kernel's epilogue; 2048 would need 4096 slots). Both resolve p99.9 to <= P999_RESOLUTION."""
+    if _backend.choose("bank_pair_stats", u.device) == "triton" and \
+            _gpu_variant("bank_pair_stats", STATS_KERNEL_ENV, PAIR_STATS_KERNELS, u).startswith("tiles"):
+        return GPU_HIST_BINS, 3
+    return HIST_BINS, 2
+
+
 def bank_stats(bank: torch.Tensor) -> dict[str, float]:
     """Quality statistics of a (C, d) bank (C >= 2), from tiled passes that never store a C x C matrix.
 
     Keys: ``max_abs_cos``, ``mean_abs_cos`` (over the C(C-1)/2 pairs c != c'), ``p999_abs_cos`` (the 99.9th
     percentile of |cos| over those pairs: the smallest value at or below which >= 99.9% of them lie, found by a
-    2048-bin histogram over [0, 1] and a second 2048-bin pass inside the bin holding it; reported as the upper
-    edge of its fine bin, so it overestimates by at most 1/2048^2 ~ 2.4e-7), ``welch_bound`` (for C, d) and
-    ``max_norm_error`` (max | |w_c| - 1 |). Cosines use normalised rows; on CPU float64 banks are measured in
-    float64, anything else in float32; the GPU (Triton) kernels always compute in float32.
+    2048-bin histogram over [0, 1] and a second 2048-bin pass inside the bin holding it (on the tiled GPU
+    kernels: three passes of 253 bins); reported as the upper edge of its last bin, so it overestimates by at
+    most P999_RESOLUTION = 1/2048^2 ~ 2.4e-7), ``welch_bound`` (for C, d) and ``max_norm_error``
+    (max | |w_c| - 1 |). Cosines use normalised rows; on CPU float64 banks are measured in float64, anything
+    else in float32; the GPU (Triton) kernels always compute in float32 (``tiles-tf32x3``: split TF32 tensor
+    core products, about float32 accuracy).
     """
     _check_bank(bank)
     c, d = bank.shape
     norm_err = (bank.detach().to(torch.float64).norm(dim=1) - 1).abs().max().item()
     u = _unit_rows(bank)
-    mx, total, hist = _ops.bank_pair_stats(u, HIST_BINS, 0.0, 1.0)
+    bins, passes = _histogram_plan(u)
     pairs = c * (c - 1) // 2
-    rank = math.ceil(0.999 * pairs)  # 1-based rank of the percentile among sorted values
-    cum = torch.cumsum(hist.cpu(), 0)
-    k = int(torch.searchsorted(cum, torch.tensor(rank)).item())  # hist slot holding that rank
-    if k >= HIST_BINS + 1:  # |cos| >= 1 (duplicate or antipodal rows; rounding): cannot be above the max
-        p999 = float(mx)
-    else:
-        lo, hi = (k - 1) / HIST_BINS, k / HIST_BINS
-        _, _, fine = _ops.bank_pair_stats(u, HIST_BINS, lo, hi)
-        fine_cum = torch.cumsum(fine.cpu(), 0)
-        j = int(torch.searchsorted(fine_cum, torch.tensor(rank)).item())
-        # fine[0] counts everything below lo (= `below`): rank > below, so j >= 1
-        j = max(1, min(j, HIST_BINS))
-        p999 = min(lo + j * (hi - lo) / HIST_BINS, float(mx))
+    rank = torch.tensor(math.ceil(0.999 * pairs))  # 1-based rank of the percentile among sorted values
+    lo, hi = 0.0, 1.0
+    mx = total = None
+    for level in range(passes):
+        m, t, hist = _ops.bank_pair_stats(u, bins, lo, hi)
+        if level == 0:
+            mx, total = m, t
+        # hist slot holding that rank: slot 0 counts everything below lo, so past the first pass slot >= 1
+        k = int(torch.searchsorted(torch.cumsum(hist.cpu(), 0), rank).item())
+        if level == 0 and k >= bins + 1:  # |cos| >= 1 (duplicate or antipodal rows; rounding): the max
+            lo = hi = float(mx)
+            break
+        k = max(1, min(k, bins))
+        lo, hi = lo + (k - 1) * (hi - lo) / bins, lo + k * (hi - lo) / bins
+    p999 = min(hi, float(mx))
     return {"max_abs_cos": float(mx), "mean_abs_cos": float(total) / pairs, "p999_abs_cos": float(p999),
             "welch_bound": welch_bound(c, d), "max_norm_error": float(norm_err)}
 
