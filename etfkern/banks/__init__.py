@@ -13,13 +13,15 @@ matmuls, O(strip * C) scratch), "triton" (tiled kernels, :mod:`etfkern.triton_ke
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import threading
 import time
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -353,11 +355,29 @@ STATS_KERNEL_ENV = "ETFKERN_BANK_STATS_KERNEL"
 DIR_PRECISION_ENV = "ETFKERN_EBV_DIR_PRECISION"
 
 
+_variant_override = threading.local()  # op -> variant for this thread (the optimiser's ebv_dir steps)
+OPTIMISER_DIR_PRECISION = "tf32"  # the ebv_dir layout the optimiser ran with on the H200 (issue 18: 7 s a step)
+
+
+@contextlib.contextmanager
+def _variant(op: str, name: str) -> Iterator[None]:
+    """Inside the block, the Triton kernels of ``op`` run variant ``name`` unless its environment variable is set."""
+    previous = getattr(_variant_override, op, None)
+    setattr(_variant_override, op, name)
+    try:
+        yield
+    finally:
+        setattr(_variant_override, op, previous)
+
+
 def _gpu_variant(op: str, env: str, choices: tuple[str, ...], bank: torch.Tensor) -> str:
     """The Triton variant of ``op`` for ``bank``: env ``env`` when set (ValueError naming it unless one of
     ``choices``), else the measured table in :mod:`etfkern._core.dispatch` on CUDA, else its default."""
     if os.environ.get(env, "").strip():
         return _backend.kernel_variant(env, choices, os.environ[env].strip().lower())
+    inside = getattr(_variant_override, op, None)
+    if inside is not None:
+        return inside
     if bank.device.type != "cuda":
         return choices[0]
     return _dispatch.choose_variant(op, C=int(bank.shape[0]), d=int(bank.shape[1]),
@@ -521,7 +541,8 @@ def _step_seconds(w: torch.Tensor, beta: float) -> float:
     dt = 0.0
     for _ in range(2):
         t0 = time.perf_counter()
-        _ops.ebv_dir(sub, beta)
+        with _variant("ebv_dir", OPTIMISER_DIR_PRECISION):
+            _ops.ebv_dir(sub, beta)
         if sub.is_cuda:
             torch.cuda.synchronize(sub.device)
         dt = time.perf_counter() - t0
@@ -564,7 +585,8 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
         t_step = time.perf_counter()
         frac = step / max(1, steps - 1)
         beta = (3.0 / welch) * 100.0 ** frac
-        g, rowmax = _ops.ebv_dir(w, beta)
+        with _variant("ebv_dir", OPTIMISER_DIR_PRECISION):  # a descent direction; the result is rescored below
+            g, rowmax = _ops.ebv_dir(w, beta)
         cur = float(rowmax.max())
         if cur < best_max:
             best, best_max = w.clone(), cur
@@ -731,7 +753,7 @@ def save_bank(path: str | os.PathLike, bank: torch.Tensor, **meta: Any) -> None:
     Conventional keys: ``kind`` (simplex|ebv|sparse), ``seed``, ``method``, ``sparsity``.
     FileNotFoundError when the directory of ``path`` does not exist, IsADirectoryError when ``path`` is one.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     _check_bank(bank)
     if "stats" not in meta:
@@ -748,18 +770,20 @@ def save_bank(path: str | os.PathLike, bank: torch.Tensor, **meta: Any) -> None:
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"save_bank: the directory of path {path!r} does not exist ({parent!r})")
     try:
-        save_file({"bank": bank.detach().contiguous().cpu()}, path, metadata=encoded)
-    except OSError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for I/O failures
-        raise OSError(f"save_bank could not write {path!r}: {exc}") from None
+        data = save({"bank": bank.detach().contiguous().cpu()}, metadata=encoded)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+        raise OSError(f"save_bank could not encode the bank for {path!r}: {exc}") from None
+    # written with open() so that the file mode follows the umask (safetensors' save_file creates 0600 files)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def load_bank(path: str | os.PathLike, *, device: torch.device | str | None = None
               ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Read a bank written by :func:`save_bank`: returns (bank (C, d) on ``device`` or CPU, metadata dict).
-    FileNotFoundError for a missing file; ValueError for a file that holds no "bank" tensor or one that is not
-    a floating-point (C, d) matrix."""
+    FileNotFoundError for a missing file; ValueError for a file that holds no "bank" tensor, one that is not a
+    finite floating-point (C, d) matrix with C >= 2 and d >= 1 (what :func:`save_bank` accepts), or metadata
+    ``num_classes`` / ``dim`` / ``dtype`` that contradict the tensor."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -778,10 +802,20 @@ def load_bank(path: str | os.PathLike, *, device: torch.device | str | None = No
         raise
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
         raise ValueError(f"{path!r} is not a readable safetensors bank: {exc}") from None
+    try:
+        _check_bank(bank, f"{path!r}: 'bank'")
+    except ValueError as exc:
+        raise ValueError(f"{exc} (save_bank writes only such banks)") from None
     meta = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
+    actual = {"num_classes": int(bank.shape[0]), "dim": int(bank.shape[1]),
+              "dtype": str(bank.dtype).replace("torch.", "")}
+    for key, value in actual.items():
+        if key in meta and meta[key] != value:
+            raise ValueError(f"{path!r}: metadata {key}={meta[key]!r} contradicts the stored bank "
+                             f"({key}={value!r}, shape {tuple(bank.shape)}, {bank.dtype})")
     return (bank.to(device) if device is not None else bank), meta

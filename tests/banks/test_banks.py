@@ -572,6 +572,43 @@ def test_save_load_bad_paths_and_non_bank_files(tmp_path):
     assert torch.equal(got, b) and meta["kind"] == "simplex" and meta["num_classes"] == 5
 
 
+def test_load_bank_rejects_what_save_bank_refuses(tmp_path):
+    """Issue 19 item 11: NaN entries, C = 1, and metadata contradicting the tensor used to load silently."""
+    from safetensors.torch import save_file
+
+    cases = {"nan": ({"bank": torch.tensor([[1.0, 0.0], [float("nan"), 1.0]])}, {}, "NaN"),
+             "one_row": ({"bank": torch.ones(1, 3)}, {}, "C >= 2"),
+             "no_column": ({"bank": torch.ones(3, 0)}, {}, "d >= 1"),
+             "num_classes": ({"bank": _unit(10, 4, dtype=torch.float32)}, {"num_classes": "999"}, "num_classes=999"),
+             "dim": ({"bank": _unit(10, 4, dtype=torch.float32)}, {"dim": "5"}, "dim=5"),
+             "dtype": ({"bank": _unit(10, 4, dtype=torch.float32)}, {"dtype": '"float64"'}, "dtype='float64'")}
+    for name, (tensors, meta, match) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=meta or None)
+        with pytest.raises(ValueError, match=match):
+            etfkern.load_bank(path)
+    with pytest.raises(ValueError, match="C >= 2"):
+        etfkern.save_bank(tmp_path / "one.safetensors", torch.ones(1, 3))
+
+
+def test_save_bank_file_mode_follows_the_umask(tmp_path):
+    """Issue 19 item 11: safetensors' save_file creates 0600 files; a saved bank is as readable as any file."""
+    import os
+    import stat
+
+    b = etfkern.simplex_etf(5, 8)
+    for umask in (0o022, 0o077, 0o002):
+        old = os.umask(umask)
+        try:
+            path = tmp_path / f"b{umask:o}.safetensors"
+            etfkern.save_bank(path, b, stats=None)
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+        got, meta = etfkern.load_bank(path)
+        assert torch.equal(got, b) and meta["num_classes"] == 5 and meta["dtype"] == "float32"
+
+
 def test_cli_bank(tmp_path, capsys):
     out = tmp_path / "b.safetensors"
     assert cli_main(["bank", "--classes", "144", "--dim", "16", "--method", "kerdock", "-o", str(out)]) == 0
