@@ -198,7 +198,11 @@ def _collapse_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, help="(N, d) features: .pt, .npy or .safetensors")
     p.add_argument("--labels", required=True, help="(N,) integer labels: .pt, .npy or .safetensors")
     p.add_argument("--num-classes", type=int, default=None, help="C (default: max label + 1)")
-    p.add_argument("--weights", default=None, help="optional (C, d) classifier for NC3 / UNC3 / NC4")
+    p.add_argument("--weights", default=None, help="optional (C, d) classifier for NC3 / UNC3 / NC4 (ncc_mismatch)")
+    p.add_argument("--ignore-index", type=int, default=-100,
+                   help="rows with this label are skipped (default -100, torch's convention)")
+    p.add_argument("--min-count", type=int, default=1,
+                   help="leave classes with fewer samples out of the metrics (default 1); the output says how many")
     p.add_argument("--global-mean", choices=["class", "sample"], default="class")
     p.add_argument("--batch-size", type=int, default=65536, help="rows streamed per update")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -214,7 +218,7 @@ def _collapse_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_collapse(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from etfkern.collapse import CollapseMeter, ncc_mismatch
+    from etfkern.collapse import CollapseMeter
 
     device = _device(args.device, default="cuda" if torch.cuda.is_available() else "cpu")
     if args.json:
@@ -227,11 +231,14 @@ def cmd_collapse(args: argparse.Namespace) -> int:
         raise UsageError(f"--labels must be ({feats.shape[0]},) integers, got {tuple(labels.shape)} {labels.dtype}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.min_count < 1:
+        raise UsageError(f"--min-count must be at least 1, got {args.min_count}")
     labels = labels.long()
+    kept = labels != args.ignore_index
     if args.num_classes is not None:
         num_classes = args.num_classes
     else:
-        num_classes = int(labels.max()) + 1 if labels.numel() else 0
+        num_classes = int(labels[kept].max()) + 1 if bool(kept.any()) else 0
     if num_classes < 2:
         raise UsageError(f"--num-classes must be at least 2, got {num_classes}")
     weights = _load_tensor(args.weights, "weights") if args.weights else None
@@ -244,7 +251,11 @@ def cmd_collapse(args: argparse.Namespace) -> int:
             raise UsageError("--metrics must name at least one metric")
         if "ncc_mismatch" in wanted and weights is None:
             raise UsageError("--metrics ncc_mismatch needs --weights")
-    meter = CollapseMeter(num_classes, feats.shape[1], global_mean=args.global_mean, device=device)
+    try:
+        meter = CollapseMeter(num_classes, feats.shape[1], global_mean=args.global_mean, device=device,
+                              ignore_index=args.ignore_index, min_count=args.min_count)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
     try:
         for i in tqdm(range(0, feats.shape[0], args.batch_size), desc="streaming", unit="batch",
                       disable=not sys.stderr.isatty()):
@@ -258,13 +269,17 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--metrics: {exc}" if wanted is not None else str(exc)) from exc
     if w is not None and (wanted is None or "ncc_mismatch" in wanted):
-        metrics["ncc_mismatch"] = ncc_mismatch(feats.to(device), meter.means, w)
+        rows = feats if bool(kept.all()) else feats[kept]  # NC4 over the rows kept
+        metrics["ncc_mismatch"] = meter.ncc_mismatch(rows.to(device), w)
     for key, value in metrics.items():
         print(f"{key:<20} {value:.6g}" if isinstance(value, float) else f"{key:<20} {value}")
     if args.json:
+        record = dict(metrics)
+        if args.min_count > 1:
+            record["excluded_classes"] = meter.excluded_classes().tolist()
         try:
             with open(args.json, "w") as f:
-                json.dump(metrics, f, indent=2)
+                json.dump(record, f, indent=2)
         except OSError as exc:
             raise UsageError(f"--json {args.json!r}: {exc}") from None
     return EXIT_OK

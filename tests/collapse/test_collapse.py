@@ -838,3 +838,37 @@ def test_plot_metrics_leaves_pyplot_backend_and_figures_alone(tmp_path):
     finally:
         plt.switch_backend(original)
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the collapse command with language-model labels
+# ----------------------------------------------------------------------------------------------------------
+def test_collapse_command_ignore_index_and_min_count(tmp_path, capsys):
+    import json
+    import re
+
+    from etfkern.cli import main as cli_main
+
+    c, d = 9, 5
+    x, y = _clustered(90, 7, d)  # classes 0..6 frequent, 7 and 8 rare
+    x = torch.cat([x, torch.randn(3, d, dtype=torch.float64), torch.full((4, d), float("nan"))]).float()
+    y = torch.cat([y, torch.tensor([7, 8, 8]), torch.full((4,), -1)])  # -1: this file's "ignored" label
+    w = torch.randn(c, d)
+    for name, t in (("f", x), ("y", y), ("w", w)):
+        torch.save(t, tmp_path / f"{name}.pt")
+    argv = ["collapse", "--features", str(tmp_path / "f.pt"), "--labels", str(tmp_path / "y.pt"), "--weights",
+            str(tmp_path / "w.pt"), "--device", "cpu", "--ignore-index", "-1", "--min-count", "3", "--json",
+            str(tmp_path / "out.json")]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^num_classes_excluded +2$", out, re.M) and re.search(r"^num_samples_excluded +3$", out, re.M)
+    got = json.loads((tmp_path / "out.json").read_text())
+    meter = etfkern.CollapseMeter(c, d, ignore_index=-1, min_count=3)
+    meter.update(x, y)
+    want = meter.compute(weights=w)
+    assert (got["num_classes_excluded"], got["num_samples_excluded"], got["excluded_classes"]) == (2, 3, [7, 8])
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=1e-12), key
+    assert got["ncc_mismatch"] == meter.ncc_mismatch(x[:-4], w)
+    assert cli_main(argv[:-2] + ["--min-count", "0"]) == 2
+    assert "--min-count must be at least 1, got 0" in capsys.readouterr().err
