@@ -7,7 +7,7 @@ atomics, and split partials are combined in torch in a fixed order.
 * ``_ce_fwd_kernel``: per (row block, class slab), for each class tile: cos = x̂ W^T (K loop over d, fp32/fp64
   accumulation), z, the log-sum-exp and, when x needs a gradient, A += (p * s) @ W_tile (flash-attention style
   "P @ V", V = bank): 2 matmuls per tile = 4 N C d FLOPs in total and the backward for x is O(N d).
-  FIXED (host decides with etfkern.spherical.fixed_shift(), cached per bank version): p = exp(z - shift), no
+  FIXED (the op layer decides with fixed_shift(), cached per bank version): p = exp(z - shift), no
   running max and no per-tile rescale of l and A; otherwise an online max with rescaling.
   Split-C (_splits()): when the row blocks cannot fill the GPU's SMs, S slabs of the class range run as
   separate programs writing raw partials (S, N, ...), combined by the launcher. d <= MAX_REG_D keeps A in
@@ -15,10 +15,20 @@ atomics, and split partials are combined in torch in a fixed order.
 * ``_ce_dw_kernel`` (bank.requires_grad only): per (class tile, row split), for each row block of the split:
   recompute cos and p from the saved lse, coef = g (p - t) s, dW_tile += coef^T @ x̂; with S > 1 row splits
   (few classes: too few class tiles to fill the GPU) each split owns a C x d partial, summed in a fixed order.
+* Every tl.dot with an accumulator names out_dtype=ACC: Triton 3.6 defaults out_dtype to float32 and rejects a
+  float64 accumulator (the float64 bank gradient failed to compile on the H200, 2026-12-04); 3.9 infers it.
 * ``_nearest_kernel``: per (row block, class slab), a running sorted top-k merged with each class tile by k
   selection steps; slabs merged by a stable sort (lower class index wins ties, as unsplit).
 
-Inputs: x̂ (normalised by the launcher in torch, O(N d)), the bank with any strides, int64 offsets throughout.
+* ``_chunk_ce_kernel`` (the "chunked" variant): one program per row of a chunk of logits that a cuBLAS GEMM wrote
+  (cosines, in the GEMM's operand dtype); pass 1 reads the row for the log-sum-exp (online max), the target terms
+  and the loss; pass 2 (with a gradient, or given a saved lse for the bank gradient) reads it again and writes
+  dlogits IN PLACE: (p - t) times tau * dz/dcos (1 for "cos"; "arc": <= 1000, so float16 cannot overflow), with
+  label smoothing, mixup pairs and ignored rows (0). The op layer applies 1/tau after the next GEMM.
+
+Launchers return raw partials (split slabs uncombined, no target terms); the op layer (etfkern/spherical/ops.py)
+normalises x, picks the variant, combines the slabs in a fixed order and adds the target terms. Inputs: x̂, the
+bank with any strides, int64 offsets throughout. Constants (arc_eps, the fixed shift) come in as arguments.
 Written for H100/H200 (bf16/fp16/fp32 inputs); tested only under TRITON_INTERPRET=1 at tiny shapes; every
 kernel also compiles offline for sm_90a (see _config()). Test hooks: env ETFKERN_TRITON_SPLIT_C=S forces the
 class split S of the forward and nearest(), ETFKERN_TRITON_SPLIT_N=S the row split of the bank gradient.
@@ -27,16 +37,14 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from etfkern.triton_kernels._common import kernel_variant, triton_interpret
-from etfkern.spherical.reference import ARC_GRAD_EPS, acc_dtype
-from etfkern.spherical import (chunked_nearest, class_tile, cos_tiles, finish_forward, fixed_shift, normalized,
-                               partials_from_class_loop)
+from typing import NamedTuple
+
+from ._common import triton_interpret
 
 MAX_REG_D = 512  # d above this keeps the (rows x d) accumulators in a global slab instead of registers
 SPLIT_BUDGET_MIB = 48.0  # split-C: at most this much memory for the (S, N, ...) partials
@@ -70,7 +78,7 @@ def _add_dot_in_place(ptr, mask, a, b, row_scale, SCALE: tl.constexpr, PREC: tl.
     prev = tl.load(ptr, mask=mask, other=0.0, volatile=True)
     if SCALE:
         prev = prev * row_scale[:, None]
-    tl.store(ptr, tl.dot(a, b, prev, input_precision=PREC), mask=mask)
+    tl.store(ptr, tl.dot(a, b, prev, input_precision=PREC, out_dtype=prev.dtype), mask=mask)
 
 
 @triton.jit
@@ -84,7 +92,7 @@ def _cos_tile(X, W, rows, cols, row_mask, col_mask, D, sxn, sxd, swc, swd,
         km = ks < D
         xt = tl.load(X + rows[:, None] * sxn + ks[None, :] * sxd, mask=row_mask[:, None] & km[None, :], other=0.0)
         wt = tl.load(W + cols[None, :] * swc + ks[:, None] * swd, mask=col_mask[None, :] & km[:, None], other=0.0)
-        s = tl.dot(xt, wt, s, input_precision=PREC)
+        s = tl.dot(xt, wt, s, input_precision=PREC, out_dtype=ACC)
     return s
 
 
@@ -169,12 +177,12 @@ def _ce_fwd_kernel(X, W, LSE, L, SUMZ, A, B, N, C, D, sxn, sxd, swc, swd, inv_ta
                 wv = tl.load(W + cols[:, None] * swc + dv0[None, :] * swd,
                              mask=col_mask[:, None] & (dv0 < D)[None, :], other=0.0)
                 if FIXED:
-                    acc = tl.dot(pm, wv, acc, input_precision=PREC)
+                    acc = tl.dot(pm, wv, acc, input_precision=PREC, out_dtype=ACC)
                 else:
-                    acc = tl.dot(pm, wv, acc * alpha[:, None], input_precision=PREC)
+                    acc = tl.dot(pm, wv, acc * alpha[:, None], input_precision=PREC, out_dtype=ACC)
                 if NEED_B:
                     sm = tl.where(col_mask[None, :], slope, 0.0).to(W.dtype.element_ty)
-                    accb = tl.dot(sm, wv, accb, input_precision=PREC)
+                    accb = tl.dot(sm, wv, accb, input_precision=PREC, out_dtype=ACC)
             else:
                 # Slab mode (d > MAX_REG_D): this program alone owns rows prow of A and B (zero-initialised)
                 # and adds into them once per class tile (_add_dot_in_place); the barrier below orders this
@@ -256,7 +264,7 @@ def _ce_dw_kernel(X, W, LSE, G, TA, TB, WA, WB, DW, N, C, D, sxn, sxd, swc, swd,
         if REG_ACC:
             xv = tl.load(X + rows[:, None] * sxn + dv0[None, :] * sxd,
                          mask=row_mask[:, None] & (dv0 < D)[None, :], other=0.0)
-            dw = tl.dot(coef_t, xv, dw, input_precision=PREC)
+            dw = tl.dot(coef_t, xv, dw, input_precision=PREC, out_dtype=ACC)
         else:
             for d0 in range(0, D, BLOCK_DV):
                 dv = d0 + dv0
@@ -313,14 +321,74 @@ def _nearest_kernel(X, W, VALS, IDX, N, C, D, sxn, sxd, swc, swd, c_split,
     tl.store(IDX + out, run_i, mask=omask)
 
 
+@triton.jit
+def _chunk_ce_kernel(Z, TA, TB, LAM, LSE, LOSS, C, szn, inv_tau, arc_eps, eps, eps_over_c,
+                     ARC: tl.constexpr, NEED_SUMZ: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                     LSE_GIVEN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Program = one row of the chunk Z (cosines, any float dtype, row stride szn).
+
+    TA/TB: int64 targets (-1 = ignored row); LAM: mixup weight. LSE_GIVEN: read the row's lse (bank gradient),
+    else compute it (pass 1) and store lse and the loss lse - (1-eps)(lam z_a + (1-lam) z_b) - eps/C sum_c z_c
+    (0 for an ignored row). WRITE_GRAD: pass 2 overwrites Z in place with (p - t) * tau dz/dcos, where
+    t = (1-eps)(lam [c = a] + (1-lam) [c = b]) + eps/C (0 for an ignored row).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    zrow = Z + row * szn
+    ta = tl.load(TA + row)
+    tb = tl.load(TB + row)
+    lam = tl.load(LAM + row).to(ACC)
+    valid = ta >= 0
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    if LSE_GIVEN:
+        lse = tl.load(LSE + row).to(ACC)
+    else:
+        m = tl.full((BLOCK,), float("-inf"), ACC)  # per-lane online max and sum-exp, merged after the loop
+        acc_l = tl.zeros((BLOCK,), ACC)
+        acc_z = tl.zeros((BLOCK,), ACC)
+        acc_t = tl.zeros((BLOCK,), ACC)
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + lanes
+            cmask = cols < C
+            cosv = tl.load(zrow + cols, mask=cmask, other=0.0).to(ACC)
+            z, _ = _z_slope(cosv, inv_tau, arc_eps, ARC)
+            zm = tl.where(cmask, z, float("-inf"))
+            m_new = tl.maximum(m, zm)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that saw no class yet
+            acc_l = acc_l * tl.exp(m - m_safe) + tl.exp(zm - m_safe)
+            m = m_new
+            if NEED_SUMZ:
+                acc_z += tl.where(cmask, z, 0.0)
+            acc_t += tl.where(cols == ta, lam * z, 0.0) + tl.where(cols == tb, (1.0 - lam) * z, 0.0)
+        top = tl.max(m, 0)
+        lse = top + tl.log(tl.sum(acc_l * tl.exp(m - top), 0))
+        loss = lse - (1.0 - eps) * tl.sum(acc_t, 0)
+        if NEED_SUMZ:
+            loss -= eps_over_c * tl.sum(acc_z, 0)
+        tl.store(LSE + row, lse)
+        tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+    if WRITE_GRAD:
+        for c0 in range(0, C, BLOCK):
+            cols = c0 + lanes
+            cmask = cols < C
+            cosv = tl.load(zrow + cols, mask=cmask, other=0.0).to(ACC)
+            z, _ = _z_slope(cosv, inv_tau, arc_eps, ARC)
+            t = tl.where(cols == ta, (1.0 - eps) * lam, 0.0) + tl.where(cols == tb, (1.0 - eps) * (1.0 - lam), 0.0)
+            coef = tl.exp(z - lse) - t - eps_over_c
+            if ARC:
+                coef = coef * _arc_unit_slope(cosv, arc_eps)
+            coef = tl.where(valid, coef, 0.0)
+            tl.store(zrow + cols, coef.to(Z.dtype.element_ty), mask=cmask)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Launchers (same arguments and results as the ops in etfkern/_ops.py)
+# Launchers: raw partials; the op layer (etfkern/spherical/ops.py) finishes them
 # ----------------------------------------------------------------------------------------------------------
-def _tl_acc(dtype: torch.dtype):
+def tl_acc(dtype: torch.dtype):
+    """Triton accumulation dtype of an accumulation torch dtype (float64 -> tl.float64, else tl.float32)."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _precision(dtype: torch.dtype) -> str:
+def precision(dtype: torch.dtype) -> str:
     """fp32 dots follow torch's TF32 setting for matmuls (off by default: exact fp32); fp64 always exact."""
     if dtype == torch.float64:
         return "ieee"
@@ -329,7 +397,7 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"  # bf16/fp16 operands: the flag is irrelevant
 
 
-def _config(d: int, dtype: torch.dtype) -> dict:
+def config(d: int, dtype: torch.dtype) -> dict:
     """Tile sizes: tiny under the interpreter (tests); for H100/H200 otherwise (reasoned, never run on a GPU).
 
     GPU (8 warps; checked by an offline sm_90a compile with ptxas -v, no GPU run): BLOCK_N = 64 rows is one
@@ -349,32 +417,11 @@ def _config(d: int, dtype: torch.dtype) -> dict:
                 num_warps=8, num_stages=3)  # 4 warps spilled 0.2-2 KB at d = 100 (ptxas, sm_90a)
 
 
-def _tau_free(metric: str, dtype: torch.dtype) -> bool:
+def tau_free(metric: str, dtype: torch.dtype) -> bool:
     """"arc" with a float16 bank: the kernels' dot operands carry tau * slope (<= 1000, _arc_unit_slope) instead of
     the slope (up to 1000 / tau, past float16's 65504 for tau < 0.0153); the 1/tau is applied in fp32 afterwards
-    (A in the forward's epilogue or split combine, B and dW here); the kernels get it as their TAU_FREE flag."""
+    (A in the forward's epilogue, B and dW by the op layer); the kernels get it as their TAU_FREE flag."""
     return metric == "arc" and dtype == torch.float16
-
-
-_SHIFTS: dict[int, tuple] = {}
-
-
-def _shift(bank: torch.Tensor, tau: float, metric: str) -> float | None:
-    """etfkern.spherical.fixed_shift(), cached per bank tensor object and its version counter: for "cos" the
-    bound needs max |w_c| (one host sync), so a frozen bank pays it once, a trained one once per update."""
-    if metric != "cos":
-        return fixed_shift(bank, tau, metric)
-    key = id(bank)
-    stamp = (bank._version, float(tau), bank.data_ptr(), tuple(bank.shape), bank.stride())
-    hit = _SHIFTS.get(key)
-    if hit is not None and hit[0]() is bank and hit[1] == stamp:
-        return hit[2]
-    # fixed_shift() needs only the row norms: hand it those as a (C, 1) "bank" (same bound), which avoids
-    # its full-size float32 copy of a bf16 bank (4 GiB at C = 262144, d = 4096)
-    norms = torch.linalg.vector_norm(bank.detach(), dim=1, dtype=acc_dtype(bank.dtype))
-    value = fixed_shift(norms.unsqueeze(1), tau, metric)
-    _SHIFTS[key] = (weakref.ref(bank, lambda _ref, k=key: _SHIFTS.pop(k, None)), stamp, value)
-    return value
 
 
 @functools.lru_cache(maxsize=None)
@@ -428,160 +475,110 @@ def _row_splits(n: int, n_cls: int, block_n: int, block_c: int, slab_bytes: int,
     return triton.cdiv(n, rows), rows
 
 
-MM_TILE_MIB = 32  # ETFKERN_SPHERICAL_CLASS_LOOP=mm on a GPU: one float32 logits tile (+ its 16-bit copy: 48 MiB)
-MM_TILE_ROWS = 8192  # rows per tile: 8192 x 1024 x d GEMMs, wide enough for cuBLAS at d >= 1024
+class ClassLoopParts(NamedTuple):
+    """Raw results of _ce_fwd_kernel over S class slabs (rows of slab s at [s * n, (s + 1) * n)).
+
+    S == 1: ``m`` is the lse, ``a`` holds sum_c p s w / (l tau) ("cos", or tau-free "arc") or / l ("arc").
+    S > 1: ``m`` the slab's max (or the fixed shift), ``l`` its sum-exp, ``a`` unscaled sum_c p s w.
+    ``b`` = sum_c s w (tau * that for a tau-free "arc"); ``sum_z`` per slab. Unrequested parts are None."""
+    s: int
+    m: torch.Tensor
+    l: torch.Tensor | None
+    sum_z: torch.Tensor | None
+    a: torch.Tensor | None
+    b: torch.Tensor | None
 
 
-def _mm_class_loop(metric: str, shift: float | None, need_sumz: bool, need_b: bool) -> bool:
-    """Whether the class loop runs as tiled torch GEMMs (env ETFKERN_SPHERICAL_CLASS_LOOP=mm; default "fused",
-    the Triton kernel): only for "cos" with the fixed shift and no sum_z / B partials. An alternative for d >= 1024,
-    where the fused kernel keeps its row accumulators in global memory; unmeasured until a GPU run."""
-    mode = kernel_variant("ETFKERN_SPHERICAL_CLASS_LOOP", ("fused", "mm"))
-    return mode == "mm" and metric == "cos" and shift is not None and not need_sumz and not need_b
-
-
-def _class_loop(x, bank, tau, metric, need_sumz, need_grad, need_b):
-    """Launch the fused class loop: (x̂ in acc dtype, lse, sum_z | None, a_sum | None, b_sum | None).
-
-    With S > 1 slabs each program writes raw partials (max or shift m_s, sum-exp l_s, sum_z_s, unscaled A_s,
-    B_s); they are combined here over s in a fixed order: lse = M + log(sum_s e^(m_s - M) l_s),
-    A = sum_s e^(m_s - M) A_s / (l tau) (cos, or "arc" with tau-free slopes: see _tau_free) or / l ("arc").
-    Extra memory (S - 1) x (n x d) per accumulator.
-    """
-    n, d = x.shape
+def class_loop(xh: torch.Tensor, bank: torch.Tensor, tau: float, metric: str, shift: float | None, arc_eps: float,
+               need_sumz: bool, need_grad: bool, need_b: bool, acc: torch.dtype) -> ClassLoopParts:
+    """Launch _ce_fwd_kernel on x̂ (N, d) in the bank's dtype. shift: the fixed shift (None: online max)."""
+    n, d = xh.shape
     n_cls = bank.shape[0]
-    acc = acc_dtype(x.dtype)
-    xh_acc = normalized(x, acc)
-    xh = xh_acc.to(bank.dtype)
-    if xh.dtype != acc:
-        # 16-bit bank: the kernel's cosines (lse, p, "arc" slopes) come from the rounded x̂, so finish_forward's
-        # target terms must too, or lse - z_t and a_sum - s_t w_t mix two cosines (fp16 "arc": x-gradient errors
-        # up to ~3x plain torch's; the slope is steep near |cos| = 1)
-        xh_acc = xh.to(acc)
-    shift = _shift(bank, tau, metric)
-    if _mm_class_loop(metric, shift, need_sumz, need_b):
-        # "cos", fixed shift: tiles of cuBLAS GEMMs (logits of one tile in memory, never N x C), see cos_tiles
-        if x.is_cuda:  # wide GEMMs: all rows (up to MM_TILE_ROWS) against a class slab within MM_TILE_MIB
-            rows = max(1, min(n, MM_TILE_ROWS))
-            k = max(256, (MM_TILE_MIB << 20) // (4 * rows))
-        else:  # the interpreter's tests: the CPU path's tiles
-            rows, k = class_tile(n, n_cls, dim=d)
-        lse, a_sum = cos_tiles((xh_acc / tau).to(bank.dtype), bank, float(tau), need_grad, rows, k)
-        return xh_acc, lse, None, a_sum if need_grad else None, None
-    if need_grad and bank.dtype == torch.float16:
-        # P @ W takes p (times the "arc" slope) cast to float16: with the fixed shift, "cos" p = exp(z) reaches e^40
-        # and overflows (65504); "arc" p = exp(z) with z in [-pi/tau, 0] falls to e^-45, far below float16's
-        # normal range (6e-5): the rows' p underflow to subnormals/zero and a_sum loses all accuracy. The online
-        # max keeps every row's largest p at 1.
-        shift = None
-    cfg = _config(d, bank.dtype)
+    cfg = config(d, bank.dtype)
     if need_b and cfg["REG_ACC"] and cfg["BLOCK_DV"] >= 256 and not triton_interpret():
         cfg["BLOCK_N"] = 32  # two register accumulators: halve the rows (ptxas: 64 x 256 x 2 spilled ~1.3 KB)
     row_bytes = torch.empty((), dtype=acc).element_size() * (3 + d * (int(need_grad) + int(need_b)))
-    s, c_split = _splits(n, n_cls, cfg["BLOCK_N"], cfg["BLOCK_C"], row_bytes, x.device)
-    m_part = x.new_empty(s * n, dtype=acc)  # s == 1: the lse itself
-    l_part = x.new_empty(s * n, dtype=acc) if s > 1 else m_part
-    sum_z = x.new_empty(s * n, dtype=acc) if need_sumz else m_part
-    a_part = x.new_zeros(s, n, d, dtype=acc) if need_grad else m_part
-    b_part = x.new_zeros(s, n, d, dtype=acc) if need_b else a_part
+    s, c_split = _splits(n, n_cls, cfg["BLOCK_N"], cfg["BLOCK_C"], row_bytes, xh.device)
+    m_part = xh.new_empty(s * n, dtype=acc)  # s == 1: the lse itself
+    l_part = xh.new_empty(s * n, dtype=acc) if s > 1 else m_part
+    sum_z = xh.new_empty(s * n, dtype=acc) if need_sumz else m_part
+    a_part = xh.new_zeros(s, n, d, dtype=acc) if need_grad else m_part
+    b_part = xh.new_zeros(s, n, d, dtype=acc) if need_b else a_part
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), s)
     _ce_fwd_kernel[grid](xh, bank, m_part, l_part, sum_z, a_part, b_part, n, n_cls, d, xh.stride(0), xh.stride(1),
-                         bank.stride(0), bank.stride(1), 1.0 / tau, ARC_GRAD_EPS,
+                         bank.stride(0), bank.stride(1), 1.0 / tau, arc_eps,
                          shift if shift is not None else 0.0, c_split,
                          ARC=metric == "arc", NEED_SUMZ=need_sumz, NEED_GRAD=need_grad, NEED_B=need_b,
-                         FIXED=shift is not None, SPLIT=s > 1, TAU_FREE=_tau_free(metric, bank.dtype),
-                         ACC=_tl_acc(x.dtype), PREC=_precision(x.dtype), **cfg)
-    a_sum = a_part[0] if need_grad else None
-    b_sum = b_part[0] if need_b else None
-    if need_b and _tau_free(metric, bank.dtype):  # the kernel's B is sum_c tau s_c w_c
-        b_part.mul_(1.0 / tau)
-    if s == 1:
-        return xh_acc, m_part, sum_z if need_sumz else None, a_sum, b_sum
-    m = m_part.view(s, n)
-    top = m.amax(0)
-    weight = torch.exp(m - top)  # 0 for an empty slab of the online-max path (m = -inf)
-    total = (weight * l_part.view(s, n)).sum(0)
-    if need_grad:
-        per_tau = metric != "arc" or _tau_free(metric, bank.dtype)
-        a_sum = (a_part * weight.unsqueeze(2)).sum(0) / (total * (tau if per_tau else 1.0)).unsqueeze(1)
-    return (xh_acc, top + total.log(), sum_z.view(s, n).sum(0) if need_sumz else None, a_sum,
-            b_part.sum(0) if need_b else None)
+                         FIXED=shift is not None, SPLIT=s > 1, TAU_FREE=tau_free(metric, bank.dtype),
+                         ACC=tl_acc(acc), PREC=precision(bank.dtype), **cfg)
+    return ClassLoopParts(s, m_part, l_part if s > 1 else None, sum_z if need_sumz else None,
+                          a_part if need_grad else None, b_part if need_b else None)
 
 
-def ce_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, need_grad):
-    n, d = x.shape
-    acc = acc_dtype(x.dtype)
-    if n == 0:
-        return (x.new_zeros(0, dtype=acc), x.new_zeros(0, dtype=acc), x.new_zeros(0, d, dtype=acc))
-    arc = metric == "arc"
-    xh_acc, lse, sum_z, a_sum, b_sum = _class_loop(x, bank, tau, metric, arc and eps > 0, need_grad,
-                                                   need_grad and arc and eps > 0)
-    loss, grad = finish_forward(xh_acc, bank, target, target_b, lam, tau, metric, eps, ignore_index, lse, sum_z,
-                                a_sum, b_sum)
-    return loss, lse, grad if grad is not None else x.new_zeros(0, d, dtype=acc)
-
-
-def ce_partials(x, bank, tau, metric, need_sumz, need_grad, need_b):
-    return partials_from_class_loop(_class_loop, x, bank, tau, metric, need_sumz, need_grad, need_b)
-
-
-def ce_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, eps, ignore_index):
-    n, d = x.shape
+def bank_grad_parts(xh: torch.Tensor, bank: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, ta: torch.Tensor,
+                    tb: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, tau: float, metric: str, arc_eps: float,
+                    eps_over_c: float, acc: torch.dtype) -> torch.Tensor:
+    """Launch _ce_dw_kernel: (S, C, d) row-split partials of dW (sum them over S in order; a tau-free "arc"
+    partial still needs its 1/tau). g: row weights (0 on ignored rows); ta/tb: targets (-1 ignored); wa/wb: the
+    target coefficients g (1-eps) lam and g (1-eps) (1-lam). All contiguous, lse/g/wa/wb in ``acc``."""
+    n, d = xh.shape
     n_cls = bank.shape[0]
-    acc = acc_dtype(bank.dtype)
-    dw = bank.new_zeros(n_cls, d, dtype=acc)
-    if n == 0:
-        return dw
-    xh = normalized(x, bank.dtype)
-    valid = target != ignore_index
-    g = torch.where(valid, grad_rows.to(acc), torch.zeros((), dtype=acc, device=x.device)).contiguous()
-    lam = lam.to(acc)
-    ta = torch.where(valid, target, -1).long().contiguous()
-    tb = torch.where(valid, target_b, -1).long().contiguous()
-    wa = (g * (1 - eps) * lam).contiguous()
-    wb = (g * (1 - eps) * (1 - lam)).contiguous()
-    cfg = _config(d, bank.dtype)
+    cfg = config(d, bank.dtype)
     # roles swap: the (BLOCK_C x BLOCK_DV) accumulator here is the forward's (BLOCK_N x BLOCK_DV) one and the
     # (BLOCK_N x BLOCK_DV) x tile of coef^T @ x the forward's (BLOCK_C x BLOCK_DV) bank tile
     cfg.update(BLOCK_N=cfg["BLOCK_C"], BLOCK_C=cfg["BLOCK_N"])
-    s, rows = _row_splits(n, n_cls, cfg["BLOCK_N"], cfg["BLOCK_C"], dw.numel() * dw.element_size(), x.device)
-    part = dw if s == 1 else bank.new_zeros(s, n_cls, d, dtype=acc)
+    slab_bytes = n_cls * d * torch.empty((), dtype=acc).element_size()
+    s, rows = _row_splits(n, n_cls, cfg["BLOCK_N"], cfg["BLOCK_C"], slab_bytes, xh.device)
+    part = bank.new_zeros(s, n_cls, d, dtype=acc)
     grid = (triton.cdiv(n_cls, cfg["BLOCK_C"]), s)
-    _ce_dw_kernel[grid](xh, bank, lse.to(acc).contiguous(), g, ta, tb, wa, wb, part, n, n_cls, d,
-                        xh.stride(0), xh.stride(1), bank.stride(0), bank.stride(1), 1.0 / tau, ARC_GRAD_EPS,
-                        eps / n_cls, rows, ARC=metric == "arc", TAU_FREE=_tau_free(metric, bank.dtype),
-                        ACC=_tl_acc(bank.dtype),
-                        PREC=_precision(bank.dtype), **cfg)
-    dw = dw if s == 1 else part.sum(0)  # fixed order over the splits: deterministic
-    return dw.mul_(1.0 / tau) if _tau_free(metric, bank.dtype) else dw  # the kernel's coefficients were tau-free
+    _ce_dw_kernel[grid](xh, bank, lse, g, ta, tb, wa, wb, part, n, n_cls, d,
+                        xh.stride(0), xh.stride(1), bank.stride(0), bank.stride(1), 1.0 / tau, arc_eps,
+                        eps_over_c, rows, ARC=metric == "arc", TAU_FREE=tau_free(metric, bank.dtype),
+                        ACC=tl_acc(acc), PREC=precision(bank.dtype), **cfg)
+    return part
 
 
-def nearest(x, bank, k):
-    n, d = x.shape
+def nearest_parts(xh: torch.Tensor, bank: torch.Tensor, k: int, acc: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch _nearest_kernel (k <= MAX_FUSED_K): per class slab s, sorted top-k (values (S, N, k) in ``acc``,
+    int64 indices (S, N, k)); slab entries past its class count are -inf / -1. The op layer merges slabs."""
+    n, d = xh.shape
     n_cls = bank.shape[0]
-    if k > MAX_FUSED_K:
-        return chunked_nearest(x, bank, k)
-    acc = acc_dtype(x.dtype)
-    if n == 0:
-        return x.new_empty(0, k, dtype=acc), x.new_empty(0, k, dtype=torch.int64)
-    xh = normalized(x, bank.dtype)
-    cfg = _config(d, bank.dtype)
+    cfg = config(d, bank.dtype)
     # no (rows x d) accumulator here; the unrolled k selection steps spill at large k (k = 64: 1.7 KB at 32 rows)
     block_n = cfg["BLOCK_N"] if triton_interpret() else 64 if k <= 16 else 32
-    s, c_split = _splits(n, n_cls, block_n, cfg["BLOCK_C"], 16 * k, x.device)
-    vals = x.new_empty(s * n, k, dtype=acc)
-    idx = x.new_empty(s * n, k, dtype=torch.int64)
+    s, c_split = _splits(n, n_cls, block_n, cfg["BLOCK_C"], 16 * k, xh.device)
+    vals = xh.new_empty(s, n, k, dtype=acc)
+    idx = xh.new_empty(s, n, k, dtype=torch.int64)
     grid = (triton.cdiv(n, block_n), s)
     _nearest_kernel[grid](xh, bank, vals, idx, n, n_cls, d, xh.stride(0), xh.stride(1),
                           bank.stride(0), bank.stride(1), c_split, K=k, KP=max(2, triton.next_power_of_2(k)),
-                          ACC=_tl_acc(x.dtype), PREC=_precision(x.dtype), BLOCK_N=block_n,
+                          ACC=tl_acc(acc), PREC=precision(bank.dtype), BLOCK_N=block_n,
                           BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"],
                           **({k_: cfg[k_] for k_ in ("num_warps", "num_stages") if k_ in cfg}))
-    if s == 1:
-        return vals, idx
-    # merge the per-slab sorted lists: a stable sort keeps slab order on ties, so the lower class index wins
-    # (as in the unsplit kernel); empty slab entries are -inf and k <= C real candidates always exist
-    vals = vals.view(s, n, k).transpose(0, 1).reshape(n, s * k)
-    idx = idx.view(s, n, k).transpose(0, 1).reshape(n, s * k)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
-    return vals.gather(1, order), idx.gather(1, order)
+    return vals, idx
+
+
+def chunk_config(n_cls: int) -> dict:
+    """_chunk_ce_kernel tile: BLOCK classes per step (4096 on a GPU: 8 warps x 32 lanes x 16; tiny when
+    interpreting), never more than the padded row."""
+    cap = 32 if triton_interpret() else 4096
+    return dict(BLOCK=min(cap, max(16, triton.next_power_of_2(n_cls))),
+                **({} if triton_interpret() else dict(num_warps=8)))
+
+
+def chunk_ce_rows(z: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor, lam: torch.Tensor, lse: torch.Tensor,
+                  loss: torch.Tensor | None, tau: float, metric: str, eps: float, arc_eps: float,
+                  write_grad: bool, lse_given: bool) -> None:
+    """Launch _chunk_ce_kernel over the rows of z (rows, C) (cosines; unit column stride): fills lse and loss
+    (rows,) unless lse_given (then lse is read); with write_grad, z becomes dlogits in place (see the kernel).
+    ta/tb int64 (-1 = ignored), lam/lse/loss in the accumulation dtype, all contiguous with z's rows."""
+    rows, n_cls = z.shape
+    if rows == 0:
+        return
+    assert z.stride(1) == 1
+    acc = lse.dtype
+    _chunk_ce_kernel[(rows,)](z, ta, tb, lam, lse, loss if loss is not None else lse, n_cls, z.stride(0),
+                              1.0 / tau, arc_eps, eps, eps / n_cls,
+                              ARC=metric == "arc", NEED_SUMZ=eps > 0, WRITE_GRAD=write_grad, LSE_GIVEN=lse_given,
+                              ACC=tl_acc(acc), **chunk_config(n_cls))
