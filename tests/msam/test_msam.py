@@ -373,11 +373,19 @@ def test_adamw_msam_bad_hyperparameters(kwargs, match):
 
 
 def test_rho_must_agree_across_groups_and_params_contiguous():
+    # issue 19.3: per-group rho is rejected at construction; a schedule that makes the groups differ is
+    # rejected by step() before any state exists (it used to fail after creating buffers for earlier groups)
     a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
-    opt = MSAM([dict(params=[a], rho=0.1), dict(params=[b], rho=0.2)], lr=0.1)
+    with pytest.raises(ValueError, match="rho must be the same"):
+        MSAM([dict(params=[a], rho=0.1), dict(params=[b], rho=0.2)], lr=0.1)
+    opt = MSAM([dict(params=[a], rho=0.1), dict(params=[b], rho=0.1)], lr=0.1)
+    opt.param_groups[1]["rho"] = 0.2
     a.grad, b.grad = torch.randn(3), torch.randn(3)
+    before = (a.detach().clone(), b.detach().clone())
     with pytest.raises(ValueError, match="rho must be the same"):
         opt.step()
+    assert not opt.state and opt._steps == 0 and not opt._globals
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
     with pytest.raises(ValueError, match="contiguous"):
         MSAM([torch.nn.Parameter(torch.randn(4, 3).t())], lr=0.1)
 
@@ -632,21 +640,36 @@ def test_trajectories_on_gpu_every_backend():
 _AOT_SCRIPT = r"""
 import etfkern.triton_kernels.msam as tk
 
-tabs = dict(blk_t="*i32", blk_o="*i64", numels="*i64", partial="*fp32")
-common = dict(PT=tl.bfloat16, T=tl.float32, BLOCK=tk.BLOCK)
-out = {
-    "sq_norm_bf16": build(tk._sq_norm_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs,
-                          scale_ptr="*fp32", gs_ptr="*fp32", hyp="*fp32"), dict(HAS_GS=True, USE_WD=True, **common), num_warps=4),
-    "sgd_bf16": build(tk._sgd_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs, so_ptr="*fp32",
-                      sn_ptr="*fp32", gs_ptr="*fp32", fi_ptr="*fp32", hyp="*fp32"),
-                      dict(HAS_GS=True, HAS_FI=True, USE_WD=True, NESTEROV=True, **common), num_warps=4),
-    "adamw_bf16": build(tk._adamw_kernel, dict(p_tab="*i64", g_tab="*i64", m_tab="*i64", q_tab="*i64", **tabs,
-                        so_ptr="*fp32", sn_ptr="*fp32", gs_ptr="*fp32", fi_ptr="*fp32", step_size_ptr="*fp32",
-                        bc2_sqrt_ptr="*fp32", hyp="*fp32"), dict(HAS_GS=True, HAS_FI=True, **common), num_warps=4),
-}
+tabs = dict(blk_t="*i32", blk_o="*i64", numels="*i64", hyp="*fp64", partial="*fp64")
+out = {}
+for pt, st, g in (("bf16", "fp32", "fp32"), ("fp32", "fp32", "fp32"), ("fp64", "fp64", "fp64")):
+    common = dict(PT=getattr(tl, {"bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}[pt]),
+                  T=tl.float64 if st == "fp64" else tl.float32, BLOCK=tk.BLOCK)
+    f64 = g == "fp64"
+    for lag in (False, True):
+        out[f"sgd_{pt}_lag{int(lag)}"] = build(tk._sgd_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs,
+            so_ptr="*" + g, sn_ptr="*" + g, rho_ptr="*fp64", gs_ptr="*fp32", fi_ptr="*fp32"),
+            dict(HAS_GS=True, HAS_FI=True, SN_FROM_LAG=lag, F64=f64, **common), num_warps=4)
+        out[f"adamw_{pt}_lag{int(lag)}"] = build(tk._adamw_kernel, dict(p_tab="*i64", g_tab="*i64", m_tab="*i64",
+            q_tab="*i64", **tabs, so_ptr="*" + g, sn_ptr="*" + g, rho_ptr="*fp64", gs_ptr="*fp32", fi_ptr="*fp32",
+            step_ptr="*" + g), dict(STEP_OFFSET=1, HAS_GS=True, HAS_FI=True, SN_FROM_LAG=lag, F64=f64, **common),
+            num_warps=4)
+    out[f"sq_norm_{pt}"] = build(tk._sq_norm_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs,
+                                 scale_ptr="*" + g, gs_ptr="*fp32"), dict(HAS_GS=True, **common), num_warps=4)
+for g in ("fp32", "fp64"):
+    for mode in (0, 1, 2):
+        if mode != 1:
+            out[f"finish_norm_{g}_{mode}"] = build(tk._finish_norm_kernel, dict(partial="*fp64", n="i32", G="*" + g,
+                rho_ptr="*fp64"), dict(MODE=mode, F64=g == "fp64", BLOCK=tk.FINISH_BLOCK), num_warps=4)
+        out[f"finish_step_{g}_{mode}"] = build(tk._finish_step_kernel, dict(partial="*fp64", n="i32", G="*" + g,
+            rho_ptr="*fp64", fi_ptr="*fp32"), dict(MODE=mode, HAS_FI=True, F64=g == "fp64", BLOCK=tk.FINISH_BLOCK),
+            num_warps=4)
 print(json.dumps(out))
 """
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {"sq_norm_bf16", "sgd_bf16", "adamw_bf16"}
+    # every launch configuration the plan and the op launchers use: bf16/fp32/fp64 params, exact and lagged, the
+    # finish kernels for float32 and float64 device scalars
+    report = compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)
+    assert len(report) == 3 * 5 + 2 * 5 and {"sgd_bf16_lag1", "adamw_fp64_lag0", "finish_step_fp64_2"} <= set(report)
