@@ -807,37 +807,7 @@ def test_collect_lm_features_progress_bar_shows_tokens_per_second(capsys):
     assert "collapse stats" in err and "tok_per_s=" in err and "tokens=28" in err
 
 
-def test_plot_metrics_writes_png(tmp_path):
-    x, y = _clustered(100, 5, 6)
-    history = [_meter_from(x[:n], y[:n], 5).compute(torch.randn(5, 6)) for n in (40, 70, 100)]
-    path = col.plot_metrics(history, tmp_path / "nc.png", x=["ck1", "ck2", "ck3"], title="test")
-    with open(path, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    path2 = col.plot_metrics({"nc1": [3.0, 2.0], "gnc2_mean": [-0.1, -0.2]}, tmp_path / "layers.png",
-                             xlabel="layer")
-    assert (tmp_path / "layers.png").stat().st_size > 1000 and path2.endswith("layers.png")
-    with pytest.raises(ValueError, match="keys must name metrics"):
-        col.plot_metrics(history, tmp_path / "x.png", keys=["nope"])
-
-
-def test_plot_metrics_leaves_pyplot_backend_and_figures_alone(tmp_path):
-    # plot_metrics used to call matplotlib.use("Agg"): a user's interactive (here: svg) backend was switched
-    # under them, so a later plt.show() showed nothing
-    import matplotlib
-
-    import matplotlib.pyplot as plt
-
-    original = matplotlib.get_backend()
-    try:
-        plt.switch_backend("svg")
-        fig = plt.figure()
-        col.plot_metrics({"nc1": [3.0, 2.0]}, tmp_path / "p.png")
-        assert matplotlib.get_backend().lower() == "svg"
-        assert plt.get_fignums() == [fig.number]
-        plt.close(fig)
-    finally:
-        plt.switch_backend(original)
-    assert (tmp_path / "p.png").stat().st_size > 1000
+# plot_metrics: tests/collapse/test_plot.py
 
 
 # ----------------------------------------------------------------------------------------------------------
