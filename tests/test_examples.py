@@ -1,4 +1,5 @@
-"""The examples run as documented (small settings): EBV training, SGD vs MSAM, and the torchrun tour."""
+"""The examples run as documented (small settings): EBV training, the causal LM head, SGD vs MSAM, and the
+torchrun tour."""
 from __future__ import annotations
 
 import importlib.util
@@ -24,6 +25,17 @@ def test_train_ebv_learns():
     history = module.main(["--classes", "2000", "--dim", "64", "--epochs", "4", "--device", "cpu"])
     assert history["loss"][-1] < history["loss"][0]
     assert history["acc"][0] < 0.01 and history["acc"][-1] > 0.1  # chance is 5e-4
+
+
+def test_train_lm_head_learns_with_sequence_features_and_learnable_tau():
+    spec = importlib.util.spec_from_file_location("train_lm_head", os.path.join(EXAMPLES, "train_lm_head.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    history = module.main(["--steps", "100", "--log-every", "50", "--device", "cpu"])
+    assert history["step"] == [0, 50, 100]
+    assert history["loss"][-1] < 0.5 * history["loss"][0]
+    assert history["acc"][0] < 0.02 and history["acc"][-1] > 0.5  # chance 1/256, best possible 0.9
+    assert history["tau"][-1] != history["tau"][0]  # the temperature is learned
 
 
 def test_train_msam_runs():

@@ -12,6 +12,10 @@ Forward communication is O(N): an all-reduce MAX and SUM of the per-row shard lo
 every rank. Backward: each rank's x̂-gradient covers its classes only; they are summed with one all-reduce of
 the (N, d) gradient (what the "copy to tensor-parallel region" of a vocab-parallel head does), so x.grad is
 the full-bank gradient on every rank. Gradients for the bank shard are not implemented (freeze the bank).
+
+x may be (..., d) with targets (...) (a language model's (B, T, d)); a learnable 0-dim tau gets its gradient
+(one more O(N) all-reduce in the forward; "arc" also one more pass over this rank's classes). First-order
+gradients only (create_graph=True raises RuntimeError).
 """
 from __future__ import annotations
 
@@ -20,14 +24,17 @@ import torch.distributed as dist
 
 from etfkern.spherical import ops as _ops
 from etfkern.spherical.reference import acc_dtype
-from etfkern.spherical import (REDUCTIONS, _bank_finite_checks, _check_x_bank, _data_checks, _desc, _finite_check,
-                                _prepare, normalize_backward, normalized, reduce_rows, z_and_slope)
+from etfkern.spherical import (HIGHER_ORDER_MESSAGE, REDUCTIONS, _as_rows, _bank_finite_checks, _check_tau_metric,
+                                _check_x_bank, _data_checks, _desc, _finite_check, _prepare, _sequence_inputs,
+                                _tau_checks, _tau_value, expected_arc_logit, first_order_only, normalize_backward,
+                                normalized, reduce_rows, z_and_slope)
 
 __all__ = ["spherical_cross_entropy", "nearest"]
 
 
-def _check_shard(x: torch.Tensor, bank_shard, class_start, validate: bool | None) -> None:
-    """This rank's own arguments (class_start, bank_shard): ValueError / NotImplementedError naming them."""
+def _check_shard(x: torch.Tensor, bank_shard, class_start, validate: bool | None, tau_check=None) -> None:
+    """This rank's own arguments (class_start, bank_shard): ValueError / NotImplementedError naming them.
+    tau_check: (tau, metric, grad_tau) to check tau against this shard's largest row norm (the loss only)."""
     if not isinstance(class_start, int) or isinstance(class_start, bool) or class_start < 0:
         raise ValueError(f"class_start must be an int >= 0, got {class_start!r}")
     if not isinstance(bank_shard, torch.Tensor) or bank_shard.dim() != 2:
@@ -36,7 +43,12 @@ def _check_shard(x: torch.Tensor, bank_shard, class_start, validate: bool | None
         raise NotImplementedError("vocab-parallel bank-shard gradients are not implemented: pass a frozen bank "
                                   "(bank_shard.requires_grad=False)")
     _check_x_bank(x, _proxy(bank_shard))
-    _data_checks(_bank_finite_checks(bank_shard, "bank_shard"), validate, x.device)
+    recheck = validate is True
+    checks = _bank_finite_checks(bank_shard, "bank_shard", recheck=recheck)
+    if tau_check is not None and bank_shard.shape[0] > 0:
+        tau, metric, grad_tau = tau_check
+        checks += _tau_checks(bank_shard, tau, metric, acc_dtype(x.dtype), grad_tau, recheck)
+    _data_checks(checks, validate, x.device)
 
 
 def _proxy(bank_shard: torch.Tensor) -> torch.Tensor:
@@ -45,7 +57,8 @@ def _proxy(bank_shard: torch.Tensor) -> torch.Tensor:
     return bank_shard[:1] if bank_shard.shape[0] > 0 else bank_shard.new_zeros(1, bank_shard.shape[1])
 
 
-def _shard_layout(x: torch.Tensor, bank_shard, class_start, group, validate: bool | None = None) -> int:
+def _shard_layout(x: torch.Tensor, bank_shard, class_start, group, validate: bool | None = None,
+                  tau_check=None) -> int:
     """Check this rank's arguments and that the shards tile [0, C) across the group; return C.
 
     One all-gather of (class_start, rows, rejected) per rank. A rank whose own arguments are bad (a NaN in its
@@ -56,7 +69,7 @@ def _shard_layout(x: torch.Tensor, bank_shard, class_start, group, validate: boo
         raise ValueError(f"x must be a floating (N, d) tensor, got {_desc(x)}")
     err: Exception | None = None
     try:
-        _check_shard(x, bank_shard, class_start, validate)
+        _check_shard(x, bank_shard, class_start, validate, tau_check)
     except (ValueError, NotImplementedError) as exc:
         err = exc
     ok = err is None
@@ -92,15 +105,17 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shard, target, target_b, lam, class_start, num_classes, tau, metric, eps, ignore_index,
-                group):
+                group, grad_tau):
         acc = acc_dtype(x.dtype)
         c_local = shard.shape[0]
         arc = metric == "arc"
         need_grad = ctx.needs_input_grad[0]
+        need_a = need_grad or (grad_tau and not arc)  # "cos": dloss/dtau = -(1/tau) x̂ . (x̂-gradient)
         need_sumz = arc and eps > 0
+        own_shard = shard
         if c_local > 0:
-            lse_r, sumz_r, a_r, b_r = _ops.spherical_ce_partials(x, shard, tau, metric, need_sumz, need_grad,
-                                                                 need_grad and need_sumz)
+            lse_r, sumz_r, a_r, b_r = _ops.spherical_ce_partials(x, shard, tau, metric, need_sumz, need_a,
+                                                                 need_a and need_sumz)
         else:  # this rank holds no classes: an empty log-sum-exp, no softmax mass, no target
             n, d = x.shape
             lse_r = x.new_full((n,), float("-inf"), dtype=acc)
@@ -129,48 +144,75 @@ class _VocabParallelCE(torch.autograd.Function):
             sum_z = pieces[:, 2] if arc else xh @ _all_reduce(colsum.clone(), dist.ReduceOp.SUM, group)
             target_z = target_z + (eps / num_classes) * sum_z
         loss = torch.where(valid, lse - target_z, zeros)
-        if need_grad:
+        g = None
+        if need_a:
             weight = torch.exp(lse_r - lse)  # share of row i's softmax mass held by this rank
             g = weight.unsqueeze(1) * a_r
             g = g - (1 - eps) * ((lam * sa * own_a).unsqueeze(1) * wa + ((1 - lam) * sb * own_b).unsqueeze(1) * wb)
             if eps > 0:
                 g = g - (eps / num_classes) * (b_r if arc else colsum.unsqueeze(0))
-            ctx.save_for_backward(x, torch.where(valid.unsqueeze(1), g, torch.zeros_like(g)))
+            g = torch.where(valid.unsqueeze(1), g, torch.zeros_like(g))
+        if need_grad:
+            ctx.save_for_backward(x, g)
+        d_tau = loss.new_zeros(0)
+        if grad_tau:  # -(1/tau) sum_c (p - t) z over ALL classes: this rank's share, summed (O(N))
+            if arc:
+                mine = expected_arc_logit(xh, own_shard, lse, tau, eps, num_classes) if c_local > 0 else zeros
+                total = _all_reduce(mine, dist.ReduceOp.SUM, group) - (1 - eps) * (
+                    lam * pieces[:, 0] + (1 - lam) * pieces[:, 1])
+            else:
+                total = _all_reduce((xh * g).sum(1), dist.ReduceOp.SUM, group)
+            d_tau = torch.where(valid, total, zeros) / -tau
+        ctx.mark_non_differentiable(d_tau)
         ctx.group = group
-        return loss
+        return loss, d_tau
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_d_tau):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            raise RuntimeError(HIGHER_ORDER_MESSAGE)
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 13
         x, g_local = ctx.saved_tensors
         dxh = _all_reduce(grad_loss.to(g_local.dtype).unsqueeze(1) * g_local, dist.ReduceOp.SUM, ctx.group)
-        return (normalize_backward(x, dxh, inplace=True).to(x.dtype),) + (None,) * 11
+        return (normalize_backward(x, dxh, inplace=True).to(x.dtype),) + (None,) * 12
 
 
 def spherical_cross_entropy(x: torch.Tensor, bank_shard: torch.Tensor, target: torch.Tensor, *, class_start: int,
-                            group=None, tau: float = 0.07, metric: str = "cos", label_smoothing: float = 0.0,
+                            group=None, tau: float | torch.Tensor = 0.07, metric: str = "cos",
+                            label_smoothing: float = 0.0,
                             ignore_index: int = -100, reduction: str = "mean", target_b: torch.Tensor | None = None,
                             lam: float | torch.Tensor | None = None, validate: bool | None = None) -> torch.Tensor:
     """Vocab-parallel :func:`etfkern.spherical_cross_entropy`: same loss and x-gradient as the full bank, on
     every rank of ``group``. bank_shard (C_r, d) holds global classes [class_start, class_start + C_r); target
     and target_b hold GLOBAL class indices. Collective: every rank of the group must call it with the same x,
     targets and keyword arguments. bank_shard may have 0 rows on some ranks. bank_shard.requires_grad is not
-    supported (NotImplementedError on that rank, ValueError naming it on the others)."""
+    supported (NotImplementedError on that rank, ValueError naming it on the others). x (..., d) with targets
+    (...); reduction="none" returns target's shape. tau: a number or a 0-dim tensor (learnable: see
+    :func:`etfkern.spherical_cross_entropy`; every rank gets the same tau gradient)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    num_classes = _shard_layout(x, bank_shard, class_start, group, validate)
-    # the remaining checks see replicated arguments only (x, targets, lam, hyper-parameters): every rank agrees;
-    # the shard itself was checked by _shard_layout
-    target_b, lam_t = _prepare(x, _proxy(bank_shard), target, tau, metric, label_smoothing, ignore_index, target_b,
-                               lam, validate, num_classes=num_classes, check_bank=False)
-    loss = _VocabParallelCE.apply(x, bank_shard, target, target_b, lam_t, class_start, num_classes, float(tau),
-                                  metric, float(label_smoothing), int(ignore_index), group)
-    return reduce_rows(loss, target, ignore_index, reduction, x.dtype)
+    # replicated arguments first (every rank raises alike), then this rank's shard inside the layout all-gather
+    rows, flat_target, flat_b, lam, lead = _sequence_inputs(x, target, target_b, lam)
+    tau_f, tau_t = _tau_value(tau, x.device)
+    _check_tau_metric(tau_f, metric)
+    grad_tau = torch.is_grad_enabled() and tau_t is not None and tau_t.requires_grad
+    num_classes = _shard_layout(rows, bank_shard, class_start, group, validate, (tau_f, metric, grad_tau))
+    target_b, lam_t = _prepare(rows, _proxy(bank_shard), flat_target, tau_f, metric, label_smoothing, ignore_index,
+                               flat_b, lam, validate, num_classes=num_classes, check_bank=False)
+    loss, d_tau = _VocabParallelCE.apply(rows, bank_shard, flat_target, target_b, lam_t, class_start, num_classes,
+                                         tau_f, metric, float(label_smoothing), int(ignore_index), group, grad_tau)
+    if torch.is_grad_enabled() and (loss.requires_grad or grad_tau):
+        loss = first_order_only(loss, tau_t if grad_tau else None, d_tau if grad_tau else None)
+    return reduce_rows(loss.reshape(lead), target, ignore_index, reduction, x.dtype)
 
 
 def nearest(x: torch.Tensor, bank_shard: torch.Tensor, *, class_start: int, k: int = 1, group=None
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vocab-parallel :func:`etfkern.nearest`: global top-k (values, GLOBAL int64 indices), sorted descending,
-    on every rank; one all-gather of the per-rank top-k (O(N k world))."""
+    """Vocab-parallel :func:`etfkern.nearest`: global top-k (values, GLOBAL int64 indices) of shape (..., k) for x
+    (..., d), sorted descending, on every rank; one all-gather of the per-rank top-k (O(N k world))."""
+    lead = tuple(x.shape[:-1]) if isinstance(x, torch.Tensor) else ()
+    x = _as_rows(x)
     num_classes = _shard_layout(x, bank_shard, class_start, group)
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_classes:
         raise ValueError(f"k must be an int in [1, C={num_classes}], got {k!r}")
@@ -192,4 +234,4 @@ def nearest(x: torch.Tensor, bank_shard: torch.Tensor, *, class_start: int, k: i
     dist.all_gather(all_i, idx.contiguous(), group=group)
     cat_v, cat_i = torch.cat(all_v, 1), torch.cat(all_i, 1)
     best_v, pos = torch.topk(cat_v, k, dim=1, largest=True, sorted=True)
-    return best_v.to(x.dtype), torch.gather(cat_i, 1, pos)
+    return best_v.to(x.dtype).reshape(*lead, k), torch.gather(cat_i, 1, pos).reshape(*lead, k)

@@ -173,3 +173,50 @@ def _edge_body(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_empty_shard_and_one_rank_rejecting_its_arguments(world):
     _run_world(_edge_body, world, timeout=120)
+
+
+def _sequence_and_tau_body(rank: int, world: int) -> None:
+    """(B, T, d) inputs with (B, T) targets, and a learnable 0-dim tau: the vocab-parallel loss, x-gradient and
+    tau-gradient on every rank == the single-process full-bank ones; nearest returns (B, T, k); create_graph=True
+    raises the first-order-only RuntimeError on every rank (no collective is left half-done)."""
+    import etfkern
+    import etfkern.distributed as edist
+
+    gen, x0, bank, target, target_b = _problem(2, n=12, d=5, c=23, ignored_row=3)
+    x0 = x0.reshape(3, 4, 5).transpose(0, 1)  # (4, 3, 5), not contiguous
+    target, target_b = target.reshape(3, 4).T, target_b.reshape(3, 4).T
+    lam = torch.rand(4, 3, generator=gen, dtype=torch.float64)
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    shard = bank[start:start + sizes[rank]]
+    for metric in ("cos", "arc"):
+        for eps in (0.0, 0.1):
+            kw = dict(metric=metric, label_smoothing=eps, target_b=target_b, lam=lam)
+            xf, tf = x0.clone().requires_grad_(), torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+            full = etfkern.spherical_cross_entropy(xf, bank, target, tau=tf, **kw)
+            full.backward()
+            xs, ts = x0.clone().requires_grad_(), torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+            part = edist.spherical_cross_entropy(xs, shard, target, class_start=start, tau=ts, **kw)
+            part.backward()
+            torch.testing.assert_close(part, full, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(xs.grad, xf.grad, atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(ts.grad, tf.grad, atol=1e-9, rtol=1e-10)
+            assert tf.grad.abs() > 1e-3
+    rows = edist.spherical_cross_entropy(x0, shard, target, class_start=start, reduction="none")
+    assert rows.shape == (4, 3)
+    torch.testing.assert_close(rows, etfkern.spherical_cross_entropy(x0, bank, target, reduction="none"))
+    v, i = edist.nearest(x0, shard, class_start=start, k=2)
+    rv, ri = etfkern.nearest(x0, bank, k=2)
+    assert i.shape == (4, 3, 2) and torch.equal(i, ri)
+    torch.testing.assert_close(v, rv)
+    xg = x0.clone().requires_grad_()
+    loss = edist.spherical_cross_entropy(xg, shard, target, class_start=start)
+    try:
+        torch.autograd.grad(loss, xg, create_graph=True)
+        raise AssertionError("create_graph=True was accepted")
+    except RuntimeError as exc:
+        assert "higher-order gradients" in str(exc), str(exc)
+
+
+def test_vocab_parallel_sequences_and_learnable_tau():
+    _run_world(_sequence_and_tau_body, 2, timeout=180)
