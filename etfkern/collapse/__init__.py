@@ -260,23 +260,23 @@ class CollapseMeter:
             if not (bool(torch.isfinite(m2_delta).all()) and bool(torch.isfinite(sw_delta).all())):
                 raise ValueError("features are too large: the within-class scatter overflows float64")
         # Nothing above mutated the meter: commit all at once.
-        self._commit(uniq, n_old + cnt, m_new, self._m2.index_select(0, uniq) + m2_delta, sw_delta)
+        m2_old = self._m2.index_select(0, uniq)
+        self._commit(uniq, (n_old + cnt, m_new, m2_old + m2_delta), (n_old, m_old, m2_old), sw_delta)
 
-    def _commit(self, rows: torch.Tensor, counts_rows: torch.Tensor, means_rows: torch.Tensor,
-                m2_rows: torch.Tensor, sw_delta: torch.Tensor) -> None:
-        """Write ``rows`` of counts/means/m2 and add ``sw_delta`` to the scatter: all of it, or nothing.
+    def _commit(self, rows: torch.Tensor, new_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                old_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor], sw_delta: torch.Tensor) -> None:
+        """Write ``rows`` of (counts, means, m2) and add ``sw_delta`` to the scatter: all of it, or nothing.
 
-        Everything was computed before; a write that raises part-way (any exception, KeyboardInterrupt
-        included) has the rows already written restored, so a retry never counts a batch twice."""
+        ``old_rows`` are those rows as they are now (the callers gathered them anyway). Everything was computed
+        before; a write that raises part-way (any exception, KeyboardInterrupt included) has the rows already
+        written restored, so a retry never counts a batch twice."""
         state = (self._counts, self._means, self._m2)
-        new_rows = (counts_rows, means_rows, m2_rows)
         if not torch.is_inference_mode_enabled() and any(t.is_inference() for t in state + (self._sw,)):
             # Created under torch.inference_mode(): in-place writes are refused outside it. Out-of-place results
             # are normal tensors, so the meter leaves inference mode behind once (one copy of the state).
             counts, means, m2 = (t.index_copy(0, rows, r.to(t.dtype)) for t, r in zip(state, new_rows))
             self._counts, self._means, self._m2, self._sw = counts, means, m2, self._sw + sw_delta
             return
-        old_rows = [t.index_select(0, rows) for t in state]
         written = []
         try:
             for t, r in zip(state, new_rows):
@@ -291,17 +291,18 @@ class CollapseMeter:
     def _merge_stats(self, n_b: torch.Tensor, m_b: torch.Tensor, m2_b: torch.Tensor, sw_b: torch.Tensor) -> None:
         """Chan's merge of another set of statistics over all C classes (rows with n_b == 0 are no-ops)."""
         idx = torch.nonzero(n_b > 0).flatten()
+        old_rows = (self._counts[idx], self._means[idx], self._m2[idx])
         nb = n_b[idx].to(torch.float64)
-        no = self._counts[idx].to(torch.float64)
+        no = old_rows[0].to(torch.float64)
         mb = m_b[idx]
-        mo = torch.where((no > 0)[:, None], self._means[idx], mb)
+        mo = torch.where((no > 0)[:, None], old_rows[1], mb)
         n = no + nb
         delta = mb - mo
         w = no * nb / n
         new_means = mo + delta * (nb / n)[:, None]
-        new_m2 = self._m2[idx] + m2_b[idx] + w * (delta * delta).sum(1)
+        new_m2 = old_rows[2] + m2_b[idx] + w * (delta * delta).sum(1)
         sw_delta = sw_b + (delta * w[:, None]).T @ delta
-        self._commit(idx, self._counts[idx] + n_b[idx], new_means, new_m2, sw_delta)
+        self._commit(idx, (old_rows[0] + n_b[idx], new_means, new_m2), old_rows, sw_delta)
 
     def merge(self, other: "CollapseMeter") -> None:
         """Add everything ``other`` has seen (exact, as if one meter saw both). ``other`` must have the same
