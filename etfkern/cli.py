@@ -359,14 +359,20 @@ def cmd_bank(args: argparse.Namespace) -> int:
             meta = {"kind": "ebv", "seed": args.seed, "method": args.method}
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    seconds = time.perf_counter() - t0
-    stats = banks.bank_stats(bank)
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    stats = banks.bank_stats(bank, progress=sys.stderr.isatty())  # one line per pass (minutes at C ~ 100k on CPU)
+    t2 = time.perf_counter()
     if args.output:
         try:
             banks.save_bank(args.output, bank, stats=stats, **meta)
         except (OSError, ValueError) as exc:
             raise UsageError(f"-o {args.output!r}: {exc}") from None
-    _print_stats(stats, args.json, {"kind": meta["kind"], "shape": list(bank.shape), "seconds": round(seconds, 3),
+    # "seconds" is the whole command's work (it used to be the generation alone: 0.791 s of a 26 s run)
+    _print_stats(stats, args.json, {"kind": meta["kind"], "shape": list(bank.shape),
+                                    "seconds": round(time.perf_counter() - t0, 3),
+                                    "generate_seconds": round(t1 - t0, 3), "stats_seconds": round(t2 - t1, 3),
                                     **({"saved": args.output} if args.output else {})})
     return EXIT_OK
 

@@ -328,8 +328,9 @@ def test_ebv_time_budget_stops_early():
 
 def test_ebv_skips_the_optimiser_when_one_step_exceeds_the_budget():
     # (3000, 128): the step estimate comes from a timed pass over 2795 rows; no step fits in a microsecond
+    # (method="optimize": auto keeps this chirp start, 1.48x Welch, without trying)
     with pytest.warns(RuntimeWarning, match=r"one optimiser step at C=3000, d=128 would take ~\d+ s"):
-        b = etfkern.ebv_bank(3000, 128, seed=0, time_budget_s=1e-6)
+        b = etfkern.ebv_bank(3000, 128, seed=0, method="optimize", time_budget_s=1e-6)
     assert torch.equal(b, etfkern.ebv_bank(3000, 128, seed=0, method="optimize", steps=0))
     w = b.contiguous()
     assert banks._step_seconds(w[:500], 10.0) == 0.0  # m = C: a full pass is cheap, no estimate
@@ -393,6 +394,38 @@ def test_ebv_auto_uses_kerdock_when_near_welch():
     assert torch.equal(b, etfkern.ebv_bank(20000, 256, seed=0, method="kerdock"))
     b = etfkern.ebv_bank(2000, 64, seed=1)  # 1/8 = 1.016 x Welch
     assert torch.equal(b, etfkern.ebv_bank(2000, 64, seed=1, method="kerdock"))
+
+
+def test_ebv_auto_keeps_a_start_the_optimiser_cannot_improve(monkeypatch):
+    """Issue 20: ebv_bank(2000, 256) spent 30 s optimising and returned its Kerdock start (1.07x Welch). auto keeps a
+    structured start within AUTO_KEEP_RATIO x Welch without calling the optimiser, and optimises the others."""
+    calls = []
+
+    def fake_optimize(bank, steps, *args):
+        calls.append((tuple(bank.shape), steps))
+        return bank.to(torch.float32).contiguous(), float("nan")
+
+    monkeypatch.setattr(banks, "_optimize", fake_optimize)
+    for c, d in ((2000, 256), (1000, 100), (5000, 128)):  # Kerdock 1.07x, padded Kerdock 1.32x, chirp 1.47x
+        etfkern.ebv_bank(c, d, seed=0)
+    assert calls == []
+    etfkern.ebv_bank(1000, 200, seed=0)  # chirp start at 1.60x: the optimiser takes it to 1.23x
+    etfkern.ebv_bank(200, 12, seed=0)  # no structured start (Gaussian)
+    assert [shape for shape, _ in calls] == [(1000, 200), (200, 12)]
+    etfkern.ebv_bank(2000, 256, seed=0, method="optimize", steps=2)
+    assert calls[-1] == ((2000, 256), 2)
+
+
+def test_progress_lines_for_every_long_phase(capsys):
+    """Issue 20: the statistics passes and the optimiser's start and final scoring say what they do and how long."""
+    etfkern.bank_stats(_unit(50, 6, dtype=torch.float32), progress=True)
+    err = capsys.readouterr().err
+    assert "bank_stats C=50 d=6: pass 1/2 over 1225 pairs ..." in err and "pass 2/2 over 1225 pairs:" in err
+    etfkern.bank_stats(_unit(50, 6, dtype=torch.float32))
+    assert capsys.readouterr().err == ""
+    etfkern.ebv_bank(40, 6, method="optimize", steps=2, progress=True)
+    err = capsys.readouterr().err
+    assert "ebv_bank C=40 d=6: structured start:" in err and "exact max |cos|" in err
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -607,6 +640,24 @@ def test_save_bank_file_mode_follows_the_umask(tmp_path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
         got, meta = etfkern.load_bank(path)
         assert torch.equal(got, b) and meta["num_classes"] == 5 and meta["dtype"] == "float32"
+
+
+def test_cli_bank_reports_the_time_it_really_took(monkeypatch, capsys):
+    """Issue 20: "seconds" covers generation and statistics (it was the generation alone: 0.791 s of a 26 s run)."""
+    import json
+    import time as _time
+
+    real_stats = banks.bank_stats
+
+    def slow_stats(bank, **kw):
+        _time.sleep(0.3)
+        return real_stats(bank, **kw)
+
+    monkeypatch.setattr(banks, "bank_stats", slow_stats)
+    assert cli_main(["bank", "-C", "6", "-d", "5", "--kind", "simplex", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["seconds"] >= 0.3 and out["stats_seconds"] >= 0.3
+    assert out["seconds"] == pytest.approx(out["generate_seconds"] + out["stats_seconds"], abs=0.05)
 
 
 def test_cli_bank(tmp_path, capsys):
