@@ -1,7 +1,9 @@
 // etfkern._C module: non-op helpers only (pybind11). Every op kernel registers itself with
-// TORCH_LIBRARY_IMPL(etfkern, CPU|CUDA) in its own family file under csrc/cpu or csrc/cuda; the schemas
-// live in etfkern/_ops.py.
-#include <torch/extension.h>
+// TORCH_LIBRARY_IMPL(etfkern, CPU|CUDA) in its own family file, csrc/<family>/{cpu.cpp,cuda.cu}; the schemas
+// live in etfkern/<family>/ops.py. Only pybind11 and torch's version header: torch/extension.h would triple
+// this file's compile time for nothing it uses.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -34,6 +36,7 @@ pybind11::dict build_info() {
   info["openmp_max_threads"] = 1;
 #endif
   info["torch_abi"] = TORCH_VERSION;
+  info["cxx_standard"] = static_cast<long>(__cplusplus);  // 201703 when built as C++17, 202002 as C++20
   return info;
 }
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -200,3 +201,78 @@ def test_cpu_peak_mib_counts_one_call_not_one_time_state():
 
     got = peak_mib(fn, "cpu")
     assert 30.0 <= got <= 38.0, got
+
+
+# What the GPU image has (bench/results/h200-2026-12-04/README.md; no package registry there).
+GPU_IMAGE_VERSIONS = {"torch": "2.11.0+cu130", "triton": "3.6.0", "setuptools": "81.0.0", "wheel": "0.45.1",
+                      "numpy": "2.5.2", "safetensors": "0.8.0", "tqdm": "4.67.1", "matplotlib": "3.10.0",
+                      "ninja": "1.13.0", "pytest": "9.0.1", "pytest-benchmark": "5.2.3", "pytest-xdist": "3.8.0",
+                      "pytest-timeout": "2.4.0"}
+
+
+def _fake_site(tmp_path, versions: dict[str, str]) -> str:
+    """A folder of bare *.dist-info records that, first on PYTHONPATH, shadow this interpreter's packages."""
+    site = tmp_path / "site"
+    for name, version in versions.items():
+        info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return str(site)
+
+
+def _no_registry_env(site: str, tmp_path) -> dict[str, str]:
+    """The environment of the GPU machine's interpreter: the fake site first, and a pip that reaches no package
+    (no index, no find-links, no config) and, should it ever install, installs into tmp_path, not this venv."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PYTHONPATH=site, PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PIP_TARGET=str(tmp_path / "pip-target"))
+    return env
+
+
+def _install_deps(args: list[str], site: str, tmp_path, requirements: str | None = None) -> subprocess.CompletedProcess:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "tools", "install_deps.py"),
+                           requirements or os.path.join(root, "requirements-dev.txt"), *args],
+                          capture_output=True, text=True, env=_no_registry_env(site, tmp_path), timeout=120)
+
+
+def test_install_deps_accepts_the_gpu_image_as_it_is(tmp_path):
+    """`make test PYTHON=python3` on the GPU image: every requirement is there (torch 2.11, setuptools 81), so the
+    deps step installs nothing; the venv's pin (torch==2.13.0) is what --any-torch waives, and nothing else."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "requirements-dev.txt")) as f:
+        from packaging.requirements import Requirement
+
+        names = {Requirement(line.split("#")[0].strip()).name for line in f if line.split("#")[0].strip()}
+    assert names <= set(GPU_IMAGE_VERSIONS), f"add the GPU image's version of {names - set(GPU_IMAGE_VERSIONS)}"
+    site = _fake_site(tmp_path, GPU_IMAGE_VERSIONS)
+    out = _install_deps(["--any-torch"], site, tmp_path)
+    assert out.returncode == 0 and "dependencies: all present" in out.stdout, out.stdout + out.stderr
+    out = _install_deps(["--check"], site, tmp_path)
+    assert out.returncode == 1 and out.stdout.split() == ["missing:", "torch==2.13.0"], out.stdout + out.stderr
+    # without a registry a real attempt fails with a sentence saying what to do, not only pip's error
+    out = _install_deps([], site, tmp_path)
+    assert out.returncode != 0 and "pip could not install torch==2.13.0" in out.stderr
+    assert not (tmp_path / "pip-target").exists()
+
+
+def test_install_deps_still_installs_what_is_too_old_or_absent(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("setuptools>=77  # editable installs of PEP 639 metadata\ntorch==2.13.0\n"
+                            "surely-not-an-installed-package-xyz\n\n")
+    site = _fake_site(tmp_path, dict(GPU_IMAGE_VERSIONS, setuptools="76.1.0"))
+    out = _install_deps(["--any-torch", "--check"], site, tmp_path, str(requirements))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert set(out.stdout.split()[1:]) == {"setuptools>=77", "surely-not-an-installed-package-xyz"}, out.stdout
+    out = _install_deps(["--bogus"], site, tmp_path, str(requirements))
+    assert out.returncode == 2 and "unknown option" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_deps_with_preinstalled_interpreter_installs_nothing(tmp_path):
+    """The Makefile's deps step itself, as `make test PYTHON=python3` runs it on the GPU image."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = _no_registry_env(_fake_site(tmp_path, GPU_IMAGE_VERSIONS), tmp_path)
+    out = subprocess.run(["make", "-C", root, "-B", "deps", f"PYTHON={sys.executable}",
+                          f"STAMP_DIR={tmp_path / 'stamps'}"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "--any-torch" in out.stdout and "dependencies: all present" in out.stdout
+    assert (tmp_path / "stamps" / ".etfkern-deps").exists()
