@@ -356,22 +356,22 @@ def test_empty_batch_and_sequence_shaped_input():
 # ----------------------------------------------------------------------------------------------------------
 # language-model labels: ignore_index and min_count (issue 20)
 # ----------------------------------------------------------------------------------------------------------
-def test_ignore_index_skips_those_rows_unseen():
+def test_ignore_index_skips_those_rows_unseen(device):
     c, d = 6, 4
     x, y = _clustered(60, c, d)
     y = y.clone()
     y[::7] = -100  # torch's ignore label: prompt / padding positions
     x = x.clone()
     x[::14] = float("nan")  # features at ignored positions are never looked at
-    m = etfkern.CollapseMeter(c, d)  # ignore_index=-100 by default
+    m = etfkern.CollapseMeter(c, d, device=device)  # ignore_index=-100 by default
     for i in range(0, 60, 11):
-        m.update(x[i:i + 11], y[i:i + 11])
+        m.update(x[i:i + 11].to(device), y[i:i + 11].to(device))
     kept = y != -100
     want = _meter_from(x[kept], y[kept], c, batch=11)
-    assert torch.equal(m.counts, want.counts) and m.num_samples == int(kept.sum())
+    assert torch.equal(m.counts.cpu(), want.counts) and m.num_samples == int(kept.sum())
     _assert_metrics(m.compute(), want.compute(), rtol=1e-9)
     before = _state(m)
-    m.update(torch.randn(3, d), torch.full((3,), -100))  # a batch of ignored rows only: nothing changes
+    m.update(torch.randn(3, d, device=device), torch.full((3,), -100, device=device))  # only ignored rows: no-op
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items() if isinstance(v, torch.Tensor))
     # an index inside [0, C) skips that class, as torch's cross_entropy does
     x2, y2 = _clustered(80, c, d)
@@ -435,21 +435,21 @@ def _assert_same(before, m):
         assert value.dtype == after[key].dtype and torch.equal(value, after[key]), key
 
 
-def test_meter_made_under_inference_mode_updates_outside_it():
+def test_meter_made_under_inference_mode_updates_outside_it(device):
     # used to raise RuntimeError after _counts had already grown: a retry counted the batch twice
     c, d = 5, 3
     x, y = _clustered(40, c, d)
     with torch.inference_mode():
-        m = etfkern.CollapseMeter(c, d)
+        m = etfkern.CollapseMeter(c, d, device=device)
         m.update(x[:10], y[:10])
     m.update(x[10:], y[10:])
     want = _meter_from(x, y, c, batch=10)
-    assert torch.equal(m.counts, want.counts)
-    _close(m._sw, want._sw, rtol=1e-12, atol=1e-12)
+    assert torch.equal(m.counts.cpu(), want.counts)
+    _close(m._sw.cpu(), want._sw, rtol=1e-12, atol=1e-12)
     with torch.inference_mode():
-        merged = etfkern.CollapseMeter(c, d)
+        merged = etfkern.CollapseMeter(c, d, device=device)
     merged.merge(_meter_from(x, y, c))
-    assert torch.equal(merged.counts, want.counts)
+    assert torch.equal(merged.counts.cpu(), want.counts)
     _assert_metrics(merged.compute(), want.compute(), rtol=1e-9)
 
 
@@ -724,7 +724,7 @@ class _TinyCausalLM(torch.nn.Module):
         self.forward_calls += 1
         h = self.drop(self.embed(input_ids))
         hidden = [h]
-        steps = torch.arange(1, input_ids.shape[1] + 1, dtype=h.dtype)[None, :, None]
+        steps = torch.arange(1, input_ids.shape[1] + 1, dtype=h.dtype, device=h.device)[None, :, None]
         for layer in self.layers:
             h = torch.tanh(layer(h.cumsum(1) / steps))
             hidden.append(h)
@@ -744,9 +744,9 @@ def _lm_batches(vocab: int = 13, count: int = 3):
     return out
 
 
-def test_collect_lm_features_every_layer_from_one_forward_pass():
+def test_collect_lm_features_every_layer_from_one_forward_pass(device):
     torch.manual_seed(0)
-    model = _TinyCausalLM().eval()
+    model = _TinyCausalLM().eval().to(device)
     batches = _lm_batches()
     meters = col.collect_lm_features(model, batches, layers=[0, 2, -1], progress=False)
     assert model.forward_calls == len(batches)  # one pass per batch, not one per layer
@@ -759,7 +759,7 @@ def test_collect_lm_features_every_layer_from_one_forward_pass():
     # the layers really differ (not one layer copied three times)
     assert not torch.equal(meters[0].means.nan_to_num(), meters[-1].means.nan_to_num())
     # into existing meters, by layer
-    given = {1: etfkern.CollapseMeter(13, 6), 3: etfkern.CollapseMeter(13, 6)}
+    given = {1: etfkern.CollapseMeter(13, 6, device=device), 3: etfkern.CollapseMeter(13, 6, device=device)}
     assert col.collect_lm_features(model, batches[:1], given, layers=[1, 3], progress=False) == given
     assert given[1].num_samples == given[3].num_samples > 0
 
