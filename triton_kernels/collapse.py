@@ -56,7 +56,7 @@ def _segment_stats_kernel(x_ptr, stride_xn, stride_xd, perm_ptr, seg_ptr, mold_p
                           D, NBD, BR: tl.constexpr, BD: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
     db = tl.program_id(1)
-    cols = db * BD + tl.arange(0, BD)
+    cols = db * BD + tl.arange(0, BD).to(tl.int64)  # 64-bit: cols * stride_xd passes 2^31 for transposed features
     cmask = cols < D
     start = tl.load(seg_ptr + k)
     end = tl.load(seg_ptr + k + 1)
@@ -100,10 +100,10 @@ def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, o
     split = tl.program_id(1).to(tl.int64)
     bi = tl.load(tiles_ptr + 2 * t)
     bj = tl.load(tiles_ptr + 2 * t + 1)
-    ci = bi * BM + tl.arange(0, BM)
-    cj = bj * BN + tl.arange(0, BN)
+    ci = bi.to(tl.int64) * BM + tl.arange(0, BM)
+    cj = bj.to(tl.int64) * BN + tl.arange(0, BN)
     m_out = (ci[:, None] < D) & (cj[None, :] < D)
-    out_ptrs = out_ptr + split * D * D + ci[:, None].to(tl.int64) * D + cj[None, :]
+    out_ptrs = out_ptr + split * D * D + ci[:, None] * D + cj[None, :]
     row0 = split * ROWS
     row_end = tl.minimum(row0 + ROWS, N)
     # float32 register accumulator over FLUSH * BK rows, then added into this program's own float64 output
@@ -133,7 +133,7 @@ def _scatter_gemm_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, mo_ptr, mn_ptr, o
 @triton.jit
 def _centre_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, p_ptr, out_ptr, N, D, BR: tl.constexpr, BD: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
-    c = tl.program_id(1) * BD + tl.arange(0, BD)
+    c = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
     rmask = r < N
     m = rmask[:, None] & (c < D)[None, :]
     lab = tl.load(inv_ptr + r, mask=rmask, other=0).to(tl.int64)
@@ -142,28 +142,147 @@ def _centre_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, p_ptr, out_ptr, N, D, B
     tl.store(out_ptr + r[:, None] * D + c[None, :], (xv - pv).to(out_ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _round_bf16(v):
+    """float32 v rounded to the nearest bfloat16 value (ties to even), returned as float32: by integer arithmetic,
+    because a float32 -> bfloat16 cast truncates in the interpreter (and the rounding must not depend on it)."""
+    b = v.to(tl.uint32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_centre_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, p_ptr, at_ptr, losq_ptr, R0, NR, NPAD, D,
+                         PIECES: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+    """Rows R0 + [0, NR) of A = X - P[Y], subtracted in float64 (exact for any input), split into PIECES bfloat16
+    pieces a = hi + mid (+ lo), each rounded from the exact float64 residual of the previous ones (two pieces:
+    |a - hi - mid| <= 2^-18 |a|; three: 2^-27), stored transposed: at[q, c, r] = piece q (row stride NPAD: the
+    pieces are K-major GEMM operands). losq[row block, c] = sum_r mid^2 (float32): with two pieces, the diagonal
+    of the mid^T mid product the 3-product scheme leaves out."""
+    rb = tl.program_id(0).to(tl.int64)
+    r = rb * BR + tl.arange(0, BR)
+    c = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
+    rmask = r < NR
+    cmask = c < D
+    m = rmask[:, None] & cmask[None, :]
+    g = R0 + r
+    lab = tl.load(inv_ptr + g, mask=rmask, other=0).to(tl.int64)
+    xv = tl.load(x_ptr + g[:, None] * stride_xn + c[None, :] * stride_xd, mask=m, other=0.0).to(tl.float64)
+    pv = tl.load(p_ptr + lab[:, None] * D + c[None, :], mask=m, other=0.0)
+    a = tl.where(m, xv - pv, 0.0)
+    dst = at_ptr + c[None, :] * NPAD + r[:, None]
+    plane = D * NPAD
+    hi = _round_bf16(a.to(tl.float32))
+    a -= hi.to(tl.float64)
+    mid = _round_bf16(a.to(tl.float32))
+    tl.store(dst, hi.to(tl.bfloat16), mask=m)  # exact: the pieces are bfloat16 values already
+    tl.store(dst + plane, mid.to(tl.bfloat16), mask=m)
+    if PIECES == 3:
+        lo = _round_bf16((a - mid.to(tl.float64)).to(tl.float32))
+        tl.store(dst + 2 * plane, lo.to(tl.bfloat16), mask=m)
+    tl.store(losq_ptr + rb * D + c, tl.sum(mid * mid, axis=0), mask=cmask)
+
+
+@triton.jit
+def _split_gram_kernel(at_ptr, out_ptr, tiles_ptr, NR, NPAD, D, ROWS, PIECES: tl.constexpr, BM: tl.constexpr,
+                       BK: tl.constexpr, FLUSH: tl.constexpr, UPCAST: tl.constexpr):
+    """Per upper-triangle (d-block, d-block) tile and row split, over the split's rows of the transposed pieces
+    of _split_centre_kernel: hi_i hi_j + hi_i mid_j + mid_i hi_j (two pieces), + hi_i lo_j + lo_i hi_j +
+    mid_i mid_j (three): bfloat16 tensor-core dots, float32 accumulator flushed into this program's own float64
+    tile every FLUSH * BK rows."""
+    t = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    bi = tl.load(tiles_ptr + 2 * t).to(tl.int64)
+    bj = tl.load(tiles_ptr + 2 * t + 1).to(tl.int64)
+    ci = bi * BM + tl.arange(0, BM)
+    cj = bj * BM + tl.arange(0, BM)
+    m_out = (ci[:, None] < D) & (cj[None, :] < D)
+    out_ptrs = out_ptr + split * D * D + ci[:, None] * D + cj[None, :]
+    pi = at_ptr + ci[:, None] * NPAD
+    pj = at_ptr + cj[:, None] * NPAD
+    plane = D * NPAD
+    row0 = split * ROWS
+    row_end = tl.minimum(row0 + ROWS, NR)
+    for n0 in range(row0, row_end, BK * FLUSH):
+        acc = tl.zeros((BM, BM), tl.float32)
+        for f in range(FLUSH):
+            kk = n0 + f * BK + tl.arange(0, BK)
+            km = (kk < row_end)[None, :]
+            mi = (ci[:, None] < D) & km
+            mj = (cj[:, None] < D) & km
+            ah = tl.load(pi + kk[None, :], mask=mi, other=0.0)
+            am = tl.load(pi + plane + kk[None, :], mask=mi, other=0.0)
+            bh = tl.load(pj + kk[None, :], mask=mj, other=0.0)
+            bm = tl.load(pj + plane + kk[None, :], mask=mj, other=0.0)
+            if UPCAST:  # the interpreter's 16-bit dot is wrong; the same bfloat16 values, float32 products
+                ah, am, bh, bm = ah.to(tl.float32), am.to(tl.float32), bh.to(tl.float32), bm.to(tl.float32)
+            acc = tl.dot(ah, tl.trans(bh), acc)
+            acc = tl.dot(ah, tl.trans(bm), acc)
+            acc = tl.dot(am, tl.trans(bh), acc)
+            if PIECES == 3:
+                al = tl.load(pi + 2 * plane + kk[None, :], mask=mi, other=0.0)
+                bl = tl.load(pj + 2 * plane + kk[None, :], mask=mj, other=0.0)
+                if UPCAST:
+                    al, bl = al.to(tl.float32), bl.to(tl.float32)
+                acc = tl.dot(ah, tl.trans(bl), acc)
+                acc = tl.dot(al, tl.trans(bh), acc)
+                acc = tl.dot(am, tl.trans(bm), acc)
+        prev = tl.load(out_ptrs, mask=m_out, other=0.0)
+        tl.store(out_ptrs, prev + acc.to(tl.float64), mask=m_out)
+
+
 MM_CHUNK_ROWS = 4096  # rows per float32 GEMM of the mm product before its float64 flush
 
 
+PRODUCTS = ("triton", "mm", "split", "split_tri")
+SPLIT_BUFFER_BYTES = 256 << 20  # bfloat16 (hi, lo) pieces of one row chunk of the split products
+SPLIT_MM_ROWS = 4096  # rows per float32-accumulated cuBLAS GEMM of the "split" product before its float64 flush
+
+
 def _product_mode(features: torch.Tensor, product: str | None) -> str:
-    """"triton" (the fused scatter GEMM) or "mm" (centre, then GEMMs): ``product``, else env
-    ETFKERN_COLLAPSE_PRODUCT, else "triton". "mm" serves 16-bit features only (float32 and float64 features need
-    the float32-or-better products of the fused kernel) and is an unmeasured alternative until a GPU run."""
-    mode = kernel_variant("ETFKERN_COLLAPSE_PRODUCT", ("triton", "mm"), product, "product")
-    return mode if features.dtype in (torch.float16, torch.bfloat16) else "triton"
+    """Which scatter product runs: ``product`` (the op layer passes its choice), else env
+    ETFKERN_COLLAPSE_PRODUCT, else "triton".
+      "triton"     the fused scatter GEMM (centring in the operand loads; float32 features: tf32x3 dots).
+      "mm"         16-bit features only: A = X - P[Y] rounded to the input's 16-bit type, cuBLAS A^T A.
+      "split"      A centred in float64, split into bfloat16 pieces (two for 16-bit features, three for float32);
+                   cuBLAS [hi | mid (| lo)]^T hi gives hi^T hi and the cross products, whose transposes are
+                   the mirrored ones (three products for the price of two GEMMs; with three pieces one more
+                   GEMM, mid^T mid): float32-level products whatever the offset (see :func:`_split_scatter`).
+      "split_tri"  the same pieces, a Triton GEMM over the upper triangle of tiles only (3 or 6 bf16 dots).
+    "mm" falls back to "triton" for 32/64-bit features, "split"/"split_tri" for float64 features (they keep
+    their float32-or-better products). Every variant but "triton" is unmeasured until a GPU run."""
+    mode = kernel_variant("ETFKERN_COLLAPSE_PRODUCT", PRODUCTS, product, "product")
+    if mode == "mm" and features.dtype not in (torch.float16, torch.bfloat16):
+        return "triton"
+    if mode.startswith("split") and features.dtype == torch.float64:
+        return "triton"
+    return mode
 
 
-def _mm_scatter(features: torch.Tensor, inv: torch.Tensor, m_old_eff: torch.Tensor, m_new: torch.Tensor,
-                n_old: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """sum_r (x_r - m_old[y_r])(x_r - m_new[y_r])^T as A^T A with A = X - P[Y], P = m_b - t u (u = m_b - m_old,
-    t = sqrt(n_old / (n_old + n_b)); derivation in csrc/collapse/cpu.cpp), A in the input's 16-bit type.
-    u comes back from the merged mean: m_new - m_old = u n_b / n (float64)."""
-    n, d = features.shape
+def _single_operand_centre(m_old_eff: torch.Tensor, m_new: torch.Tensor, n_old: torch.Tensor,
+                           seg: torch.Tensor) -> torch.Tensor:
+    """(K, d) float64 P = m_b - t u (u = m_b - m_old, t = sqrt(n_old / (n_old + n_b))): then
+    sum_r (x_r - P[y_r])(x_r - P[y_r])^T = sum_r (x_r - m_old[y_r])(x_r - m_new[y_r])^T (derivation in
+    csrc/collapse/cpu.cpp). u comes back from the merged mean: m_new - m_old = u n_b / n."""
     nb = (seg[1:] - seg[:-1]).to(torch.float64)
     no = n_old.to(torch.float64)
     tot = no + nb
     u = (m_new - m_old_eff) * (tot / nb.clamp_min(1.0))[:, None]
-    p = (m_old_eff + (1.0 - (no / tot.clamp_min(1.0)).sqrt())[:, None] * u).to(torch.float32).contiguous()
+    return m_old_eff + (1.0 - (no / tot.clamp_min(1.0)).sqrt())[:, None] * u
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of 16-bit operands with float32 output: a cuBLAS tensor-core GEMM on CUDA; in the interpreter the
+    same 16-bit values multiplied in float32."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.to(torch.float32) @ b.to(torch.float32)
+
+
+def _mm_scatter(features: torch.Tensor, inv: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """sum_r (x_r - P[y_r])(x_r - P[y_r])^T as A^T A with A = X - P[Y] in the input's 16-bit type."""
+    n, d = features.shape
+    p = p.to(torch.float32).contiguous()
     a = torch.empty(n, d, dtype=features.dtype, device=features.device)
     interp = features.device.type == "cpu"
     br, bd = (16, 16) if interp else (64, 128)
@@ -172,12 +291,73 @@ def _mm_scatter(features: torch.Tensor, inv: torch.Tensor, m_old_eff: torch.Tens
     sw = torch.zeros(d, d, dtype=torch.float64, device=features.device)
     for r0 in range(0, n, MM_CHUNK_ROWS):
         chunk = a[r0:r0 + MM_CHUNK_ROWS]
-        if chunk.is_cuda:  # 16-bit tensor-core GEMM, float32 output
-            sw += torch.mm(chunk.T, chunk, out_dtype=torch.float32).to(torch.float64)
-        else:  # the interpreter's stand-in: the same 16-bit values, float32 products
-            c32 = chunk.to(torch.float32)
-            sw += (c32.T @ c32).to(torch.float64)
+        sw += _mm_f32(chunk.T, chunk).to(torch.float64)
     return 0.5 * (sw + sw.T)
+
+
+def _split_pieces(dtype: torch.dtype) -> int:
+    """bfloat16 pieces per centred value: 2 for 16-bit features (~2^-18 per value, far below the input's own
+    rounding), 3 for float32 features (~2^-27: float32-level products)."""
+    return 2 if dtype in (torch.float16, torch.bfloat16) else 3
+
+
+def _split_scatter(features: torch.Tensor, inv: torch.Tensor, p: torch.Tensor, mode: str,
+                   splits: int | None) -> torch.Tensor:
+    """sum_r a_r a_r^T, A = X - P[Y] (float64 centring), from bfloat16 pieces (:func:`_split_pieces`) on tensor
+    cores: cuBLAS for "split", the Triton triangle kernel for "split_tri". Two pieces a = hi + mid: hi^T hi +
+    mid^T hi + hi^T mid plus the diagonal of mid^T mid (its off-diagonal entries are sums of independent rounding
+    residuals); three pieces add lo^T hi + hi^T lo + mid^T mid. Float32 products of each row block are flushed
+    into float64."""
+    n, d = features.shape
+    dev = features.device
+    interp = dev.type == "cpu"
+    pieces = _split_pieces(features.dtype)
+    p = p.contiguous()
+    acc = torch.zeros(d, d, dtype=torch.float64, device=dev)  # "split_tri": the whole product (upper tiles)
+    diag = torch.zeros(d, dtype=torch.float64, device=dev)
+    chunk = max(SPLIT_MM_ROWS, (SPLIT_BUFFER_BYTES // (2 * pieces * d)) // SPLIT_MM_ROWS * SPLIT_MM_ROWS)
+    br, bd = (16, 16) if interp else (64, 64)
+    bm, bk, flush = (16, 16, 2) if interp else (128, 64, 16)
+    tiles = _triangle_tiles(triton.cdiv(d, bm), dev) if mode == "split_tri" else None
+    for r0 in range(0, n, chunk):
+        nr = min(chunk, n - r0)
+        npad = triton.cdiv(nr, 8) * 8  # 16-byte aligned rows of the K-major pieces
+        at = torch.empty(pieces, d, npad, dtype=torch.bfloat16, device=dev)
+        losq = torch.empty(triton.cdiv(nr, br), d, dtype=torch.float32, device=dev)
+        _split_centre_kernel[(triton.cdiv(nr, br), triton.cdiv(d, bd))](
+            features, features.stride(0), features.stride(1), inv, p, at, losq, r0, nr, npad, d, PIECES=pieces,
+            BR=br, BD=bd)
+        if pieces == 2:
+            diag += losq.sum(0, dtype=torch.float64)
+        if mode == "split":
+            for s0 in range(0, nr, SPLIT_MM_ROWS):
+                piece = at[:, :, s0:min(nr, s0 + SPLIT_MM_ROWS)]
+                g = _mm_f32(piece.reshape(pieces * d, -1), piece[0].T)  # [hi^T hi; mid^T hi (; lo^T hi)]
+                cross = g[d:2 * d] if pieces == 2 else g[d:2 * d] + g[2 * d:]
+                acc += g[:d]
+                acc += cross
+                acc += cross.T
+                if pieces == 3:
+                    acc += _mm_f32(piece[1], piece[1].T)
+            continue
+        step = bk * flush
+        nsplit = splits if splits is not None else _row_splits(tiles.shape[0], nr, step, dev)
+        if nsplit < 1:
+            raise ValueError(f"splits must be >= 1, got {nsplit}")
+        rows = triton.cdiv(triton.cdiv(nr, nsplit), step) * step
+        nsplit = triton.cdiv(nr, rows)
+        part = acc if nsplit == 1 else torch.zeros(nsplit, d, d, dtype=torch.float64, device=dev)
+        _split_gram_kernel[(tiles.shape[0], nsplit)](at, part, tiles, nr, npad, d, rows, PIECES=pieces, BM=bm,
+                                                     BK=bk, FLUSH=flush, UPCAST=interp,
+                                                     num_warps=4 if interp else 8)
+        if nsplit > 1:
+            acc += part.sum(0)
+    if mode == "split":
+        sw = 0.5 * (acc + acc.T)
+    else:  # upper tiles only: mirror
+        sw = torch.triu(acc) + torch.triu(acc, 1).T
+    sw.diagonal().add_(diag)
+    return sw
 
 
 def _row_splits(tiles: int, n: int, rows_per_step: int, device: torch.device) -> int:
@@ -195,8 +375,8 @@ def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tens
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton launcher of ``etfkern::collapse_update`` (same contract as the reference). ``splits`` overrides the
     number of row ranges of the scatter GEMM (default: :func:`_row_splits`); every choice gives the same result
-    up to the float64 summation order of the split partials. ``product`` (see :func:`_product_mode`): "triton"
-    (default) or "mm" for 16-bit features."""
+    up to the float64 summation order of the split partials. ``product``: the scatter product variant (see
+    :func:`_product_mode`; default "triton")."""
     n, d = features.shape
     k = m_old.shape[0]
     dev = features.device
@@ -217,8 +397,12 @@ def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tens
     _segment_stats_kernel[(k, nbd)](features, features.stride(0), features.stride(1), perm, seg, m_old, n_old,
                                     m_new, m2p, d, nbd, BR=16 if interp else 32, BD=bd)
     m_old_eff = torch.where((n_old > 0)[:, None], m_old, m_new)
-    if _product_mode(features, product) == "mm":
-        return m_new, m2p.sum(1), _mm_scatter(features, inv, m_old_eff, m_new, n_old, seg)
+    mode = _product_mode(features, product)
+    if mode == "mm":
+        return m_new, m2p.sum(1), _mm_scatter(features, inv, _single_operand_centre(m_old_eff, m_new, n_old, seg))
+    if mode in ("split", "split_tri"):
+        p = _single_operand_centre(m_old_eff, m_new, n_old, seg)
+        return m_new, m2p.sum(1), _split_scatter(features, inv, p, mode, splits)
     half = features.dtype in (torch.float16, torch.bfloat16)
     if half:  # the centred operand is rounded to 16 bits anyway: gather float32 means (half the traffic)
         mo_g, mn_g = m_old_eff.to(torch.float32), m_new.to(torch.float32)
@@ -248,58 +432,100 @@ def collapse_update(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tens
 # pair statistics
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _pair_kernel(mt_ptr, nsq_ptr, s_ptr, tiles_ptr, part_ptr, K, D, inv_km1, shift,
-                 BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+def _pair_kernel(mt_ptr, nsq_ptr, s_ptr, tiles_ptr, part_ptr, K, D, inv_km1, shift, RECHECK,
+                 PIECES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+                 UPCAST: tl.constexpr):
+    """Per upper-triangle (class-block, class-block) tile: the Gram tile of the centred means (PIECES=1: float32
+    rows, dots at PREC; PIECES=2: bfloat16 planes hi, lo at mt_ptr and mt_ptr + K * D, hi hi + hi lo + lo hi),
+    then the CDNV / GNC2 / max-angle terms of the pairs c < c' summed to 4 numbers, and a 5th: how many pairs the
+    low-precision Gram cannot settle (|mu_c - mu_c'|^2 < RECHECK (|mu_c|^2 + |mu_c'|^2), cos > 1 - RECHECK, or a
+    zero mean). The caller recomputes every tile with such a pair in float64. No K x K store."""
     t = tl.program_id(0)
-    bi = tl.load(tiles_ptr + 2 * t)
-    bj = tl.load(tiles_ptr + 2 * t + 1)
-    ri = (bi * BM + tl.arange(0, BM)).to(tl.int64)
-    rj = (bj * BM + tl.arange(0, BM)).to(tl.int64)
+    bi = tl.load(tiles_ptr + 2 * t).to(tl.int64)
+    bj = tl.load(tiles_ptr + 2 * t + 1).to(tl.int64)
+    ri = bi * BM + tl.arange(0, BM)
+    rj = bj * BM + tl.arange(0, BM)
     acc = tl.zeros((BM, BM), tl.float32)
     for k0 in range(0, D, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < D
-        a = tl.load(mt_ptr + ri[:, None] * D + kk[None, :], mask=(ri[:, None] < K) & kmask[None, :], other=0.0)
-        b = tl.load(mt_ptr + rj[:, None] * D + kk[None, :], mask=(rj[:, None] < K) & kmask[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        mi = (ri[:, None] < K) & kmask[None, :]
+        mj = (rj[:, None] < K) & kmask[None, :]
+        a = tl.load(mt_ptr + ri[:, None] * D + kk[None, :], mask=mi, other=0.0)
+        b = tl.load(mt_ptr + rj[:, None] * D + kk[None, :], mask=mj, other=0.0)
+        if PIECES == 1:
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+        else:
+            al = tl.load(mt_ptr + K * D + ri[:, None] * D + kk[None, :], mask=mi, other=0.0)
+            bl = tl.load(mt_ptr + K * D + rj[:, None] * D + kk[None, :], mask=mj, other=0.0)
+            if UPCAST:  # the interpreter's 16-bit dot is wrong; the same bfloat16 values, float32 products
+                a, b, al, bl = a.to(tl.float32), b.to(tl.float32), al.to(tl.float32), bl.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc)
+            acc = tl.dot(a, tl.trans(bl), acc)
+            acc = tl.dot(al, tl.trans(b), acc)
     ni = tl.load(nsq_ptr + ri, mask=ri < K, other=1.0)
     nj = tl.load(nsq_ptr + rj, mask=rj < K, other=1.0)
     si = tl.load(s_ptr + ri, mask=ri < K, other=0.0)
     sj = tl.load(s_ptr + rj, mask=rj < K, other=0.0)
     valid = (ri[:, None] < rj[None, :]) & (rj[None, :] < K)
     # |mu_c - mu_c'|^2 = |mu_c|^2 + |mu_c'|^2 - 2 mu_c.mu_c' ;  |u_c - u_c'|^2 = 2 - 2 cos
-    dist2 = tl.maximum(ni[:, None] + nj[None, :] - 2.0 * acc, 0.0)
-    cos = acc / tl.sqrt(ni[:, None] * nj[None, :])
-    cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
-    # invalid slots (diagonal, lower triangle, padding) get harmless operands, then contribute 0
-    cd = tl.where(valid, (si[:, None] + sj[None, :]) / tl.where(valid, 2.0 * dist2, 1.0), 0.0)
-    g = tl.where(valid, -0.5 * tl.log(tl.where(valid, 2.0 - 2.0 * cos, 1.0)) - shift, 0.0)
-    ma = tl.where(valid, tl.abs(cos + inv_km1), 0.0)
-    tl.store(part_ptr + 4 * t + 0, tl.sum(tl.sum(cd, axis=1), axis=0))
-    tl.store(part_ptr + 4 * t + 1, tl.sum(tl.sum(g, axis=1), axis=0))
-    tl.store(part_ptr + 4 * t + 2, tl.sum(tl.sum(g * g, axis=1), axis=0))
-    tl.store(part_ptr + 4 * t + 3, tl.sum(tl.sum(ma, axis=1), axis=0))
+    nsum = ni[:, None] + nj[None, :]
+    dist2 = nsum - 2.0 * acc
+    nprod = ni[:, None] * nj[None, :]
+    cos = acc / tl.sqrt(tl.where(nprod > 0, nprod, 1.0))
+    near = (dist2 < RECHECK * nsum) | (cos > 1.0 - RECHECK) | (nprod == 0.0)
+    ok = valid & ~near
+    # invalid and near slots get harmless operands, then contribute 0
+    cd = tl.where(ok, (si[:, None] + sj[None, :]) / tl.where(ok, 2.0 * dist2, 1.0), 0.0)
+    g = tl.where(ok, -0.5 * tl.log(tl.where(ok, 2.0 - 2.0 * cos, 1.0)) - shift, 0.0)
+    ma = tl.where(ok, tl.abs(cos + inv_km1), 0.0)
+    tl.store(part_ptr + 5 * t + 0, tl.sum(tl.sum(cd, axis=1), axis=0))
+    tl.store(part_ptr + 5 * t + 1, tl.sum(tl.sum(g, axis=1), axis=0))
+    tl.store(part_ptr + 5 * t + 2, tl.sum(tl.sum(g * g, axis=1), axis=0))
+    tl.store(part_ptr + 5 * t + 3, tl.sum(tl.sum(ma, axis=1), axis=0))
+    tl.store(part_ptr + 5 * t + 4, tl.sum(tl.sum((valid & near).to(tl.float32), axis=1), axis=0))
 
 
-def collapse_pair_stats(mt: torch.Tensor, s: torch.Tensor, shift: float) -> torch.Tensor:
-    """Triton launcher of ``etfkern::collapse_pair_stats``: float32 tiles, per-tile partial sums reduced in
-    float64 in a fixed order."""
+PAIR_PRECISIONS = ("tf32x3", "bf16x3")
+PAIR_RECHECK = 0.125  # pairs this close (relative) are recomputed in float64 by the caller
+PAIR_BLOCK = 128  # class rows per pair tile on the GPU (16 in the interpreter)
+
+
+def pair_block(device: torch.device) -> int:
+    """Class rows per side of a pair tile: the block size the tiles of :func:`collapse_pair_partials` use."""
+    return 16 if device.type == "cpu" else PAIR_BLOCK
+
+
+def collapse_pair_partials(mt: torch.Tensor, s: torch.Tensor, shift: float, *, precision: str = "tf32x3"
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw partials of ``etfkern::collapse_pair_stats``: (tiles (T, 2) int32 block pairs bi <= bj of
+    :func:`pair_block` rows, part (T, 5) float32: per tile the sums of the CDNV, GNC2 (shifted), squared GNC2 and
+    max-angle terms over its settled pairs, and the number of pairs it left unsettled). The op layer recomputes
+    every tile with an unsettled pair in float64 and sums the rest in float64, in a fixed order.
+
+    precision: "tf32x3" (float32 rows, three tf32 products) or "bf16x3" (rows split into bfloat16 hi + lo, three
+    bf16 products: twice the tensor-core rate, ~2^-17 relative per dot instead of ~2^-21)."""
+    if precision not in PAIR_PRECISIONS:
+        raise ValueError(f"precision must be one of {PAIR_PRECISIONS}, got {precision!r}")
     k, d = mt.shape
     dev = mt.device
-    if k < 2:
-        return torch.zeros(4, dtype=torch.float64, device=dev)
     mt64 = mt.to(torch.float64)
     nsq = (mt64 * mt64).sum(1).to(torch.float32).contiguous()
-    mt32 = mt64.to(torch.float32).contiguous()
     s32 = s.to(torch.float32).contiguous()
     interp = dev.type == "cpu"
-    bm = 16 if interp else 128
+    bm = pair_block(dev)
     tiles = _triangle_tiles(triton.cdiv(k, bm), dev)
-    part = torch.empty(tiles.shape[0], 4, dtype=torch.float32, device=dev)
-    _pair_kernel[(tiles.shape[0],)](mt32, nsq, s32, tiles, part, k, d, 1.0 / (k - 1), float(shift),
-                                    BM=bm, BK=16 if interp else 32, PREC="tf32x3" if not interp else "ieee",
-                                    num_warps=8 if not interp else 4)
-    return part.to(torch.float64).sum(0)
+    part = torch.empty(tiles.shape[0], 5, dtype=torch.float32, device=dev)
+    if precision == "tf32x3":
+        rows, pieces, bk = mt64.to(torch.float32).contiguous(), 1, (16 if interp else 32)
+    else:
+        hi = mt64.to(torch.bfloat16)
+        rows = torch.stack([hi, (mt64 - hi.to(torch.float64)).to(torch.bfloat16)]).contiguous()
+        pieces, bk = 2, (16 if interp else 64)
+    _pair_kernel[(tiles.shape[0],)](rows, nsq, s32, tiles, part, k, d, 1.0 / (k - 1), float(shift), PAIR_RECHECK,
+                                    PIECES=pieces, BM=bm, BK=bk, PREC="ieee" if interp else "tf32x3",
+                                    UPCAST=interp, num_warps=4 if interp else 8)
+    return tiles, part
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,7 +536,7 @@ def _block_scores(x_ptr, stride_xn, stride_xd, rows, w_ptr, stride_wc, stride_wd
                   BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
     acc = tl.zeros((BM, BC), tl.float32)
     for k0 in range(0, D, BK):
-        kk = k0 + tl.arange(0, BK)
+        kk = k0 + tl.arange(0, BK).to(tl.int64)  # 64-bit: kk * stride passes 2^31 for transposed operands
         kmask = kk < D
         a = tl.load(x_ptr + rows[:, None] * stride_xn + kk[None, :] * stride_xd, mask=kmask[None, :], other=0.0)
         b = tl.load(w_ptr + cols[:, None] * stride_wc + kk[None, :] * stride_wd,

@@ -515,11 +515,26 @@ class CollapseMeter:
             shift = -0.5 * math.log(2.0 * k / (k - 1))  # log(1/|u_c - u_c'|) of a simplex ETF
             s = self._m2[seen] / n
             ps = _ops.collapse_pair_stats(mt, s, shift).to(torch.float64).cpu()
-            npairs = pairs / 2
-            g_mean = ps[1] / npairs
-            pair_values = {"cdnv": ps[0] / npairs, "gnc2": (ps[2] / npairs - g_mean ** 2).clamp_min(0.0),
-                           "gnc2_mean": g_mean + shift, "nc2_maxangle": ps[3] / npairs}
+            npairs = pairs // 2
+            # Pairs with coincident means have no CDNV term, pairs with coincident (or, for a zero M~_c, undefined)
+            # directions no GNC2 term, pairs with a zero M~_c no max-angle term: each metric averages over the
+            # pairs that have its term (the op counts the first two kinds; zero rows are counted here).
+            no_cd, no_g = int(ps[4]), int(ps[5])
+            zero = int((norms == 0).sum())
+            no_dir = zero * (k - zero) + zero * (zero - 1) // 2
+            g_mean = ps[1] / (npairs - no_g)
+            pair_values = {"cdnv": ps[0] / (npairs - no_cd),
+                           "gnc2": (ps[2] / (npairs - no_g) - g_mean ** 2).clamp_min(0.0),
+                           "gnc2_mean": g_mean + shift, "nc2_maxangle": ps[3] / (npairs - no_dir)}
             out.update({key: float(v) for key, v in pair_values.items() if key in want})
+            if no_cd or no_g:
+                import warnings
+
+                out["num_pairs_excluded_cdnv"], out["num_pairs_excluded_gnc2"] = no_cd, no_g
+                warnings.warn(f"compute: {no_cd} of {npairs} class pairs have coincident means (no CDNV term) and "
+                              f"{no_g} coincident or undefined directions (no GNC2 term); cdnv, gnc2 and gnc2_mean "
+                              "average over the other pairs (see num_pairs_excluded_cdnv / _gnc2)", RuntimeWarning,
+                              stacklevel=2)
         if want & set(_CLASSIFIER_KEYS):
             w = weights.to(self.device, torch.float64)[seen]
             wn = w.norm(dim=1)
@@ -529,7 +544,8 @@ class CollapseMeter:
             values = {"nc3": lambda: (w / w.norm() - mt / mt.norm()).pow(2).sum(),
                       "unc3": lambda: cw.std(unbiased=False), "nc3_cos_mean": cw.mean}
             out.update({key: float(fn()) for key, fn in values.items() if key in want})
-        return {key: out[key] for key in METRIC_KEYS + _EXCLUSION_KEYS if key in out}
+        pair_exclusions = ("num_pairs_excluded_cdnv", "num_pairs_excluded_gnc2")  # added when nonzero
+        return {key: out[key] for key in METRIC_KEYS + _EXCLUSION_KEYS + pair_exclusions if key in out}
 
     @staticmethod
     def _wanted_metrics(metrics: Iterable[str] | None, pair_metrics: bool, have_weights: bool) -> set[str]:

@@ -51,16 +51,57 @@ def _update_cpu(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor,
     return m_new, m2, 0.5 * (sw + sw.T)
 
 
-def _pair_sums(dot: torch.Tensor, nsq_i: torch.Tensor, nsq_j: torch.Tensor, s_i: torch.Tensor,
-               s_j: torch.Tensor, inv_km1: float, shift: float, mask: torch.Tensor | None) -> torch.Tensor:
-    dist2 = (nsq_i[:, None] + nsq_j[None, :] - 2.0 * dot).clamp_min_(0.0)
-    cos = (dot / torch.sqrt(nsq_i[:, None] * nsq_j[None, :])).clamp_(-1.0, 1.0)
-    cd = (s_i[:, None] + s_j[None, :]) / (2.0 * dist2)
-    g = torch.log(2.0 - 2.0 * cos).mul_(-0.5).sub_(shift)
-    ma = (cos + inv_km1).abs_()
-    if mask is not None:
-        cd, g, ma = cd[mask], g[mask], ma[mask]
-    return torch.stack([cd.sum(), g.sum(), (g * g).sum(), ma.sum()])
+# Pairs closer than this (|mu_c - mu_c'|^2 < PAIR_RECHECK (|mu_c|^2 + |mu_c'|^2), or cos > 1 - PAIR_RECHECK) get
+# their terms from direct float64 differences instead of the Gram identities, which cancel there.
+PAIR_RECHECK = 0.125
+
+
+def _near_pair_terms(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, inv_km1: float,
+                     shift: float) -> torch.Tensor:
+    """(6,) float64 sums for the pairs (a_r, b_r) (rows of two (M, d) float64 tensors), from direct differences:
+    |a - b|^2 and |a/|a| - b/|b||^2 never cancel. A pair with a == b has no CDNV term, one with a/|a| == b/|b| no
+    GNC2 term (both counted in entries 4 and 5); a pair with a zero row has no direction: no GNC2 (counted) and
+    no max-angle term (the caller counts those from the norms)."""
+    out = torch.zeros(6, dtype=torch.float64, device=a.device)
+    step = max(1, (1 << 22) // max(a.shape[1], 1))
+    for r0 in range(0, a.shape[0], step):
+        x, y = a[r0:r0 + step], b[r0:r0 + step]
+        dist2 = (x - y).pow_(2).sum(1)
+        nx, ny = torch.linalg.vector_norm(x, dim=1), torch.linalg.vector_norm(y, dim=1)
+        has_dir = (nx > 0) & (ny > 0)
+        du2 = (x / nx.clamp_min(1e-300)[:, None] - y / ny.clamp_min(1e-300)[:, None]).pow_(2).sum(1)
+        cos = 1.0 - 0.5 * du2
+        cd_ok = dist2 > 0
+        g_ok = has_dir & (du2 > 0)
+        cd = torch.where(cd_ok, (sa[r0:r0 + step] + sb[r0:r0 + step]) / (2.0 * torch.where(cd_ok, dist2, 1.0)), 0.0)
+        g = torch.where(g_ok, -0.5 * torch.log(torch.where(g_ok, du2, 1.0)) - shift, 0.0)
+        ma = torch.where(has_dir, (cos + inv_km1).abs(), 0.0)
+        out += torch.stack([cd.sum(), g.sum(), (g * g).sum(), ma.sum(), (~cd_ok).sum().to(torch.float64),
+                            (~g_ok).sum().to(torch.float64)])
+    return out
+
+
+def pair_block_sums(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, inv_km1: float,
+                    shift: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """(6,) float64 [sum CDNV terms, sum (g - shift), sum (g - shift)^2, sum max-angle terms, #pairs without a
+    CDNV term, #pairs without a GNC2 term] over the pairs (a_i, b_j) of two float64 row blocks where ``mask``
+    (None: all). Gram identities for well-separated pairs, direct differences for near ones (any device)."""
+    na, nb = (a * a).sum(1), (b * b).sum(1)
+    dot = a @ b.T
+    nsum = na[:, None] + nb[None, :]
+    dist2 = nsum - 2.0 * dot
+    nprod = na[:, None] * nb[None, :]
+    cos = dot / torch.sqrt(torch.where(nprod > 0, nprod, 1.0))
+    near = (dist2 < PAIR_RECHECK * nsum) | (cos > 1.0 - PAIR_RECHECK) | (nprod == 0)
+    ok = ~near if mask is None else mask & ~near
+    cd = ((sa[:, None] + sb[None, :]) / (2.0 * torch.where(ok, dist2, 1.0)))[ok]
+    g = torch.log(torch.where(ok, 2.0 - 2.0 * cos, 1.0)).mul_(-0.5).sub_(shift)[ok]
+    ma = (cos + inv_km1).abs_()[ok]
+    out = torch.stack([cd.sum(), g.sum(), (g * g).sum(), ma.sum(), cd.new_zeros(()), cd.new_zeros(())])
+    ii, jj = torch.nonzero(near if mask is None else mask & near, as_tuple=True)
+    if ii.numel():
+        out += _near_pair_terms(a[ii], b[jj], sa[ii], sb[jj], inv_km1, shift)
+    return out
 
 
 def _pair_stats_cpu(mt: torch.Tensor, s: torch.Tensor, shift: float) -> torch.Tensor:
@@ -69,21 +110,42 @@ def _pair_stats_cpu(mt: torch.Tensor, s: torch.Tensor, shift: float) -> torch.Te
     k, d = mt.shape
     mt = mt.to(torch.float64)
     s = s.to(torch.float64)
-    out = torch.zeros(4, dtype=torch.float64)
+    out = torch.zeros(6, dtype=torch.float64, device=mt.device)
     if k < 2:
         return out
-    nsq = (mt * mt).sum(1)
     inv_km1 = 1.0 / (k - 1)
     block = max(16, min(1024, (1 << 22) // max(k, 1)))
     for i0 in range(0, k, block):
         i1 = min(k, i0 + block)
         rows = slice(i0, i1)
-        diag = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool).triu_(1)
-        out += _pair_sums(mt[rows] @ mt[rows].T, nsq[rows], nsq[rows], s[rows], s[rows], inv_km1, shift, diag)
+        diag = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=mt.device).triu_(1)
+        out += pair_block_sums(mt[rows], mt[rows], s[rows], s[rows], inv_km1, shift, diag)
         if i1 < k:
-            right = slice(i1, k)
-            out += _pair_sums(mt[rows] @ mt[right].T, nsq[rows], nsq[right], s[rows], s[right], inv_km1, shift,
-                              None)
+            out += pair_block_sums(mt[rows], mt[i1:], s[rows], s[i1:], inv_km1, shift, None)
+    return out
+
+
+def finish_pair_partials(mt: torch.Tensor, s: torch.Tensor, shift: float, tiles: torch.Tensor, part: torch.Tensor,
+                         block: int) -> torch.Tensor:
+    """The (6,) float64 result of ``collapse_pair_stats`` from a kernel's per-tile partials (tiles (T, 2) block
+    pairs, part (T, 5): four sums over the tile's settled pairs and its number of unsettled pairs): tiles with an
+    unsettled pair are recomputed whole in float64 (:func:`pair_block_sums`), the others summed in float64 in a
+    fixed order."""
+    k = mt.shape[0]
+    out = torch.zeros(6, dtype=torch.float64, device=mt.device)
+    if k < 2:
+        return out
+    redo = part[:, 4] > 0
+    out[:4] = part[~redo, :4].to(torch.float64).sum(0)
+    mt64, s64 = mt.to(torch.float64), s.to(torch.float64)
+    inv_km1 = 1.0 / (k - 1)
+    for bi, bj in tiles[redo].tolist():
+        ri, rj = slice(bi * block, min(k, (bi + 1) * block)), slice(bj * block, min(k, (bj + 1) * block))
+        mask = None
+        if bi == bj:
+            n = ri.stop - ri.start
+            mask = torch.ones(n, n, dtype=torch.bool, device=mt.device).triu_(1)
+        out += pair_block_sums(mt64[ri], mt64[rj], s64[ri], s64[rj], inv_km1, shift, mask)
     return out
 
 

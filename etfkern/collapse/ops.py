@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 
+import os
+
+from etfkern._core import dispatch
 from etfkern._core.backend import register
 from etfkern._core.library import define
 from etfkern.collapse import cpu, reference
@@ -17,7 +20,7 @@ def _collapse_update_fake(features, inv, m_old, n_old):
 
 
 def _collapse_pair_stats_fake(mt, s, shift):
-    return mt.new_empty(4, dtype=torch.float64)
+    return mt.new_empty(6, dtype=torch.float64)
 
 
 def _collapse_ncc_fake(features, means, weights, bias):
@@ -28,7 +31,8 @@ def _collapse_ncc_fake(features, means, weights, bias):
 # One batch merged into K running class statistics: (m_new (K,d) f64, m2_delta (K,) f64, sw_delta (d,d) f64).
 collapse_update = define("collapse_update", "(Tensor features, Tensor inv, Tensor m_old, Tensor n_old) "
                          "-> (Tensor, Tensor, Tensor)", _collapse_update_fake, native=True)
-# Pair sums over c < c' (CDNV, shifted GNC2 sum and sum of squares, max-angle): (4,) float64.
+# Pair sums over c < c' (CDNV, shifted GNC2 sum and sum of squares, max-angle) and the numbers of pairs without a
+# CDNV / GNC2 term (coincident means / directions): (6,) float64.
 collapse_pair_stats = define("collapse_pair_stats", "(Tensor mt, Tensor s, float shift) -> Tensor",
                              _collapse_pair_stats_fake)
 # NC4 indices: classifier argmax over C rows, nearest-mean argmin over K rows: two (N,) int64.
@@ -36,11 +40,50 @@ collapse_ncc = define("collapse_ncc", "(Tensor features, Tensor means, Tensor we
                       "-> (Tensor, Tensor)", _collapse_ncc_fake)
 
 
+def update_product(features: torch.Tensor) -> str:
+    """The Triton backend's scatter product for these features: env ETFKERN_COLLAPSE_PRODUCT when set (validated
+    by the launcher), else the CUDA dispatch table (etfkern/_core/dispatch.py), else "triton"."""
+    explicit = os.environ.get("ETFKERN_COLLAPSE_PRODUCT")
+    if explicit:
+        return explicit
+    if not features.is_cuda:
+        return "triton"
+    n, d = features.shape
+    return dispatch.choose_variant("collapse_update_product", dtype=dispatch.dtype_name(features.dtype), d=d, N=n)[0]
+
+
+def pair_precision(mt: torch.Tensor) -> str:
+    """The Triton pair kernel's Gram precision: env ETFKERN_COLLAPSE_PAIR_PRECISION ("tf32x3" or "bf16x3") when
+    set, else the CUDA dispatch table, else "tf32x3"."""
+    explicit = os.environ.get("ETFKERN_COLLAPSE_PAIR_PRECISION")
+    if explicit:
+        return explicit
+    if not mt.is_cuda:
+        return "tf32x3"
+    k, d = mt.shape
+    return dispatch.choose_variant("collapse_pair_precision", K=k, d=d)[0]
+
+
+def _update_triton(features, inv, m_old, n_old):
+    from etfkern.triton_kernels import collapse as tk
+
+    return tk.collapse_update(features, inv, m_old, n_old, product=update_product(features))
+
+
+def _pair_stats_triton(mt, s, shift):
+    from etfkern.triton_kernels import collapse as tk
+
+    tiles, part = tk.collapse_pair_partials(mt, s, shift, precision=pair_precision(mt))
+    return cpu.finish_pair_partials(mt, s, shift, tiles, part, tk.pair_block(mt.device))
+
+
 # Implementations per backend (the router in etfkern._core.backend picks one per call; a compiled
 # ``<op>_native`` kernel shadows the cpu entry when etfkern._C has it).
 for _op in ("collapse_update", "collapse_pair_stats", "collapse_ncc"):
     register(_op, "reference", getattr(reference, _op))
-    register(_op, "triton", f"etfkern.triton_kernels.collapse:{_op}")
+register("collapse_update", "triton", _update_triton)
+register("collapse_pair_stats", "triton", _pair_stats_triton)
+register("collapse_ncc", "triton", "etfkern.triton_kernels.collapse:collapse_ncc")
 register("collapse_update", "cpu", cpu._update_cpu)
 register("collapse_pair_stats", "cpu", cpu._pair_stats_cpu)
 register("collapse_ncc", "cpu", cpu._ncc_cpu)

@@ -55,11 +55,12 @@ def pair_terms(mt: torch.Tensor, s: torch.Tensor, shift: float) -> dict[str, tor
     s = s.to(torch.float64)
     k = mt.shape[0]
     iu = torch.triu_indices(k, k, offset=1, device=mt.device)
-    dist2 = torch.cdist(mt, mt).pow(2)
+    exact = "donot_use_mm_for_euclid_dist"  # direct differences: coincident rows give exactly 0
+    dist2 = torch.cdist(mt, mt, compute_mode=exact).pow(2)
     u = mt / mt.norm(dim=1, keepdim=True)
     cos = u @ u.T
     cdnv = (s[:, None] + s[None, :]) / (2.0 * dist2)
-    log_inv = -torch.log(torch.cdist(u, u))
+    log_inv = -torch.log(torch.cdist(u, u, compute_mode=exact))
     maxangle = (cos + 1.0 / (k - 1)).abs()
     return {"cdnv": cdnv[iu[0], iu[1]], "log_inv": log_inv[iu[0], iu[1]] - shift,
             "maxangle": maxangle[iu[0], iu[1]]}
@@ -68,12 +69,19 @@ def pair_terms(mt: torch.Tensor, s: torch.Tensor, shift: float) -> dict[str, tor
 def collapse_pair_stats(mt: torch.Tensor, s: torch.Tensor, shift: float) -> torch.Tensor:
     """Pair sums over c < c' of the K centred means ``mt`` (K, d) and per-class variances ``s`` (K,).
 
-    Returns float64 (4,): [sum (s_c + s_c') / (2 |mu_c - mu_c'|^2),  sum (g - shift),  sum (g - shift)^2,
-    sum |cos(mt_c, mt_c') + 1/(K-1)|] with g = log(1 / |u_c - u_c'|), u the unit rows of mt. ``shift`` is
-    subtracted before squaring so the variance does not cancel.
+    Returns float64 (6,): [sum (s_c + s_c') / (2 |mu_c - mu_c'|^2),  sum (g - shift),  sum (g - shift)^2,
+    sum |cos(mt_c, mt_c') + 1/(K-1)|, #pairs without a CDNV term, #pairs without a GNC2 term] with
+    g = log(1 / |u_c - u_c'|), u the unit rows of mt. ``shift`` is subtracted before squaring so the variance does
+    not cancel. A pair whose means coincide (mt_c == mt_c') has no CDNV term; one whose directions coincide
+    (u_c == u_c') or with a zero row has no GNC2 term; a pair with a zero row has no max-angle term. Such pairs
+    are left out of the sums (the first two kinds counted in the last two entries).
     """
     t = pair_terms(mt, s, shift)
-    return torch.stack([t["cdnv"].sum(), t["log_inv"].sum(), t["log_inv"].pow(2).sum(), t["maxangle"].sum()])
+    cd, g, ma = t["cdnv"], t["log_inv"], t["maxangle"]
+    cd_ok, g_ok, ma_ok = torch.isfinite(cd), torch.isfinite(g), torch.isfinite(ma)
+    cd, g, ma = cd[cd_ok], g[g_ok], ma[ma_ok]
+    return torch.stack([cd.sum(), g.sum(), g.pow(2).sum(), ma.sum(), (~cd_ok).sum().to(cd.dtype),
+                        (~g_ok).sum().to(cd.dtype)])
 
 
 def collapse_ncc(features: torch.Tensor, means: torch.Tensor, weights: torch.Tensor,

@@ -344,6 +344,232 @@ def test_triton_update_mm_product(dtype, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# issue 18: tensor-core scatter products from float64-centred bfloat16 pieces ("split", "split_tri")
+# ----------------------------------------------------------------------------------------------------------
+def _far_update_inputs(n: int, k: int, d: int, offset: float, seed: int):
+    # features far from the origin, old means close to the batch means, a class seen 10^6 times before and one
+    # new to the meter: where centring in float32 (or rounding the centred operand once) would show
+    gen = torch.Generator().manual_seed(seed)
+    inv = torch.cat([torch.arange(k), torch.randint(0, k, (n - k,), generator=gen)])
+    centres = offset + 3.0 * torch.randn(k, d, generator=gen, dtype=torch.float64)
+    x = centres[inv] + torch.randn(n, d, generator=gen, dtype=torch.float64)
+    m_old = centres + 0.1 * torch.randn(k, d, generator=gen, dtype=torch.float64)
+    n_old = torch.randint(1, 50, (k,), generator=gen)
+    n_old[0] = 0
+    n_old[1] = 10**6
+    return x, inv, m_old, n_old
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("product", ["split", "split_tri"])
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_split_products_float32_within_1e6_of_float64(product, offset):
+    # float32 features: three bfloat16 pieces of the float64-centred operand, float32-level products; non-contiguous
+    # (transposed) features, odd sizes, 3 tiles of the interpreter's triangle; split_tri also in 3 row splits
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        pytest.skip("triton interpreter unavailable")
+    import etfkern.triton_kernels.collapse as tk
+
+    x, inv, m_old, n_old = _far_update_inputs(150, 7, 37, offset, seed=1)
+    x32 = x.float().T.contiguous().T
+    want = ref.collapse_update(x32, inv, m_old, n_old)
+    runs = [tk.collapse_update(x32, inv, m_old, n_old, product=product)]
+    if product == "split_tri":
+        runs.append(tk.collapse_update(x32, inv, m_old, n_old, product=product, splits=3))
+    for got in runs:
+        _close(got[0], want[0], rtol=1e-12, atol=1e-12 * offset)
+        _close(got[1], want[1], rtol=1e-9, atol=1e-9 * float(want[1].abs().max()))
+        assert _rel(got[2], want[2]) < 1e-6, _rel(got[2], want[2])
+        assert torch.equal(got[2], got[2].T)
+
+
+@pytest.mark.parametrize("product", ["split", "split_tri"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_products_16bit_far_below_plain_torch_error(product, dtype):
+    # 16-bit features: two bfloat16 pieces (~2^-18 per centred value) plus the exact diagonal of mid^T mid; plain
+    # torch (centre in the 16-bit type, 16-bit GEMM) is off by ~1e-3, the split product by ~1e-6
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        pytest.skip("triton interpreter unavailable")
+    import etfkern.triton_kernels.collapse as tk
+
+    x, inv, m_old, n_old = _far_update_inputs(130, 6, 21, 100.0, seed=2)
+    xh = x.to(dtype)
+    want = ref.collapse_update(xh, inv, m_old, n_old)
+    got = tk.collapse_update(xh, inv, m_old, n_old, product=product)
+    m_o = torch.where((n_old > 0)[:, None], m_old, want[0])
+    plain = ((xh - m_o[inv].to(dtype)).T @ (xh - want[0][inv].to(dtype))).double()
+    assert _rel(got[2], want[2]) < 1e-5 and _rel(got[2], want[2]) < 1e-2 * _rel(plain, want[2])
+    assert torch.equal(got[2], got[2].T)
+
+
+def test_meter_large_offset_with_split_product(monkeypatch):
+    # the routed op (env ETFKERN_COLLAPSE_PRODUCT) through the meter: Sigma_W within 1e-6 of the float64 two-pass
+    # definition for float32 features at offset 1e4 (the bound test_collapse.py holds the default product to)
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        pytest.skip("triton interpreter unavailable")
+    monkeypatch.setenv("ETFKERN_COLLAPSE_PRODUCT", "split")
+    c, d = 5, 8
+    x, y = _clustered(300, c, d, spread=1.0, sep=0.5, offset=1e4)
+    x = x.float()
+    _, _, sigma_w, _ = ref.two_pass_stats(x, y, c)
+    m = etfkern.CollapseMeter(c, d)
+    with etfkern.use_backend("triton"):
+        for i in range(0, 300, 64):
+            m.update(x[i:i + 64], y[i:i + 64])
+    got = (m._sw + m._sw.T) / 2 / x.shape[0]
+    assert _rel(got, sigma_w) < 1e-6
+
+
+def test_update_product_choice_defaults_and_validation(monkeypatch):
+    # no unmeasured variant is a default on CUDA: the dispatch rows are empty until a GPU run adds them
+    from etfkern._core import dispatch
+    from etfkern.collapse import ops
+
+    for dtype in ("bfloat16", "float32"):
+        assert dispatch.choose_variant("collapse_update_product", dtype=dtype, d=4096, N=65536) == ("triton", None)
+    assert dispatch.choose_variant("collapse_pair_precision", K=131072, d=4096) == ("tf32x3", None)
+    x = torch.zeros(3, 2)
+    assert ops.update_product(x) == "triton" and ops.pair_precision(x) == "tf32x3"
+    monkeypatch.setenv("ETFKERN_COLLAPSE_PRODUCT", "split_tri")
+    monkeypatch.setenv("ETFKERN_COLLAPSE_PAIR_PRECISION", "bf16x3")
+    assert ops.update_product(x) == "split_tri" and ops.pair_precision(x) == "bf16x3"
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        return
+    import etfkern.triton_kernels.collapse as tk
+
+    x, inv, m_old, n_old = _update_inputs(9, 3, 4)
+    with pytest.raises(ValueError, match="ETFKERN_COLLAPSE_PRODUCT"):
+        tk.collapse_update(x.float(), inv, m_old, n_old, product="split4")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        tk.collapse_pair_partials(m_old, n_old.double(), 0.0, precision="fp8")
+    # float64 features keep the fused kernel's float32-or-better products under every product name
+    for product in ("split", "split_tri"):
+        assert torch.equal(tk.collapse_update(x, inv, m_old, n_old, product=product)[2],
+                           tk.collapse_update(x, inv, m_old, n_old, product="triton")[2])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 19 item 14: 64-bit offsets (a column stride past 2^31 / its column count, without a large tensor)
+# ----------------------------------------------------------------------------------------------------------
+_BIG_STRIDE = 1 << 30  # column 2 of a (rows, 3) view sits 2^31 elements past its first: int32 offsets wrap
+
+
+def _far_strided(values: torch.Tensor) -> torch.Tensor:
+    """A (rows, 3) view of ``values`` whose column stride is 2^30 elements: a 4 GiB (bfloat16) allocation of which
+    only the pages holding the rows*3 values are ever touched (the OS backs the rest lazily)."""
+    rows = values.shape[0]
+    try:
+        storage = torch.empty(2 * _BIG_STRIDE + rows, dtype=values.dtype)
+    except RuntimeError as e:  # an address space too small for a lazy 4 GiB allocation
+        pytest.skip(f"cannot reserve the strided view's address range: {e}")
+    view = storage.as_strided((rows, 3), (1, _BIG_STRIDE))
+    view.copy_(values)
+    return view
+
+
+@pytest.mark.parametrize("product", ["triton", "mm", "split", "split_tri"])
+def test_update_large_column_stride_int64_offsets(product):
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        pytest.skip("triton interpreter unavailable")
+    import etfkern.triton_kernels.collapse as tk
+
+    x, inv, m_old, n_old = _update_inputs(20, 4, 3)
+    xb = x.to(torch.bfloat16)
+    want = ref.collapse_update(xb, inv, m_old, n_old)
+    view = _far_strided(xb)
+    assert view.stride(1) * 2 >= 2**31  # the last column's element offset does not fit in int32
+    got = tk.collapse_update(view, inv, m_old, n_old, product=product)
+    _close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    _close(got[1], want[1], rtol=1e-9, atol=1e-9 * float(want[1].abs().max()))
+    plain = ((xb.double() - want[0][inv]).T @ (xb.double() - want[0][inv]))  # scale for the 16-bit operands
+    _close(got[2], want[2], rtol=1e-2, atol=1e-2 * float(plain.abs().max()))
+
+
+def test_ncc_large_column_stride_int64_offsets():
+    if "triton" not in backends_for("collapse_ncc", "cpu"):
+        pytest.skip("triton interpreter unavailable")
+    import etfkern.triton_kernels.collapse as tk
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(9, 3, generator=gen).to(torch.bfloat16)
+    means = torch.randn(5, 3, generator=gen)
+    weights = torch.randn(6, 3, generator=gen).to(torch.bfloat16)
+    want = ref.collapse_ncc(x, means, weights, None)
+    got = tk.collapse_ncc(_far_strided(x), means, _far_strided(weights), None)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# issue 19 item 8 / issue 18: pair terms of coincident and near-coincident class means
+# ----------------------------------------------------------------------------------------------------------
+def _pairs_with_coincidences(k: int, d: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    mt = torch.randn(k, d, generator=gen, dtype=torch.float64)
+    mt[3] = mt[1]  # coincident means: no CDNV term, no GNC2 term
+    mt[5] = 2.0 * mt[2]  # coincident directions, distinct means: a CDNV term, no GNC2 term
+    # near-coincident: the Gram identities cancel (|mu_c - mu_c'|^2 ~ 1e-14 |mu_c|^2), float64 differences do not
+    mt[k - 1] = mt[0] + 1e-7 * torch.randn(d, generator=gen, dtype=torch.float64)
+    mt[k - 2] = mt[4] + 1e-6 * torch.randn(d, generator=gen, dtype=torch.float64)
+    s = torch.rand(k, generator=gen, dtype=torch.float64) + 0.1
+    return mt, s
+
+
+@pytest.mark.parametrize("k,d", [(9, 5), (37, 20)])
+def test_pair_op_coincident_and_near_pairs_every_backend(device, k, d, monkeypatch):
+    mt, s = _pairs_with_coincidences(k, d, seed=k)
+    shift = -0.5 * math.log(2 * k / (k - 1))
+    want = ref.collapse_pair_stats(mt, s, shift)
+    assert want.tolist()[4:] == [1.0, 2.0] and bool(torch.isfinite(want).all())
+    for backend in backends_for("collapse_pair_stats", device):
+        for precision in (("tf32x3", "bf16x3") if backend == "triton" else ("-",)):
+            monkeypatch.setenv("ETFKERN_COLLAPSE_PAIR_PRECISION", precision if backend == "triton" else "")
+            with etfkern.use_backend(backend):
+                got = torch.ops.etfkern.collapse_pair_stats(mt.to(device), s.to(device), shift).cpu()
+            assert got[4:].tolist() == [1.0, 2.0], (backend, precision)
+            # the near pairs' CDNV terms (~1e12) dominate the first sum: only float64 differences get them
+            tol = 1e-9 if backend != "triton" else 5e-5
+            _close(got, want, rtol=tol, atol=tol * k * k, msg=f"{backend} {precision}")
+
+
+def test_pair_op_every_pair_coincident():
+    mt = torch.ones(4, 3, dtype=torch.float64)
+    s = torch.ones(4, dtype=torch.float64)
+    for got in (collapse_cpu._pair_stats_cpu(mt, s, 0.0), ref.collapse_pair_stats(mt, s, 0.0)):
+        _close(got, torch.tensor([0.0, 0.0, 0.0, 6.0 * (1.0 + 1.0 / 3.0), 6.0, 6.0], dtype=torch.float64),
+               rtol=1e-12, atol=0.0)
+
+
+def test_compute_warns_and_reports_coincident_class_means():
+    # two classes with the very same samples: identical means (a language model's rare tokens after one prefix);
+    # cdnv / gnc2 / gnc2_mean average over the other pairs, with a warning and the counts, never NaN/inf
+    gen = torch.Generator().manual_seed(8)
+    c, d = 6, 5
+    x, y = _clustered(120, c, d, generator=gen)
+    y[y == 1] = 2
+    m = etfkern.CollapseMeter(c, d)
+    m.update(x[y != 0], y[y != 0])
+    for row in x[y == 0]:  # class 1 sees exactly class 0's samples, in the same order: bit-identical means
+        m.update(row[None], torch.tensor([0]))
+        m.update(row[None], torch.tensor([1]))
+    assert torch.equal(m.means[0], m.means[1])
+    with pytest.warns(RuntimeWarning, match="1 of 15 class pairs have coincident means"):
+        out = m.compute()
+    assert out["num_pairs_excluded_cdnv"] == 1 and out["num_pairs_excluded_gnc2"] == 1
+    means, counts = m.means, m.counts
+    mt = means - means.mean(0)
+    t = ref.pair_terms(mt, m._m2 / counts, 0.0)
+    keep = torch.isfinite(t["cdnv"])
+    assert int((~keep).sum()) == 1
+    assert math.isclose(out["cdnv"], float(t["cdnv"][keep].mean()), rel_tol=1e-8)
+    assert math.isclose(out["gnc2_mean"], float(t["log_inv"][keep].mean()), rel_tol=1e-8)
+    assert math.isclose(out["gnc2"], float(t["log_inv"][keep].var(unbiased=False)), rel_tol=1e-6)
+    assert all(math.isfinite(v) for v in out.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
 # GPU-sized shapes (the real tile configs; skipped without CUDA)
 # ----------------------------------------------------------------------------------------------------------
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -409,15 +635,40 @@ def scatter(xt, half, prec):
                  PREC=prec)
     return build(tk._scatter_gemm_kernel, sig, const, num_warps=8)
 
+def pair(rows, pieces, bk):
+    sig = dict(mt_ptr=rows, nsq_ptr="*fp32", s_ptr="*fp32", tiles_ptr="*i32", part_ptr="*fp32", K="i32", D="i32",
+               inv_km1="fp32", shift="fp32", RECHECK="fp32")
+    const = dict(PIECES=pieces, BM=tk.PAIR_BLOCK, BK=bk, PREC="tf32x3", UPCAST=False)
+    return build(tk._pair_kernel, sig, const, num_warps=8)
+
+
+def split_centre(xt, pieces):
+    sig = dict(x_ptr=xt, stride_xn="i64", stride_xd="i64", inv_ptr="*i64", p_ptr="*fp64", at_ptr="*bf16",
+               losq_ptr="*fp32", R0="i64", NR="i32", NPAD="i32", D="i32")
+    return build(tk._split_centre_kernel, sig, dict(PIECES=pieces, BR=64, BD=64), num_warps=4)
+
+
+def split_gram(pieces):
+    sig = dict(at_ptr="*bf16", out_ptr="*fp64", tiles_ptr="*i32", NR="i32", NPAD="i32", D="i32", ROWS="i32")
+    return build(tk._split_gram_kernel, sig, dict(PIECES=pieces, BM=128, BK=64, FLUSH=16, UPCAST=False),
+                 num_warps=8)
+
+
 out = {
     "segment_stats_bf16": build(tk._segment_stats_kernel, dict(
         x_ptr="*bf16", stride_xn="i64", stride_xd="i64", perm_ptr="*i64", seg_ptr="*i64", mold_ptr="*fp64",
         nold_ptr="*i64", mnew_ptr="*fp64", m2_ptr="*fp64", D="i32", NBD="i32"), dict(BR=32, BD=128), num_warps=4),
     "scatter_gemm_bf16": scatter("*bf16", True, "ieee"),
     "scatter_gemm_fp32": scatter("*fp32", False, tk._dot_precision(__import__("torch").float32)),
-    "pair": build(tk._pair_kernel, dict(mt_ptr="*fp32", nsq_ptr="*fp32", s_ptr="*fp32", tiles_ptr="*i32",
-                                        part_ptr="*fp32", K="i32", D="i32", inv_km1="fp32", shift="fp32"),
-                  dict(BM=128, BK=32, PREC="tf32x3"), num_warps=8),
+    "pair": pair("*fp32", 1, 32),
+    "pair_bf16x3": pair("*bf16", 2, 64),
+    "split_centre_bf16_2": split_centre("*bf16", 2),
+    "split_centre_fp32_3": split_centre("*fp32", 3),
+    "split_centre_fp32_3_i32": build(tk._split_centre_kernel, dict(
+        x_ptr="*fp32", stride_xn="i32", stride_xd="i32", inv_ptr="*i64", p_ptr="*fp64", at_ptr="*bf16",
+        losq_ptr="*fp32", R0="i32", NR="i32", NPAD="i32", D="i32"), dict(PIECES=3, BR=64, BD=64), num_warps=4),
+    "split_gram_2": split_gram(2),
+    "split_gram_3": split_gram(3),
     "centre_bf16": build(tk._centre_kernel, dict(
         x_ptr="*bf16", stride_xn="i64", stride_xd="i64", inv_ptr="*i64", p_ptr="*fp32", out_ptr="*bf16", N="i64",
         D="i32"), dict(BR=64, BD=128), num_warps=4),
@@ -432,4 +683,6 @@ print(json.dumps(out))
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
     assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {
-        "segment_stats_bf16", "scatter_gemm_bf16", "scatter_gemm_fp32", "centre_bf16", "pair", "ncc_bf16"}
+        "segment_stats_bf16", "scatter_gemm_bf16", "scatter_gemm_fp32", "centre_bf16", "pair", "ncc_bf16",
+        "pair_bf16x3", "split_centre_bf16_2", "split_centre_fp32_3", "split_centre_fp32_3_i32", "split_gram_2",
+        "split_gram_3"}
