@@ -2,10 +2,16 @@
 banks measured in the same run and the official EBV generator's shipped banks (C=1000: 0.1350 at d=100, 0.0800
 at d=200, 0.0350 at d=500; published figures, not re-run here); bank_stats speed and memory against a dense C x C computation.
 
-    python bench/banks.py [--quick] [--device cpu|cuda]
+    python bench/banks.py [--quick] [--device cpu|cuda] [--sweep]
 
 --quick: the (C=100k, d=1024) bank's statistics are measured on its first 10,000 rows only (the full pass is
 ~10^13 flops: minutes on a small CPU); the row says so in "measured_on".
+--sweep (cuda): only the GPU kernel sweep, ~60 s on an H200 -- every bank_pair_stats kernel
+(ETFKERN_BANK_STATS_KERNEL: rows, tiles-ieee, tiles-tf32x3) in bank_stats at C=4000/32768/131072 (d=128/1024/1024)
+against dense torch (fp32 C x C GEMM, exact order statistic) where it fits, with each candidate's deviation
+from the dense values; every ebv_dir precision (ETFKERN_EBV_DIR_PRECISION: ieee, tf32, tf32x3): its error
+against float64 at (4096, 256) and its step time at (20000, 1000) and (100000, 1000). Without --sweep on cuda,
+the sweep runs after the quality rows.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import peak_mib, print_table, time_ms, write_results  # noqa: E402
+from _common import env_var, peak_mib, print_table, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
 from etfkern import banks  # noqa: E402
@@ -104,6 +110,94 @@ def _stats_speed_rows(device: str, quick: bool) -> list[dict]:
     return rows
 
 
+def _dense_stats(w: torch.Tensor) -> dict:
+    """bank_stats' three |cos| statistics from the full C x C float32 Gram matrix (exact order statistic: every
+    off-diagonal value appears twice, so the triangle's r-th smallest is the full matrix's 2r-th)."""
+    c = w.shape[0]
+    g = (w @ w.T).abs_()
+    g.fill_diagonal_(-1.0)
+    pairs = c * (c - 1) // 2
+    r = math.ceil(0.999 * pairs)
+    mx = float(g.max())
+    mean = float((g.sum(dtype=torch.float64) + c) / 2 / pairs)
+    p999 = float(torch.kthvalue(g.flatten(), c + 2 * r).values)  # c diagonal entries of -1 sort first
+    del g
+    return {"max_abs_cos": mx, "mean_abs_cos": mean, "p999_abs_cos": p999}
+
+
+def _sweep_stats(shapes: list[tuple[int, int]], device: str) -> list[dict]:
+    rows = []
+    for c, d in shapes:
+        w = torch.nn.functional.normalize(torch.randn(c, d, generator=torch.Generator().manual_seed(1)), dim=1)
+        w = w.to(device)
+        big = c >= 100_000
+        dense_ms, want = None, None
+        if big:  # the fp32 Gram matrix alone is 4 C^2 bytes (69 GB at 131072), kthvalue copies it
+            rows.append({"op": "bank_stats", "shape": f"C={c} d={d}", "impl": "dense torch C x C", "device": device,
+                         "ms": None, "note": "does not fit (C x C float32 plus kthvalue's copy)"})
+        else:
+            try:
+                want = _dense_stats(w)
+                dense_ms = time_ms(lambda: _dense_stats(w), device, warmup=0, rep=3)
+                rows.append({"op": "bank_stats", "shape": f"C={c} d={d}", "impl": "dense torch C x C",
+                             "device": device, "ms": dense_ms, **want})
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                rows.append({"op": "bank_stats", "shape": f"C={c} d={d}", "impl": "dense torch C x C",
+                             "device": device, "ms": None, "note": f"failed: {type(exc).__name__}"})
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        for kernel in banks.PAIR_STATS_KERNELS:
+            with env_var(banks.STATS_KERNEL_ENV, kernel):
+                got = etfkern.bank_stats(w)  # also the warm-up (compiles)
+                ms = time_ms(lambda: etfkern.bank_stats(w), device, warmup=0, rep=1 if big else 3)
+            row = {"op": "bank_stats", "shape": f"C={c} d={d}", "impl": f"bank_stats {kernel}", "device": device,
+                   "ms": ms, "max_abs_cos": got["max_abs_cos"], "mean_abs_cos": got["mean_abs_cos"],
+                   "p999_abs_cos": got["p999_abs_cos"]}
+            if want is not None:
+                row["speed_vs_dense"] = dense_ms / ms
+                for key in ("max_abs_cos", "mean_abs_cos", "p999_abs_cos"):
+                    row[f"err_{key}"] = abs(got[key] - want[key])
+            rows.append(row)
+            print(f"  bank_stats {kernel} C={c} d={d}: {ms:.1f} ms", flush=True)
+    return rows
+
+
+def _sweep_dir(device: str, check: tuple[int, int], timed: list[tuple[int, int]]) -> list[dict]:
+    from etfkern.banks import reference as ref
+
+    rows = []
+    small = torch.nn.functional.normalize(torch.randn(*check, generator=torch.Generator().manual_seed(2)), dim=1)
+    small = small.to(device)
+    beta = 3.0 / banks.welch_bound(*check)
+    want_dir, want_max = ref.ebv_dir(small.double(), beta)
+    for precision in banks.DOT_PRECISIONS:
+        with env_var(banks.DIR_PRECISION_ENV, precision):
+            got_dir, got_max = banks._ops.ebv_dir(small, beta)
+            row = {"op": "ebv_dir", "shape": f"C={check[0]} d={check[1]}", "impl": precision, "device": device,
+                   "err_rowmax": float((got_max.double() - want_max).abs().max()),
+                   "rel_err_dir": float((got_dir.double() - want_dir).norm() / want_dir.norm())}
+            for i, (c, d) in enumerate(timed):
+                if i > 0 and precision == "ieee":
+                    continue  # float32 FFMA: several seconds a step at (100000, 1000)
+                w = torch.nn.functional.normalize(torch.randn(c, d, device=device), dim=1)
+                b = 3.0 / banks.welch_bound(c, d)
+                # the first shape compiled the kernel (C is not specialised beyond divisibility by 16)
+                row[f"ms_C{c}"] = time_ms(lambda: banks._ops.ebv_dir(w, b), device, warmup=0 if i else 1,
+                                          rep=1 if i else 3)
+                print(f"  ebv_dir {precision} C={c} d={d}: {row[f'ms_C{c}']:.1f} ms", flush=True)
+        rows.append(row)
+    return rows
+
+
+def sweep(device: str = "cuda", tiny: bool = False) -> list[dict]:
+    """The GPU kernel sweep (see the module docstring): candidates vs dense torch, same run. ``tiny``: toy shapes
+    (a smoke test of this code on the Triton interpreter)."""
+    if tiny:
+        return _sweep_stats([(40, 8)], device) + _sweep_dir(device, (33, 8), [(48, 8), (64, 8)])
+    return (_sweep_stats([(4000, 128), (32768, 1024), (131_072, 1024)], device)
+            + _sweep_dir(device, (4096, 256), [(20_000, 1000), (100_000, 1000)]))
+
+
 def run(quick: bool, device: str) -> list[dict]:
     rows = [
         _target_row("auto", 2000, 64, device, quick, "<= 1.05 x Welch"),
@@ -131,6 +225,8 @@ def run(quick: bool, device: str) -> list[dict]:
         rows.append(_target_row("auto", 100_000, 1000, device, quick, "<= 1.5 x Welch in 120 s (GPU)",
                                 random_peer=False))
     rows += _stats_speed_rows(device, quick)
+    if device == "cuda" and not quick:
+        rows += sweep()
     return rows
 
 
@@ -139,15 +235,29 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    p.add_argument("--sweep", action="store_true", help="cuda: only the GPU kernel sweep (~60 s on an H200)")
+    p.add_argument("--out", default=None, metavar="JSON", help="also write the result JSON here (e.g. under $OUT)")
     args = p.parse_args()
-    rows = run(args.quick, args.device)
+    if args.sweep and args.device != "cuda":
+        p.error("--sweep needs --device cuda")
+    rows = sweep() if args.sweep else run(args.quick, args.device)
     print_table([r for r in rows if r["op"] == "ebv_bank"],
                 ["shape", "impl", "seconds", "max_abs_cos", "welch", "ratio_welch", "random_ratio_welch",
                  "target", "measured_on"])
     print_table([r for r in rows if r["op"] == "bank_stats"],
-                ["shape", "impl", "ms", "peak_mib", "speed_vs_dense", "memory_vs_dense"])
+                ["shape", "impl", "ms", "peak_mib", "speed_vs_dense", "memory_vs_dense", "err_max_abs_cos",
+                 "err_mean_abs_cos", "err_p999_abs_cos"])
+    print_table([r for r in rows if r["op"] == "ebv_dir"],
+                ["shape", "impl", "err_rowmax", "rel_err_dir", "ms_C20000", "ms_C100000"])
     if not args.no_write:
-        print(f"wrote {write_results('banks', rows, args.device, extra={'quick': args.quick})}")
+        extra = {"quick": args.quick, "sweep": args.sweep}
+        path = write_results('banks-sweep' if args.sweep else 'banks', rows, args.device, extra=extra)
+        print(f"wrote {path}")
+        if args.out:
+            import shutil
+
+            shutil.copyfile(path, args.out)
+            print(f"wrote {args.out}")
     for r in rows:
         if r["op"] == "ebv_bank" and not math.isfinite(r["ratio_welch"]):
             raise SystemExit("non-finite ratio")

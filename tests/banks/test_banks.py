@@ -605,6 +605,28 @@ def test_save_load_bad_paths_and_non_bank_files(tmp_path):
     assert torch.equal(got, b) and meta["kind"] == "simplex" and meta["num_classes"] == 5
 
 
+def test_gpu_sweep_runs_on_toy_shapes():
+    """bench/banks.py's GPU sweep (--device cuda --sweep) at toy shapes on the Triton interpreter: every candidate
+    runs and agrees with the dense values, so the scarce GPU minutes are not spent on a broken script."""
+    import importlib.util
+    import os
+
+    _interpreter_kernels()
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "banks.py")
+    spec = importlib.util.spec_from_file_location("bench_banks_sweep", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with etfkern.use_backend("triton"):
+        rows = bench.sweep("cpu", tiny=True)
+    stats = [r for r in rows if r["op"] == "bank_stats" and r["impl"] != "dense torch C x C"]
+    assert [r["impl"] for r in stats] == [f"bank_stats {k}" for k in banks.PAIR_STATS_KERNELS]
+    for r in stats:
+        assert r["err_max_abs_cos"] < 1e-6 and r["err_mean_abs_cos"] < 1e-6 and r["err_p999_abs_cos"] < 1e-6, r
+    dirs = [r for r in rows if r["op"] == "ebv_dir"]
+    assert [r["impl"] for r in dirs] == list(banks.DOT_PRECISIONS)
+    assert all(r["err_rowmax"] < 1e-5 and r["rel_err_dir"] < 1e-5 for r in dirs)
+
+
 def test_load_bank_rejects_what_save_bank_refuses(tmp_path):
     """Issue 19 item 11: NaN entries, C = 1, and metadata contradicting the tensor used to load silently."""
     from safetensors.torch import save_file
