@@ -153,6 +153,7 @@ class _MSAMBase(torch.optim.Optimizer):
         self._globals: dict[str, Tensor] = {}
         self._steps = 0  # step() calls (skipped ones included)
         self._unperturbed_depth = 0
+        self._perturbed_copies: dict[int, Tensor] = {}  # inside unperturbed(): id(param) -> its perturbed weights
         self._plan: Any = None
         self._plan_key: tuple | None = None
         self._plan_source: tuple | None = None  # (group index, grads, no-grad flags) the plan was last run with
@@ -469,6 +470,7 @@ class _MSAMBase(torch.optim.Optimizer):
                 self._unperturbed_depth -= 1
             return
         saved: list[tuple[Tensor, Tensor]] = []
+        copies: dict[int, Tensor] = {}
         scale = self._globals.get("scale")
         with torch.no_grad():
             if scale is not None:
@@ -479,12 +481,13 @@ class _MSAMBase(torch.optim.Optimizer):
                             continue
                         loc, v = _local(p), state[self._buf_keys[0]]
                         saved.append((loc, loc.clone()))
+                        copies[id(p)] = saved[-1][1]
                         loc.copy_(loc.to(v.dtype) + scale.to(v.dtype) * v)
-        self._unperturbed_depth = 1
+        self._unperturbed_depth, self._perturbed_copies = 1, copies
         try:
             yield
         finally:
-            self._unperturbed_depth = 0
+            self._unperturbed_depth, self._perturbed_copies = 0, {}
             with torch.no_grad():
                 for loc, copy in saved:
                     loc.copy_(copy)
@@ -493,11 +496,18 @@ class _MSAMBase(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's optimizer state plus ``"msam"``: the device scalars (applied scale, lagged squared norm, steps
         taken), the number of step() calls, ``norm``, the optimizer class and ``weights``: "unperturbed" when
-        taken inside :meth:`unperturbed` (the parameters saved beside it are then the true weights)."""
+        taken inside :meth:`unperturbed` (the parameters saved beside it are then the true weights), in which case
+        it also holds ``perturbed_weights`` (one copy of every parameter with state, in its own dtype)."""
         sd = super().state_dict()
         sd["msam"] = {"globals": {k: v.clone() for k, v in self._globals.items()}, "steps": self._steps,
                       "norm": self.norm, "optimizer": self._kind(),
                       "weights": "unperturbed" if self._unperturbed_depth else "perturbed"}
+        if self._unperturbed_depth:
+            # the parameters saved beside this dict are w = w~ + s v, which does not give back w~ bitwise: keep
+            # w~ (same indices as sd["state"]) so that loading puts the perturbed weights back exactly
+            params = [p for g in self.param_groups for p in g["params"]]
+            sd["msam"]["perturbed_weights"] = {i: self._perturbed_copies[id(p)].clone()
+                                               for i, p in enumerate(params) if id(p) in self._perturbed_copies}
         return sd
 
     @classmethod
@@ -508,12 +518,13 @@ class _MSAMBase(torch.optim.Optimizer):
         """Load a checkpoint of this optimizer class. Everything is checked first (ValueError naming the key;
         nothing changes on failure): the ``msam`` entry, its ``norm`` (must equal this optimizer's), the class,
         group hyperparameters, state keys, shapes and finiteness. A checkpoint taken inside ``unperturbed()``
-        goes with unperturbed weights: the next step then undoes no perturbation, so both recipes (save the
-        perturbed weights outside the block, or the true weights inside it) resume the same trajectory."""
+        goes with unperturbed weights: loading it writes the perturbed weights it carries back into the
+        parameters, so both recipes (save model and optimizer outside the block, or both inside it; load the model
+        first, then the optimizer) resume the uninterrupted trajectory bitwise."""
         if self._unperturbed_depth:
             raise RuntimeError("load_state_dict() inside unperturbed(): the block's exit would restore the old "
                                "weights; load outside the block")
-        extra, globals_, ids = self._validated(state_dict)
+        extra, globals_, ids, perturbed = self._validated(state_dict)
         sd = {k: v for k, v in state_dict.items() if k != "msam"}
         super().load_state_dict(sd)
         # torch casts floating state to the parameter dtype; our state stays fp32/fp64: restore the exact bits
@@ -529,11 +540,16 @@ class _MSAMBase(torch.optim.Optimizer):
         for i, key in enumerate(("scale", "lagged_sq", "step")):
             G[i] = globals_[key]
         self._set_scalars(G)
+        with torch.no_grad():
+            for pid, p in zip(ids, params):
+                if pid in perturbed:
+                    _local(p).copy_(perturbed[pid])
         self._steps = extra["steps"]
         self._taken_known, self._probe = False, None
 
-    def _validated(self, state_dict: Any) -> tuple[dict, dict, list]:
-        """(the msam entry, its globals as floats, saved param ids in order) or ValueError naming the key."""
+    def _validated(self, state_dict: Any) -> tuple[dict, dict, list, dict]:
+        """(the msam entry, its globals as floats, saved param ids in order, perturbed weights by id) or
+        ValueError naming the key."""
         if not isinstance(state_dict, dict):
             raise ValueError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         for key in ("state", "param_groups", "msam"):
@@ -561,8 +577,6 @@ class _MSAMBase(torch.optim.Optimizer):
         if weights not in ("perturbed", "unperturbed"):
             raise ValueError(f"state_dict['msam']['weights'] must be 'perturbed' or 'unperturbed', got {weights!r}")
         globals_ = self._validated_globals(extra["globals"], steps)
-        if weights == "unperturbed":
-            globals_["scale"] = 0.0  # the saved parameters are the true weights: nothing to undo
         groups, state = state_dict["param_groups"], state_dict["state"]
         if not isinstance(groups, (list, tuple)) or len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict['param_groups'] must list {len(self.param_groups)} groups (as this "
@@ -574,7 +588,7 @@ class _MSAMBase(torch.optim.Optimizer):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"state_dict['param_groups'][{i}]['params'] has {len(saved['params'])} entries, "
                                  f"the optimizer's group {i} has {len(group['params'])}")
-            for key in set(self.defaults) | set(self._group_keys):
+            for key in dict.fromkeys([*self.defaults, *self._group_keys]):
                 if key not in saved:
                     raise ValueError(f"state_dict['param_groups'][{i}][{key!r}] is missing (a checkpoint of "
                                      f"another optimizer than {self._kind()}?)")
@@ -608,7 +622,17 @@ class _MSAMBase(torch.optim.Optimizer):
                     raise ValueError(f"{where} holds NaN or inf entries")
                 if key == "exp_avg_sq" and bool((value < 0).any()):
                     raise ValueError(f"{where} holds negative entries (a second moment is >= 0)")
-        return extra, globals_, ids
+        perturbed = extra.get("perturbed_weights", {}) if weights == "unperturbed" else {}
+        if weights == "unperturbed" and (not isinstance(perturbed, dict) or set(perturbed) != set(state)):
+            raise ValueError("state_dict['msam']['perturbed_weights'] must hold one tensor per entry of "
+                             "state_dict['state'] (a checkpoint taken inside unperturbed())")
+        for pid, value in perturbed.items():
+            where = f"state_dict['msam']['perturbed_weights'][{pid!r}]"
+            if not isinstance(value, Tensor) or tuple(value.shape) != shapes[pid] or not value.is_floating_point():
+                raise ValueError(f"{where} must be a floating-point tensor of shape {shapes[pid]}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{where} holds NaN or inf entries")
+        return extra, globals_, ids, perturbed
 
     def _validated_globals(self, globals_: Any, steps: int) -> dict[str, float]:
         if not isinstance(globals_, dict):
