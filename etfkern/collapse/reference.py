@@ -121,7 +121,9 @@ def dense_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: int
 
     Rows labelled ``ignore_index`` are dropped first. Classes with fewer than ``min_count`` samples are left out
     of everything built from class means (mu_G, M~, Sigma_B, NC2, CDNV, GNC2, NC3); Sigma_W stays the pooled
-    within-class covariance of every sample kept (docs/metrics.md, "min_count")."""
+    within-class covariance of every sample kept (docs/metrics.md, "min_count"). Pairs of coincident means have
+    no CDNV term, pairs of coincident or undefined directions no GNC2 (or max-angle) term: those averages run over
+    the other pairs, counted in num_pairs_excluded_cdnv / _gnc2 when not 0 (docs/metrics.md)."""
     if ignore_index is not None:
         keep = labels != ignore_index
         features, labels = features[keep], labels[keep]
@@ -150,16 +152,24 @@ def dense_metrics(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     u = mt / norms[:, None]
     cos = u @ u.T
     out["nc2_equiangular"] = float(cos[off].std(unbiased=False))
-    out["nc2_maxangle"] = float((cos[off] + 1.0 / (k - 1)).abs().mean())
+    maxangle = (cos[off] + 1.0 / (k - 1)).abs()
+    out["nc2_maxangle"] = float(maxangle[torch.isfinite(maxangle)].mean())
     g = mt @ mt.T
     etf = (torch.eye(k, dtype=torch.float64) - 1.0 / k) / math.sqrt(k - 1)
     out["nc2_etf_error"] = float((g / g.norm() - etf).norm())
-    log_inv = -torch.log(torch.cdist(u, u))[iu[0], iu[1]]
-    out["gnc2"] = float(log_inv.var(unbiased=False))
-    out["gnc2_mean"] = float(log_inv.mean())
+    exact = "donot_use_mm_for_euclid_dist"  # direct differences: coincident rows give exactly 0
+    log_inv = -torch.log(torch.cdist(u, u, compute_mode=exact))[iu[0], iu[1]]
+    g_ok = torch.isfinite(log_inv)
+    out["gnc2"] = float(log_inv[g_ok].var(unbiased=False))
+    out["gnc2_mean"] = float(log_inv[g_ok].mean())
     ss = s[used]
-    dist2 = torch.cdist(mu, mu).pow(2)
-    out["cdnv"] = float(((ss[:, None] + ss[None, :]) / (2 * dist2))[iu[0], iu[1]].mean())
+    dist2 = torch.cdist(mu, mu, compute_mode=exact).pow(2)
+    cdnv = ((ss[:, None] + ss[None, :]) / (2 * dist2))[iu[0], iu[1]]
+    cd_ok = torch.isfinite(cdnv)
+    out["cdnv"] = float(cdnv[cd_ok].mean())
+    if not bool(cd_ok.all() and g_ok.all()):
+        out["num_pairs_excluded_cdnv"] = int((~cd_ok).sum())
+        out["num_pairs_excluded_gnc2"] = int((~g_ok).sum())
     if weights is not None:
         w = weights.to(torch.float64)[used]
         out["nc3"] = float((w / w.norm() - mt / mt.norm()).norm().pow(2))

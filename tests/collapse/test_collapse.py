@@ -842,3 +842,29 @@ def test_collapse_command_ignore_index_and_min_count(tmp_path, capsys):
     assert got["ncc_mismatch"] == meter.ncc_mismatch(x[:-4], w)
     assert cli_main(argv[:-2] + ["--min-count", "0"]) == 2
     assert "--min-count must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_coincident_rare_tokens_match_the_oracle_and_min_count_removes_them():
+    # two tokens seen once each, after the same prefix: the same feature, so coincident class means. compute()
+    # leaves that pair out of cdnv/gnc2 (with a warning and the count), exactly as the dense oracle does; with
+    # min_count=2 the two classes are out of the metrics and nothing is left to warn about
+    import warnings
+
+    c, d = 10, 6
+    x, y = _clustered(160, 8, d)
+    shared = 2.0 * torch.randn(1, d, dtype=torch.float64)
+    x, y = torch.cat([x, shared, shared]), torch.cat([y, torch.tensor([8, 9])])
+    m = etfkern.CollapseMeter(c, d)
+    m.update(x, y)
+    with pytest.warns(RuntimeWarning, match="coincident means"):
+        got = m.compute()
+    want = ref.dense_metrics(x, y, c)
+    assert want["num_pairs_excluded_cdnv"] == 1 and all(math.isfinite(v) for v in want.values())
+    _assert_metrics(got, want, rtol=1e-8)
+    rare_out = etfkern.CollapseMeter(c, d, min_count=2)
+    rare_out.update(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = rare_out.compute()
+    assert "num_pairs_excluded_cdnv" not in got and got["num_classes_excluded"] == 2
+    _assert_metrics(got, ref.dense_metrics(x, y, c, min_count=2), rtol=1e-8)
