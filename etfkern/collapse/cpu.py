@@ -88,17 +88,31 @@ def pair_block_sums(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torc
     (None: all). Gram identities for well-separated pairs, direct differences for near ones (any device)."""
     na, nb = (a * a).sum(1), (b * b).sum(1)
     dot = a @ b.T
-    nsum = na[:, None] + nb[None, :]
-    dist2 = nsum - 2.0 * dot
-    nprod = na[:, None] * nb[None, :]
-    cos = dot / torch.sqrt(torch.where(nprod > 0, nprod, 1.0))
-    near = (dist2 < PAIR_RECHECK * nsum) | (cos > 1.0 - PAIR_RECHECK) | (nprod == 0)
-    ok = ~near if mask is None else mask & ~near
-    cd = ((sa[:, None] + sb[None, :]) / (2.0 * torch.where(ok, dist2, 1.0)))[ok]
-    g = torch.log(torch.where(ok, 2.0 - 2.0 * cos, 1.0)).mul_(-0.5).sub_(shift)[ok]
-    ma = (cos + inv_km1).abs_()[ok]
-    out = torch.stack([cd.sum(), g.sum(), (g * g).sum(), ma.sum(), cd.new_zeros(()), cd.new_zeros(())])
-    ii, jj = torch.nonzero(near if mask is None else mask & near, as_tuple=True)
+    bound = na[:, None] + nb[None, :]
+    dist2 = bound - 2.0 * dot
+    cos = dot.mul_(na.rsqrt()[:, None]).mul_(nb.rsqrt()[None, :])  # in place: dot is not needed any more
+    near = dist2 < bound.mul_(PAIR_RECHECK)
+    near |= cos > 1.0 - PAIR_RECHECK
+    if not (bool(na.all()) and bool(nb.all())):  # a zero row has no direction: its pairs go the exact way
+        near[na == 0, :] = True
+        near[:, nb == 0] = True
+    if mask is not None:
+        near &= mask
+    ii, jj = torch.nonzero(near, as_tuple=True)
+    skip = None
+    if ii.numel():
+        skip = near if mask is None else near | ~mask
+    elif mask is not None:
+        skip = ~mask
+    cd = (sa[:, None] + sb[None, :]).div_(dist2.mul_(2.0))
+    g = (1.0 - cos).mul_(2.0).log_().mul_(-0.5).sub_(shift)
+    ma = cos.add_(inv_km1).abs_()
+    if skip is not None:  # in place: near and invalid slots (possibly inf or NaN) contribute 0
+        for t in (cd, g, ma):
+            t.masked_fill_(skip, 0.0)
+    gf = g.view(-1)
+    zero = cd.new_zeros(())
+    out = torch.stack([cd.sum(), gf.sum(), torch.dot(gf, gf), ma.sum(), zero, zero])
     if ii.numel():
         out += _near_pair_terms(a[ii], b[jj], sa[ii], sb[jj], inv_km1, shift)
     return out
