@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -35,8 +34,6 @@ from etfkern.collapse import ops as _ops
 from etfkern.collapse.lm import collect_lm_features
 
 __all__ = ["CollapseMeter", "ncc_mismatch", "collect_lm_features", "plot_metrics", "METRIC_KEYS"]
-
-METRICS_DOC = "docs/metrics.md"  # the page that defines every key compute() returns
 
 METRIC_KEYS = ("nc1", "nc1_quotient", "cdnv", "nc2_equinorm", "nc2_equiangular", "nc2_maxangle", "nc2_etf_error",
                "gnc2", "gnc2_mean", "nc3", "unc3", "nc3_cos_mean", "num_classes_seen")
