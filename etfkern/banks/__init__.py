@@ -2,14 +2,18 @@
 their quality statistics and storage.
 
 Memory: every generator and statistic here is O(C*d) (plus O(d^2) for a random rotation); no C x C matrix is
-ever stored. Pairwise work goes through two routed ops defined in :mod:`etfkern._ops`:
+ever stored. Pairwise work goes through two routed ops defined in :mod:`etfkern.banks.ops`:
 
 * ``bank_pair_stats`` (max / sum / histogram of |cos| over pairs i < j) -- backs :func:`bank_stats`;
 * ``ebv_dir`` -- one step of ``ebv_bank(method="optimize")``: per-row max |cos| and the row-scaled gradient of
   the soft-max coherence objective, in ONE pass over the pairs (two GEMM-sized products per step).
 
 Backends: "reference" (dense float64, :mod:`etfkern.banks.reference`), "cpu" (row strips of chunked torch
-matmuls, O(strip * C) scratch), "triton" (tiled kernels, :mod:`etfkern.triton_kernels.banks`).
+matmuls, O(strip * C) scratch, :mod:`etfkern.banks.cpu`), "triton" (tiled kernels,
+:mod:`etfkern.triton_kernels.banks`). On CUDA the Triton variant comes from the "banks" rows of
+:mod:`etfkern._core.dispatch` unless ``ETFKERN_BANK_STATS_KERNEL`` (rows | tiles-ieee | tiles-tf32x3) or
+``ETFKERN_EBV_DIR_PRECISION`` (ieee | tf32x3 | tf32) names one; the tensor-core candidates never ran on a GPU
+(``python bench/banks.py --device cuda --sweep`` measures them against dense torch).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 
 from etfkern._core import backend as _backend
 from etfkern._core import dispatch as _dispatch
+from etfkern.banks import cpu as _cpu_path
 from etfkern.banks import ops as _ops
 from etfkern.banks import reference as _ref
 
@@ -37,8 +42,6 @@ AUTO_KEEP_RATIO = 1.5  # ebv_bank(method="auto") keeps a structured start within
 HIST_BINS = 2048  # bank_stats: coarse bins over [0, 1], then the same number of fine bins inside one coarse bin
 P999_RESOLUTION = 1.0 / HIST_BINS**2  # p99.9 is the upper edge of a fine bin: error in [0, 2.4e-7]
 GPU_HIST_BINS = 253  # the tiled Triton kernels: 3 passes of 253 bins (resolution 1/253^3 ~ 6.2e-8)
-_STRIP_ELEMS = 1 << 22  # cpu backend: rows per strip chosen so that one strip holds <= 4M cosines (16 MiB fp32)
-_DIR_STRIP_ELEMS = 1 << 21  # ebv_dir on cpu: two reused (strip, C) buffers of <= 2M entries
 
 
 # ==========================================================================================================
@@ -312,55 +315,6 @@ def _chirp_rows(prime: int, idx: torch.Tensor, dtype: torch.dtype = torch.float3
 # ==========================================================================================================
 # Routed ops: cpu backends (row strips of torch matmuls) and registration
 # ==========================================================================================================
-def _pair_stats_cpu(bank: torch.Tensor, bins: int, lo: float, hi: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    c = bank.shape[0]
-    w = bank.contiguous()
-    mx = torch.zeros((), dtype=torch.float64, device=bank.device)
-    total = torch.zeros((), dtype=torch.float64, device=bank.device)
-    hist = torch.zeros(bins + 2, dtype=torch.int64, device=bank.device)
-    scale = bins / (hi - lo)
-    rows = max(1, _STRIP_ELEMS // max(1, c))
-    for i0 in range(0, c - 1, rows):
-        i1 = min(c - 1, i0 + rows)
-        a = (w[i0:i1] @ w[i0 + 1:].T).abs()  # (strip, C - i0 - 1); keep j > i only
-        keep = torch.ones_like(a, dtype=torch.bool).triu_(0)
-        v = a[keep]
-        mx = torch.maximum(mx, v.max().to(torch.float64))
-        total += v.sum(dtype=torch.float64)
-        k = (torch.floor((v - lo) * scale) + 1).clamp_(0, bins + 1).to(torch.int64)
-        hist += torch.bincount(k, minlength=bins + 2)
-    return mx, total, hist
-
-
-def _dir_cpu(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ebv_dir`` on CPU: one pass of row strips. Per strip: one GEMM for the cosines, four in-place
-    elementwise passes into two reused (strip, C) buffers (no allocation per strip: fresh multi-MiB tensors
-    cost page faults that dominated the old step), one GEMM for the weighted sum of rows."""
-    c, d = bank.shape
-    w = bank.contiguous()
-    out = torch.empty_like(w)
-    rowmax = torch.zeros(c, dtype=w.dtype, device=w.device)
-    if c == 0:
-        return out, rowmax
-    rows = max(1, min(c, _DIR_STRIP_ELEMS // c))
-    w_t = w.T.contiguous()
-    cos_buf = torch.empty(rows, c, dtype=w.dtype, device=w.device)
-    p_buf = torch.empty_like(cos_buf)
-    diag = torch.arange(rows, device=w.device)
-    for i0 in range(0, c, rows):
-        i1 = min(c, i0 + rows)
-        cos, p, ar = cos_buf[: i1 - i0], p_buf[: i1 - i0], diag[: i1 - i0]
-        torch.matmul(w[i0:i1], w_t, out=cos)
-        cos[ar, ar + i0] = 0.0  # sign(0) = 0 drops the diagonal from dir; rowmax >= 0 anyway
-        torch.abs(cos, out=p)
-        m = p.amax(dim=1, keepdim=True)
-        rowmax[i0:i1] = m[:, 0]
-        p.sub_(m).mul_(beta).exp_().mul_(cos.sign_())
-        torch.matmul(p, w, out=out[i0:i1])
-    return out, rowmax
-
-
 PAIR_STATS_KERNELS = ("rows", "tiles-ieee", "tiles-tf32x3")  # = etfkern.triton_kernels.banks.PAIR_STATS_KERNELS
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")  # = etfkern.triton_kernels.banks.DOT_PRECISIONS
 STATS_KERNEL_ENV = "ETFKERN_BANK_STATS_KERNEL"
@@ -410,8 +364,8 @@ def _dir_triton(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Te
     return _tk.ebv_dir(bank, beta, precision=_gpu_variant("ebv_dir", DIR_PRECISION_ENV, DOT_PRECISIONS, bank))
 
 
-for _op, _cpu, _ref_fn, _tri in (("bank_pair_stats", _pair_stats_cpu, _ref.bank_pair_stats, _pair_stats_triton),
-                                 ("ebv_dir", _dir_cpu, _ref.ebv_dir, _dir_triton)):
+for _op, _cpu, _ref_fn, _tri in (("bank_pair_stats", _cpu_path.pair_stats, _ref.bank_pair_stats, _pair_stats_triton),
+                                 ("ebv_dir", _cpu_path.ebv_dir, _ref.ebv_dir, _dir_triton)):
     _backend.register(_op, "reference", _ref_fn)
     _backend.register(_op, "cpu", _cpu)
     _backend.register(_op, "triton", _tri)

@@ -12,6 +12,7 @@ import torch
 
 import etfkern
 from etfkern import banks
+from etfkern.banks import cpu as banks_cpu
 from etfkern.banks import ops as _ops
 from etfkern.cli import main as cli_main
 from etfkern.banks import reference as ref
@@ -73,7 +74,7 @@ def test_pair_stats_every_backend_matches_reference(device, c, d, noncontig):
 
 @pytest.mark.parametrize("c,d,noncontig", [(37, 13, False), (29, 7, True), (1, 3, False), (17, 40, False)])
 def test_ebv_dir_every_backend_matches_reference(device, c, d, noncontig, monkeypatch):
-    monkeypatch.setattr(banks, "_DIR_STRIP_ELEMS", 150)  # cpu backend: strips of 4..8 rows, a ragged last one
+    monkeypatch.setattr(banks_cpu, "DIR_STRIP_ELEMS", 150)  # cpu backend: strips of 4..8 rows, a ragged last one
     w = _unit(c, d, noncontig=noncontig).to(device)
     beta = 7.5
     dir_ref, rowmax_ref = ref.ebv_dir(w, beta)
