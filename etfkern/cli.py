@@ -42,6 +42,8 @@ def _device(value: str | None, flag: str = "--device", default: str | None = Non
         device = torch.device(value)
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"{flag} {value!r} is not a torch device (cpu, cuda, cuda:1, ...): {exc}") from None
+    if device.type not in ("cpu", "cuda", "meta"):  # mps, xla, xpu, ...: no etfkern kernel runs there
+        raise UsageError(f"{flag} {value}: etfkern runs on cpu and cuda devices only")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"{flag} {value}: no CUDA device is available here")

@@ -246,3 +246,114 @@ def test_unavailable_backend_is_a_usage_error(tmp_path, capsys, monkeypatch):
     assert cli_main(["collapse", *_tensors(tmp_path), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "backend 'cuda' cannot run" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device", ["mps", "xla", "xpu:0"])
+@pytest.mark.parametrize("command", [["bank", "--classes", "10", "--dim", "4"], ["demo", "--quick"], ["bench", "--quick"],
+                                     ["collapse", "--features", "f.pt", "--labels", "y.pt"]])
+def test_unsupported_device_types_are_one_line_errors(command, device, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli_main([*command, "--device", device]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [
+        f"etfkern {command[0]}: error: --device {device}: etfkern runs on cpu and cuda devices only"]
+    assert captured.out == ""
+
+
+def _result(**families):
+    return {"environment": {"device": "test cpu", "device_type": "cpu", "torch": "x", "triton": None,
+                            "etfkern": "0", "git_sha": "abc", "date": "2026-01-01T00:00:00"},
+            "quick": True, "families": families}
+
+
+def test_run_all_report_says_what_each_ratio_column_is(tmp_path):
+    run_all, _ = _run_all()
+    rows = [{"op": "step", "shape": "1M", "impl": "sgd_fused", "ms": 2.0, "x_sgd_fused": 1.0},
+            {"op": "step", "shape": "1M", "impl": "msam_exact", "ms": 3.0, "x_sgd_fused": 1.5, "ratio_to_etfkern": 1.0}]
+    report = tmp_path / "R.md"
+    run_all.render_report(_result(msam={"rows": rows}), str(report), str(tmp_path / "charts"))
+    text = report.read_text()
+    assert "peer time / etfkern time" not in text  # the old header, wrong for row / column ratios
+    assert "- `x_sgd_fused`: this row's ms / sgd_fused's ms for the same shape (> 1: this row is slower" in text
+    assert "- `ratio_to_etfkern`: this row's ms / etfkern's ms" in text
+    assert text.count("- `") == 2  # only the ratio columns the report shows
+
+
+def test_run_all_prints_the_result_tables(tmp_path, capsys):
+    run_all, _ = _run_all()
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(_result(
+        demo={"rows": [{"op": "fwd", "shape": [4, 8], "impl": "etfkern", "ms": 1.5, "note": "not a ratio"},
+                       {"op": "fwd", "shape": [4, 8], "impl": "eager", "ms": 3.0, "ratio_to_etfkern": 2.0}],
+              "seconds": 12.0},
+        broken={"rows": [], "error": "RuntimeError: boom"})))
+    assert run_all.main(["--report-only", str(path), "--report", str(tmp_path / "R.md")]) == 1  # a family failed
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("== demo (12 s)")
+    assert out[at + 1].split() == ["op", "shape", "impl", "ms", "ratio_to_etfkern"]
+    assert out[at + 3].split() == ["fwd", "4x8", "eager", "3", "2"]
+    assert "failed: RuntimeError: boom" in out
+
+
+def test_run_all_merge_and_interrupted_family(tmp_path, capsys):
+    run_all, _ = _run_all()
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_result(msam={"rows": [{"op": "s", "shape": "1", "impl": "sgd_fused", "ms": 1.0}]})))
+    cut = _result(banks={"rows": [], "error": "interrupted after 60 s (time limit or Ctrl-C)"})
+    cut["interrupted"] = "banks"
+    b.write_text(json.dumps(cut))
+    out = tmp_path / "all.json"
+    assert run_all.main(["--merge", str(a), str(b), "--out", str(out), "--report", str(tmp_path / "R.md")]) == 130
+    merged = json.loads(out.read_text())
+    assert set(merged["families"]) == {"msam", "banks"} and merged["interrupted"] == "banks"
+    assert "interrupted during `banks`" in (tmp_path / "R.md").read_text()
+    assert run_all.main(["--merge", str(tmp_path / "missing.json"), "--report", str(tmp_path / "R.md")]) == 2
+    assert "--merge: cannot read" in capsys.readouterr().err
+
+
+def test_run_all_interrupt_keeps_finished_families(tmp_path, monkeypatch):
+    """A time box's SIGINT during one family: the families before it are saved, that one is marked, none after."""
+    run_all, _ = _run_all()
+
+    class Family:
+        def __init__(self, behaviour):
+            self.behaviour = behaviour
+
+        def run(self, quick, device):
+            if self.behaviour == "interrupt":
+                raise KeyboardInterrupt
+            return [{"op": "x", "shape": "1", "impl": "etfkern", "ms": 1.0}]
+
+    behaviours = {"banks": "ok", "collapse": "interrupt", "msam": "ok", "spherical": "ok"}
+    monkeypatch.setattr(run_all, "_load", lambda name, path: Family(behaviours[name]))
+    saved = tmp_path / "r.json"
+    result = run_all.run(None, True, "cpu", save_to=str(saved))
+    on_disk = json.loads(saved.read_text())
+    assert list(on_disk["families"]) == ["banks", "collapse"] and on_disk["interrupted"] == "collapse"
+    assert on_disk["families"]["banks"]["rows"] and "interrupted after" in on_disk["families"]["collapse"]["error"]
+    assert result["interrupted"] == "collapse"
+
+
+def test_run_all_charts_have_no_empty_panels_and_a_linear_axis_from_zero(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    run_all, _ = _run_all()
+    figures = []
+    from matplotlib.figure import Figure
+
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), original(self, *a, **k))[1])
+    rows = [{"op": op, "shape": shape, "impl": impl, "ms": ms}
+            for op, impls in (("ce_fwd_bwd", {"etfkern": 190.0, "eager": 250.0, "torch.compile": 200.0}),
+                              ("nearest", {"etfkern": 5.0, "eager": 9.0}))
+            for shape in ("a", "b", "c") for impl, ms in impls.items()]
+    rows.append({"op": "ce_fwd_bwd", "shape": "a", "impl": "liger", "skipped": "GPU only"})
+    charts = run_all.render_report(_result(spherical={"rows": rows}), str(tmp_path / "R.md"), str(tmp_path / "c"))
+    assert len(charts) == 1 and len(figures) == 1
+    axes = figures[0].axes
+    assert len(axes) == 6  # 3 shapes x 2 ops, no blank seventh/eighth panel
+    for ax in axes:
+        assert ax.get_xscale() == "linear" and ax.get_xlim()[0] == 0
+        assert ax.get_legend() is None  # labels on the bars instead of a legend
+    first = [t.get_text() for t in axes[0].get_yticklabels()]
+    assert sorted(first) == sorted(["etfkern", "eager", "torch.compile", "liger"])
+    assert any("not run: GPU only" in t.get_text() for t in axes[0].texts)
