@@ -1,6 +1,19 @@
 """Benchmark: fused spherical cross-entropy (and nearest) vs eager torch, torch.compile, Liger, cut-cross-entropy.
 
-    python bench/spherical.py [--quick] [--device cpu|cuda] [--no-write]
+    python bench/spherical.py --device cuda [--budget-s 150]    the GPU sweep (issue 21), ~150 s on an H200
+    python bench/spherical.py [--quick] [--device cpu] [--no-write] [--sweep]
+
+GPU sweep (``--device cuda``, or ``--sweep``): bf16, every class-loop variant (ETFKERN_SPHERICAL_CLASS_LOOP = fused,
+mm, chunked; nearest: ETFKERN_SPHERICAL_NEAREST = fused, chunked) and the peers (eager, torch.compile, Liger FLCE,
+cut-cross-entropy when importable) in one run over SWEEP_SHAPES: fwd+bwd with a frozen bank, eval forward, nearest
+k=5, and the trainable bank at 8192x512x32768; ms, TFLOP/s of 4NCd (6NCd with dW, 2NCd forward-only), extra MiB
+(peak allocated minus inputs and x.grad), x_vs_<peer> (peer ms / ours). Writes bench/results/spherical-<device>-
+<date>.json and, on a GPU without --quick, bench/results/spherical-dispatch.json (the fastest variant per measured
+problem; etfkern/_core/dispatch.py loads it). A failed row is recorded and the sweep goes on; rows past the time
+budget are recorded as skipped. --quick: tiny shapes (a plumbing check; with TRITON_INTERPRET=1 on CPU the Triton
+variants run in the interpreter); its dispatch data goes to a -quick file that nothing loads.
+
+CPU benchmark (default on CPU):
 
 Rows: op (ce_fwd | ce_bwd | ce_fwd_bwd | nearest; on the first shape also ce_fwd_bwd_arc (metric "arc") and
 ce_fwd_bwd_bank_grad (trainable bank), etfkern vs eager), shape N x d x C, impl, ms, peak_mib (extra peak over the live
@@ -11,9 +24,12 @@ peak_over_logits (peak_mib / size of the fp32 N x C logits). Peers that cannot r
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
+import statistics
 import sys
+import time
 from typing import Any, Callable
 
 import torch
@@ -26,9 +42,6 @@ import etfkern  # noqa: E402
 from etfkern._core.measure import reset_peak_rss, proc_status_kib  # noqa: E402
 
 TAU = 0.07
-GPU_SHAPES = [(8192, 512, 32768), (16384, 1024, 131072), (8192, 4096, 262144),  # LLM-vocabulary scale
-              (8192, 100, 1000), (8192, 256, 10000), (8192, 512, 100000),  # EBV-style small d
-              (512, 512, 131072), (1024, 1024, 131072)]  # small batches: Triton split-C vs etfkern_unsplit
 CPU_SHAPES = [(4096, 128, 16384), (4096, 100, 10000), (2048, 512, 32768)]
 CPU_QUICK = [(4096, 128, 16384), (4096, 100, 10000)]
 
@@ -239,14 +252,12 @@ def _bench_shape(n: int, d: int, c: int, device: str, dtype: torch.dtype, quick:
     return rows
 
 
-def run(quick: bool, device: str) -> list[dict[str, Any]]:
-    """All rows for ``device`` ("cpu" or "cuda"); quick = fewer/smaller shapes and repetitions."""
+def run(quick: bool, device: str, budget_s: float = 150.0) -> list[dict[str, Any]]:
+    """All rows for ``device`` ("cpu" or "cuda"); quick = fewer/smaller shapes and repetitions. CUDA: the sweep."""
     if device == "cuda":
-        shapes = GPU_SHAPES[:1] + GPU_SHAPES[3:4] if quick else GPU_SHAPES
-        dtype = torch.bfloat16
-    else:
-        shapes = CPU_QUICK if quick else CPU_SHAPES
-        dtype = torch.float32
+        return sweep(device, quick, budget_s)
+    shapes = CPU_QUICK if quick else CPU_SHAPES
+    dtype = torch.float32
     peers = _peers(device, quick)
     rows = []
     for n, d, c in shapes:
@@ -259,12 +270,251 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/*.json")
+    p.add_argument("--sweep", action="store_true", help="the variant sweep on this device (default on cuda)")
+    p.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget of the sweep in seconds")
     args = p.parse_args(argv)
+    if args.sweep or args.device == "cuda":
+        return _main_sweep(args)
     rows = run(args.quick, args.device)
     print_table(rows, ["op", "shape", "impl", "ms", "ratio_to_etfkern", "peak_mib", "peak_over_logits",
                        "achieved_tflops", "skipped"])
     if not args.no_write:
         print("wrote", write_results("spherical_ce", rows, args.device, extra={"quick": args.quick}))
+    return 0
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU sweep (issue 21): every class-loop variant against the peers, one run, and the dispatch table's data
+# ----------------------------------------------------------------------------------------------------------
+SWEEP_SHAPES = [(8192, 1024, 131072), (16384, 4096, 32000), (4096, 4096, 262144), (65536, 256, 10000),
+                (8192, 512, 32768), (32768, 2048, 65536)]  # N, d, C
+SWEEP_SMALL = (8192, 512, 32768)  # also: trainable bank (fwd+bwd with dW)
+SWEEP_QUICK = [(20, 16, 70), (12, 8, 37)]  # --quick: a plumbing check (CPU: the Triton interpreter if enabled)
+CLASS_LOOP_VARIANTS = ("chunked", "mm", "fused")
+NEAREST_VARIANTS = ("chunked", "fused")
+NEAREST_K = 5
+DISPATCH_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "spherical-dispatch.json")
+
+
+class _Budget:
+    """Wall-clock budget of the sweep: rows past it are recorded as skipped, never run."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], Any], device: str, min_total_s: float = 0.25, max_reps: int = 10
+           ) -> tuple[float, float | None]:
+    """(median ms, extra peak MiB | None) of fn(): one warm-up call (JIT, autotune, compile), one sizing call, then
+    reps calls (enough for ~min_total_s, 1..max_reps). The peak is the CUDA allocator's maximum during the timed
+    calls above what was live before them (inputs, and x.grad / bank.grad of the previous call, which fn frees
+    before it makes new ones): the op's extra memory."""
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    once = time.perf_counter() - t0
+    reps = max(1, min(max_reps, int(min_total_s / max(once, 1e-6))))
+    base = None
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if base is not None else None
+    return statistics.median(times), extra
+
+
+def _sweep_impls(device: str, quick: bool) -> dict[str, Callable | str]:
+    """impl -> loss fn(x, bank, target) for the sweep (or why it is skipped): the etfkern variants, then peers."""
+    impls: dict[str, Callable | str] = {}
+    for v in CLASS_LOOP_VARIANTS:
+        impls[f"etfkern_{v}"] = _with_env("ETFKERN_SPHERICAL_CLASS_LOOP", v, _etfkern)
+    impls["eager"] = _eager
+    peers = _peers("cuda" if device == "cuda" else "cpu", quick)
+    for name in ("liger", "cut_cross_entropy", "torch.compile"):
+        impls[name] = peers[name]
+    return impls
+
+
+def _sweep_backend(device: str) -> str:
+    """The etfkern backend the sweep runs: triton on a GPU (and on CPU tensors under TRITON_INTERPRET=1), else the
+    CPU path (then the variants are one and the same code)."""
+    from etfkern._core import backend
+
+    return "triton" if backend.why_unavailable("triton", device, "spherical_ce_forward") is None else "auto"
+
+
+def _row_case(op: str, impl: str, fn: Callable, x0, bank, target, trainable: bool) -> Callable[[], Any]:
+    if op == "nearest":
+        if impl == "eager":
+            return lambda: torch.topk(F.normalize(x0, dim=1) @ bank.T, NEAREST_K, dim=1)
+        variant = impl.removeprefix("etfkern_")
+
+        def near():
+            with env_var("ETFKERN_SPHERICAL_NEAREST", variant):
+                return etfkern.nearest(x0, bank, k=NEAREST_K)
+        return near
+    if op == "ce_fwd":
+        def fwd():
+            with torch.no_grad():
+                return fn(x0, bank, target)
+        return fwd
+    x = x0.clone().requires_grad_()
+    b = bank.clone().requires_grad_() if trainable else bank
+
+    def fwd_bwd():
+        x.grad = None
+        if trainable:
+            b.grad = None
+        fn(x, b, target).backward()
+    return fwd_bwd
+
+
+def sweep(device: str, quick: bool, budget_s: float) -> list[dict[str, Any]]:
+    """Rows {op, shape, N, d, C, dtype, impl, ms, tflops, extra_mib, x_vs_<peer>} (or skipped / error) for every
+    shape x op x implementation. ops: ce_fwd_bwd (frozen bank, 4NCd), ce_fwd (eval, no gradient, 2NCd),
+    nearest (k = 5, 2NCd), ce_fwd_bwd_bank_grad (trainable bank, 6NCd; SWEEP_SMALL only). Order: etfkern variants
+    and eager over every shape first, then Liger / cut-cross-entropy, torch.compile last (its compile time is the
+    largest cost), so a budget that runs out costs peers, not the variants."""
+    budget = _Budget(budget_s)
+    shapes = SWEEP_QUICK if quick else SWEEP_SHAPES
+    small = shapes[-1] if quick else SWEEP_SMALL
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    impls = _sweep_impls(device, quick)
+    ours = [f"etfkern_{v}" for v in CLASS_LOOP_VARIANTS]
+    plan = []  # (phase, shape, op, impl)
+    for shape in shapes:
+        for impl in ours + ["eager"]:
+            plan.append((shape, "ce_fwd_bwd", impl))
+            plan.append((shape, "ce_fwd", impl))
+        for impl in [f"etfkern_{v}" for v in NEAREST_VARIANTS] + ["eager"]:
+            plan.append((shape, "nearest", impl))
+        if shape == small:
+            for impl in ours + ["eager"]:
+                plan.append((shape, "ce_fwd_bwd_bank_grad", impl))
+    for peer in ("liger", "cut_cross_entropy", "torch.compile"):
+        for shape in shapes:
+            plan.append((shape, "ce_fwd_bwd", peer))
+            if shape == small:
+                plan.append((shape, "ce_fwd_bwd_bank_grad", peer))
+    rows: list[dict[str, Any]] = []
+    inputs: dict[tuple, Any] = {}
+    backend = _sweep_backend(device)
+    for shape, op, impl in plan:
+        n, d, c = shape
+        row = dict(op=op, shape=f"{n}x{d}x{c}", N=n, d=d, C=c, dtype=str(dtype).removeprefix("torch."), impl=impl)
+        rows.append(row)
+        fn = impls.get(impl, _etfkern)
+        if isinstance(fn, str):
+            row["skipped"] = fn
+            continue
+        if budget.left() <= 0:
+            row["skipped"] = f"sweep time budget ({budget_s:.0f} s) spent"
+            continue
+        if shape not in inputs:  # one shape's tensors live at a time
+            inputs.clear()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            inputs[shape] = _inputs(n, d, c, device, dtype)
+        x0, bank, target = inputs[shape]
+        flop = {"ce_fwd_bwd": 4, "ce_fwd_bwd_bank_grad": 6}.get(op, 2) * n * c * d
+        try:
+            with etfkern.use_backend(backend):
+                ms, extra = _timed(_row_case(op, impl, fn, x0, bank, target, op == "ce_fwd_bwd_bank_grad"), device)
+        except Exception as exc:  # noqa: BLE001 - OOM of a materialising peer, an unsupported case: record it
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        row.update(ms=ms, tflops=flop / (ms * 1e-3) / 1e12, flop_model=f"{flop // (n * c * d)}NCd", extra_mib=extra,
+                   budget_mib=max(256.0, n * c * 4 / 16 / 2**20))
+    inputs.clear()
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """x_vs_<impl> on every etfkern row: that implementation's ms / ours (> 1: we are faster), same op and shape."""
+    by_case: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        if "ms" in r:
+            by_case.setdefault((r["op"], r["shape"]), {})[r["impl"]] = r["ms"]
+    for r in rows:
+        if "ms" in r and r["impl"].startswith("etfkern"):
+            for other, ms in by_case[(r["op"], r["shape"])].items():
+                if not other.startswith("etfkern"):
+                    r[f"x_vs_{other}"] = ms / r["ms"]
+
+
+def _around(v: int) -> list[int]:
+    """[lo, hi): the values within a factor sqrt(2) of the measured one (the dispatch entry's reach)."""
+    return [int(v / 2**0.5), int(v * 2**0.5) + 1]
+
+
+def dispatch_entries(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """The dispatch table's data: per (op, shape) the fastest etfkern variant that ran, as a row of
+    etfkern/_core/dispatch.py ("spherical_class_loop" / "spherical_nearest"), citing ``source``."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if "ms" in r and r["impl"].startswith("etfkern_"):
+            key = (r["op"], r["shape"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    entries = []
+    for (op, _), r in best.items():
+        others = "; ".join(f"{o['impl'].removeprefix('etfkern_')} {o['ms']:.2f}" for o in rows
+                           if o["op"] == op and o["shape"] == r["shape"] and "ms" in o and o is not r)
+        evidence = f"{r['dtype']} {op} {r['shape']}: {r['impl'].removeprefix('etfkern_')} {r['ms']:.2f} ms; {others}"
+        when: dict[str, Any] = {"dtype": r["dtype"], "d": _around(r["d"]), "C": _around(r["C"]), "N": _around(r["N"])}
+        if op == "nearest":
+            entries.append(dict(op="spherical_nearest", variant=r["impl"].removeprefix("etfkern_"), evidence=evidence,
+                                source=source, when={**when, "k": [1, 17]}))
+        else:
+            when.update(metric="cos", need_grad=op != "ce_fwd", bank_grad=op == "ce_fwd_bwd_bank_grad")
+            entries.append(dict(op="spherical_class_loop", variant=r["impl"].removeprefix("etfkern_"),
+                                evidence=evidence, source=source, when=when))
+    return entries
+
+
+def _main_sweep(args) -> int:
+    t0 = time.monotonic()
+    rows = sweep(args.device, args.quick, args.budget_s)
+    print_table(rows, ["op", "shape", "impl", "ms", "tflops", "extra_mib", "x_vs_eager", "x_vs_torch.compile",
+                       "x_vs_liger", "x_vs_cut_cross_entropy", "skipped", "error"])
+    print(f"sweep: {time.monotonic() - t0:.1f} s")
+    if args.no_write:
+        return 0
+    path = write_results("spherical", rows, args.device, extra={"quick": args.quick, "budget_s": args.budget_s})
+    print("wrote", path)
+    gpu_evidence = args.device == "cuda" and not args.quick
+    target = DISPATCH_JSON if gpu_evidence else DISPATCH_JSON.replace(".json", f"-{args.device}-quick.json")
+    source = os.path.relpath(path, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(target, "w") as f:
+        json.dump({"written_by": "bench/spherical.py", "source": source, "entries": dispatch_entries(rows, source)},
+                  f, indent=2)
+    print("wrote", target, "" if gpu_evidence else "(not GPU evidence: etfkern/_core/dispatch.py does not load it)")
     return 0
 
 

@@ -93,6 +93,7 @@ CLASS_LOOP_ENV = "ETFKERN_SPHERICAL_CLASS_LOOP"
 CLASS_LOOP_VARIANTS = ("fused", "mm", "chunked")
 NEAREST_ENV = "ETFKERN_SPHERICAL_NEAREST"
 NEAREST_VARIANTS = ("fused", "chunked")
+CHUNK_MIN_MIB = 64  # "chunked": the least logits-chunk budget (GEMMs of a few hundred rows at C = 131072)
 CHUNK_ENV = "ETFKERN_SPHERICAL_CHUNK_MIB"  # "chunked": the logits chunk's budget in MiB (tests force small chunks)
 MM_TILE_MIB = 32  # "mm" on a GPU: one float32 logits tile (+ its 16-bit copy: 48 MiB)
 MM_TILE_ROWS = 8192  # rows per tile: 8192 x 1024 x d GEMMs, wide enough for cuBLAS at d >= 1024
@@ -224,12 +225,14 @@ def chunk_rows_gpu(n: int, n_cls: int, d: int, itemsize: int) -> int:
     """Rows per chunk of the "chunked" variant. The whole op's extra memory stays within
     max(256 MiB, 1/16 of the N x C float32 logits): the chunk's (rows x C) logits in the GEMM dtype get that budget
     less the (N, d) x̂ copies and the (rows, d) float32 GEMM result; env ETFKERN_SPHERICAL_CHUNK_MIB sets the
-    chunk's budget directly (tests). Rows are a multiple of 128 when more than 128 fit (whole GEMM tiles)."""
+    chunk's budget directly (tests). Rows are a multiple of 128 when more than 128 fit (whole GEMM tiles). The chunk
+    keeps at least CHUNK_MIN_MIB: where the (N, d) float32 x̂-gradient the op returns alone passes the budget
+    (N = 16384, d = 4096: 256 MiB), one-row GEMMs would be the price of holding it."""
     forced = os.environ.get(CHUNK_ENV, "").strip()
     if forced:
         budget = int(float(forced) * 2**20)
     else:
-        budget = max(256 << 20, n * n_cls * 4 // 16) - n * d * (itemsize + 4)
+        budget = max(CHUNK_MIN_MIB << 20, max(256 << 20, n * n_cls * 4 // 16) - n * d * (itemsize + 4))
     rows = max(1, budget // max(1, n_cls * itemsize + d * 4))
     if rows > 128:
         rows -= rows % 128

@@ -340,3 +340,248 @@ def test_triton_float16_arc_small_tau_at_pole_is_finite(monkeypatch, split):
         res[backend] = (loss.double(), be.grad.double())
     # rounding x̂ to float16 moves cos = 1 by ~1e-3, where acos is steep: loose agreement only
     torch.testing.assert_close(res["triton"][0], res["cpu"][0], rtol=2e-2, atol=0.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The "chunked" variant (issue 21): cuBLAS-style GEMM per row chunk + one Triton pass over the chunk's logits
+# ------------------------------------------------------------------------------------------------------------
+def _force_chunks(monkeypatch, rows, c, d, itemsize=4):
+    """ETFKERN_SPHERICAL_CLASS_LOOP=chunked with a chunk budget that holds exactly ``rows`` rows."""
+    monkeypatch.setenv("ETFKERN_SPHERICAL_CLASS_LOOP", "chunked")
+    monkeypatch.setenv("ETFKERN_SPHERICAL_CHUNK_MIB", repr((rows * (c * itemsize + d * 4) + 1) / 2**20))
+    assert sph_ops.chunk_rows_gpu(10**6, c, d, itemsize) == rows
+
+
+@pytest.mark.parametrize("metric,tau", [("cos", 0.07), ("arc", 0.05)])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_chunked_ops_float32_within_issue_bounds_of_float64(monkeypatch, metric, tau, eps):
+    """float32, 4 chunks of 7 rows (N = 23, odd C = 41, d = 12; strided x and bank), ignored rows, mixup pairs
+    with per-row lam: loss and lse within 2e-5 and the x̂- and bank gradients within 2e-4 of the float64 reference;
+    eval (no gradient) gives the same loss and lse; deterministic (two runs are bitwise equal)."""
+    _triton_module()
+    n, d, c = 23, 12, 41
+    x, bank, target = _inputs(n, d, c, strided=True)
+    target[7] = target[19] = -100
+    tb, lam, g = torch.randint(0, c, (n,)), torch.rand(n), torch.randn(n)
+    _force_chunks(monkeypatch, 7, c, d)
+    args = (target, tb, lam, tau, metric, eps, -100)
+    ref = R.spherical_ce_forward(x.double(), bank.double(), *args[:2], lam.double(), *args[3:], True)
+    ref_dw = R.spherical_ce_bank_grad(x.double(), bank.double(), target, tb, lam.double(), g.double(), ref[1], tau,
+                                      metric, eps, -100)
+    with etfkern.use_backend("triton"):
+        loss, lse, grad = _ops.spherical_ce_forward(x, bank, *args, True)
+        again = _ops.spherical_ce_forward(x, bank, *args, True)
+        ev = _ops.spherical_ce_forward(x, bank, *args, False)
+        dw = _ops.spherical_ce_bank_grad(x, bank, target, tb, lam, g, lse, tau, metric, eps, -100)
+    torch.testing.assert_close(loss.double(), ref[0], atol=2e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), ref[1], atol=2e-5, rtol=0)
+    torch.testing.assert_close(grad.double(), ref[2], atol=2e-4, rtol=0)
+    torch.testing.assert_close(dw.double(), ref_dw, atol=2e-4 * max(1.0, float(ref_dw.abs().max())), rtol=0)
+    assert (loss[[7, 19]] == 0).all() and (grad[[7, 19]] == 0).all()
+    assert all(torch.equal(a, b) for a, b in zip(again, (loss, lse, grad)))
+    assert torch.equal(ev[0], loss) and torch.equal(ev[1], lse) and ev[2].shape == (0, d)
+
+
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+def test_chunked_public_loss_gradients_and_nearest_vs_float64(monkeypatch, metric):
+    """The public loss with a trainable bank (x and bank gradients through autograd) and nearest(k=3) on the
+    chunked variant, 3 chunks, against float64 autograd through the materialised logits (the GPU check's helper)."""
+    _triton_module()
+    _force_chunks(monkeypatch, 16, 50, 24)
+    monkeypatch.setenv("ETFKERN_SPHERICAL_NEAREST", "chunked")
+    _triton_vs_float64("cpu", 40, 24, 50, torch.float32, metric, k=3)
+
+
+@pytest.mark.parametrize("metric", ["cos", "arc"])
+def test_chunked_float16_no_worse_than_twice_plain_torch(monkeypatch, metric):
+    """float16 x and bank (16-bit logits chunk, dlogits in place): loss, x and bank gradients and top-k values
+    within 2x plain torch's float16 error against float64 (the interpreter has no bf16 dot; bf16 runs on a GPU)."""
+    _triton_module()
+    _force_chunks(monkeypatch, 8, 30, 12, itemsize=2)
+    monkeypatch.setenv("ETFKERN_SPHERICAL_NEAREST", "chunked")
+    _triton_vs_float64("cpu", 20, 12, 30, torch.float16, metric, k=3)
+
+
+def test_chunked_float16_arc_small_tau_at_pole_is_finite(monkeypatch):
+    """float16 "arc", tau = 0.01, x on bank rows (|cos| = 1): the chunk's dlogits carry tau * slope (<= 1000), never
+    the slope itself (1e5 > 65504): finite loss and gradients, loss close to the CPU backend's."""
+    _triton_module()
+    _force_chunks(monkeypatch, 4, 20, 64, itemsize=2)
+    bank = _bank(20, 64).half()
+    x = bank[:6].clone()
+    target = torch.arange(1, 7)
+    res = {}
+    for backend in ("cpu", "triton"):
+        xe, be = x.clone().requires_grad_(), bank.clone().requires_grad_()
+        with etfkern.use_backend(backend):
+            loss = etfkern.spherical_cross_entropy(xe, be, target, tau=0.01, metric="arc", label_smoothing=0.1,
+                                                   reduction="sum")
+            loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(xe.grad).all() and torch.isfinite(be.grad).all(), backend
+        res[backend] = loss.double()
+    torch.testing.assert_close(res["triton"], res["cpu"], rtol=2e-2, atol=0.0)
+
+
+def test_chunk_rows_keep_the_memory_budget():
+    """Every shape of the issue's grid: logits chunk + x̂ copies + the chunk's GEMM result <= max(256 MiB, 1/16 of
+    the N x C float32 logits), except where the op's own (N, d) float32 x̂-gradient passes it alone (then the chunk
+    gets CHUNK_MIN_MIB); rows are whole 128-row GEMM tiles when more than 128 fit."""
+    for n, d, c in ((8192, 1024, 131072), (16384, 4096, 32000), (4096, 4096, 262144), (65536, 256, 10000),
+                    (8192, 512, 32768), (32768, 2048, 65536)):
+        for itemsize in (2, 4):
+            rows = sph_ops.chunk_rows_gpu(n, c, d, itemsize)
+            budget = max(256 << 20, n * c * 4 // 16)
+            fixed = n * d * (itemsize + 4)
+            chunk = rows * (c * itemsize + d * 4)
+            assert rows >= 64 and (rows % 128 == 0 or rows < 128), (n, d, c, rows)
+            if budget - fixed >= sph_ops.CHUNK_MIN_MIB << 20:
+                assert chunk + fixed <= budget, (n, d, c, itemsize, rows)
+            else:
+                assert chunk <= sph_ops.CHUNK_MIN_MIB << 20, (n, d, c, itemsize, rows)
+    assert sph_ops.chunk_rows_gpu(5, 10, 4, 4) == 5  # small problems: one chunk of every row
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Variant choice: env override, then the dispatch table on a GPU (issue 15: "auto" picks the measured faster path)
+# ------------------------------------------------------------------------------------------------------------
+def test_class_loop_variant_from_dispatch_table_and_env_override(monkeypatch):
+    from etfkern._core import dispatch
+
+    monkeypatch.delenv("ETFKERN_SPHERICAL_CLASS_LOOP", raising=False)
+    x = lambda n, d, dt=torch.bfloat16: torch.empty(n, d, dtype=dt)  # noqa: E731
+    bank = lambda c, d, dt=torch.bfloat16: torch.empty(c, d, dtype=dt)  # noqa: E731
+    pick = lambda n, d, c, metric="cos", grad=True: sph_ops.class_loop_variant(x(n, d), bank(c, d), metric, grad)  # noqa
+    assert pick(64, 1024, 100) == "fused"  # CPU tensors (the interpreter): always the fused kernel
+    monkeypatch.setattr(sph_ops, "_on_gpu", lambda t: True)  # as on a GPU: the table decides
+    assert pick(8192, 1024, 131072) == "mm" and pick(8192, 512, 32768) == "mm"  # H200 row: "cos" at d >= 512
+    assert pick(65536, 256, 10000) == "fused" and pick(8192, 1024, 131072, "arc") == "fused"
+    variant, row = dispatch.choose_variant("spherical_class_loop", dtype="bfloat16", d=1024, C=131072, N=8192,
+                                           metric="cos", need_grad=True, bank_grad=False)
+    assert variant == "mm" and row.source.startswith("bench/results/")
+    for forced in ("fused", "mm", "chunked"):  # the env var wins over the table, on every device
+        monkeypatch.setenv("ETFKERN_SPHERICAL_CLASS_LOOP", forced)
+        assert pick(8192, 1024, 131072) == forced and pick(64, 8, 10, "arc") == forced
+    monkeypatch.setenv("ETFKERN_SPHERICAL_CLASS_LOOP", "cublas")
+    with pytest.raises(ValueError, match="ETFKERN_SPHERICAL_CLASS_LOOP"):
+        pick(64, 8, 10)
+    monkeypatch.delenv("ETFKERN_SPHERICAL_CLASS_LOOP")
+    assert sph_ops.nearest_variant(x(64, 8), bank(10, 8), 3) == "fused"
+    assert sph_ops.nearest_variant(x(64, 8), bank(100, 8), 65) == "chunked"  # past the fused kernel's k
+    monkeypatch.setenv("ETFKERN_SPHERICAL_NEAREST", "chunked")
+    assert sph_ops.nearest_variant(x(64, 8), bank(10, 8), 3) == "chunked"
+
+
+def test_measured_dispatch_json_rows_load_and_match(tmp_path):
+    """The sweep's dispatch JSON (bench/spherical.py writes it) loads as table rows: [lo, hi) ranges and values."""
+    import json
+
+    from etfkern._core import dispatch
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"entries": [{
+        "op": "spherical_class_loop", "variant": "chunked", "evidence": "x ms vs y ms", "source": "bench/results/f.json",
+        "when": {"dtype": "bfloat16", "metric": "cos", "need_grad": True, "bank_grad": False,
+                 "d": [724, 1448], "C": [92682, 185364], "N": [5793, 11585]}}]}))
+    rows = dispatch.load_measured(str(path))["spherical_class_loop"]
+    feats = dict(dtype="bfloat16", metric="cos", need_grad=True, bank_grad=False, d=1024, C=131072, N=8192)
+    assert rows[0].variant == "chunked" and rows[0].matches(feats)
+    assert not rows[0].matches({**feats, "d": 4096}) and not rows[0].matches({**feats, "metric": "arc"})
+    assert dispatch.load_measured(str(tmp_path / "missing.json")) == {}
+
+
+def test_float64_reference_helper_keeps_every_input_on_x_device(monkeypatch):
+    """Issue 15: the GPU check's float64 reference built lam on the CPU next to CUDA tensors. Every tensor handed to
+    the soft targets must be on x's device (a spy, and x on the meta device: this machine has one real device)."""
+    seen = []
+    real = R.soft_targets
+
+    def spy(target, target_b, lam, *rest):
+        seen.append({t.device for t in (target, target_b, lam)})
+        return real(target, target_b, lam, *rest)
+
+    monkeypatch.setattr(R, "soft_targets", spy)
+    x, bank, target = _inputs(6, 4, 5)
+    x = x.double()
+    for lam in (None, 0.7):
+        dev = torch.device("meta")
+        target_meta = target.to(dev)
+        out = _explicit_loss(x.to(dev), bank.double().to(dev), target_meta, 0.07, "cos", 0.0, -100, "none", None, lam)
+        assert out.device == dev
+        assert seen and seen[-1] == {dev}, seen
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sm_90 build check of the launch configs added for issues 15 and 21: the chunk pass in every input dtype and
+# mode, and the float64 configs of every spherical kernel (Triton 3.6 rejected the float64 dot accumulator)
+# ------------------------------------------------------------------------------------------------------------
+_AOT_SCRIPT_CHUNK_F64 = r"""
+import etfkern.triton_kernels.spherical as tk
+
+PT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
+ACCP = lambda dtype: "*fp64" if dtype == torch.float64 else "*fp32"
+
+def chunk(dtype, arc, write_grad, lse_given, n_cls=131072):
+    cfg = tk.chunk_config(n_cls); nw = cfg.pop("num_warps")
+    a = ACCP(dtype)
+    sig = dict(Z=PT[dtype], TA="*i64", TB="*i64", LAM=a, LSE=a, LOSS=a, C="i32", szn="i32", inv_tau="fp32",
+               arc_eps="fp32", eps="fp32", eps_over_c="fp32")
+    const = dict(ARC=arc, NEED_SUMZ=not lse_given, WRITE_GRAD=write_grad, LSE_GIVEN=lse_given,
+                 ACC=tk.tl_acc(torch.float64 if dtype == torch.float64 else torch.float32), **cfg)
+    return build(tk._chunk_ce_kernel, sig, const, num_warps=nw)
+
+def fwd64(d, arc, fixed, split):
+    dtype = torch.float64
+    cfg = tk.config(d, dtype); nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    p, a = PT[dtype], ACCP(dtype)
+    sig = dict(X=p, W=p, LSE=a, L=a, SUMZ=a, A=a, B=a, N="i32", C="i32", D="i32", sxn="i32", sxd="i32", swc="i32",
+               swd="i32", inv_tau="fp32", arc_eps="fp32", shift="fp32", c_split="i32")
+    const = dict(ARC=arc, NEED_SUMZ=arc, NEED_GRAD=True, NEED_B=arc, FIXED=fixed, SPLIT=split, TAU_FREE=False,
+                 ACC=tk.tl_acc(dtype), PREC="ieee", **cfg)
+    return build(tk._ce_fwd_kernel, sig, const, num_warps=nw, num_stages=ns)
+
+def dw64(d, arc):
+    dtype = torch.float64
+    cfg = tk.config(d, dtype); nw, ns = cfg.pop("num_warps"), cfg.pop("num_stages")
+    cfg.update(BLOCK_N=cfg["BLOCK_C"], BLOCK_C=cfg["BLOCK_N"])
+    p, a = PT[dtype], ACCP(dtype)
+    sig = dict(X=p, W=p, LSE=a, G=a, TA="*i64", TB="*i64", WA=a, WB=a, DW=a, N="i32", C="i32", D="i32", sxn="i32",
+               sxd="i32", swc="i32", swd="i32", inv_tau="fp32", arc_eps="fp32", eps_over_c="fp32", n_split="i32")
+    const = dict(ARC=arc, TAU_FREE=False, ACC=tk.tl_acc(dtype), PREC="ieee", **cfg)
+    return build(tk._ce_dw_kernel, sig, const, num_warps=nw, num_stages=ns)
+
+def nearest64(d, k):
+    dtype = torch.float64
+    cfg = tk.config(d, dtype)
+    sig = dict(X=PT[dtype], W=PT[dtype], VALS="*fp64", IDX="*i64", N="i32", C="i32", D="i32", sxn="i32", sxd="i32",
+               swc="i32", swd="i32", c_split="i32")
+    const = dict(K=k, KP=max(2, triton.next_power_of_2(k)), ACC=tk.tl_acc(dtype), PREC="ieee", BLOCK_N=64,
+                 BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"])
+    return build(tk._nearest_kernel, sig, const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+MODES = {"cos_fwd_grad": (False, True, False), "arc_fwd_grad": (True, True, False), "cos_eval": (False, False, False),
+         "arc_bank_grad": (True, True, True), "cos_bank_grad": (False, True, True)}
+out = {}
+for dtype, name, modes in ((torch.bfloat16, "bf16", ("cos_fwd_grad", "arc_fwd_grad", "cos_eval", "arc_bank_grad")),
+                           (torch.float16, "fp16", ("arc_fwd_grad", "arc_bank_grad")),
+                           (torch.float32, "fp32", ("cos_fwd_grad", "arc_bank_grad")),
+                           (torch.float64, "fp64", ("arc_fwd_grad", "cos_bank_grad"))):
+    for mode in modes:
+        out[f"chunk_{name}_{mode}"] = chunk(dtype, *MODES[mode])
+out["chunk_bf16_cos_fwd_grad_C100"] = chunk(torch.bfloat16, False, True, False, n_cls=100)
+out["fwd_fp64_d64_cos_fixed"] = fwd64(64, False, True, False)
+out["fwd_fp64_d520_arc_online_split_slab"] = fwd64(520, True, False, True)
+out["dw_fp64_d64_cos"] = dw64(64, False)
+out["dw_fp64_d520_arc_slab"] = dw64(520, True)
+out["nearest_fp64_d64_k5"] = nearest64(64, 5)
+print(json.dumps(out))
+"""
+
+
+def test_chunk_and_float64_kernels_compile_for_sm90(tmp_path):
+    report = compile_triton_for_sm90(_AOT_SCRIPT_CHUNK_F64, tmp_path)
+    chunks = {"chunk_bf16_cos_fwd_grad", "chunk_bf16_arc_fwd_grad", "chunk_bf16_cos_eval", "chunk_bf16_arc_bank_grad",
+              "chunk_fp16_arc_fwd_grad", "chunk_fp16_arc_bank_grad", "chunk_fp32_cos_fwd_grad",
+              "chunk_fp32_arc_bank_grad", "chunk_fp64_arc_fwd_grad", "chunk_fp64_cos_bank_grad"}
+    assert set(report) == chunks | {"chunk_bf16_cos_fwd_grad_C100", "fwd_fp64_d64_cos_fixed",
+                                    "fwd_fp64_d520_arc_online_split_slab", "dw_fp64_d64_cos", "dw_fp64_d520_arc_slab",
+                                    "nearest_fp64_d64_k5"}
