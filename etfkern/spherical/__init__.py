@@ -1,46 +1,38 @@
-"""Spherical logits, fused spherical cross-entropy and fused top-k nearest against a fixed bank of vectors.
+"""Spherical logits, fused spherical cross-entropy and fused top-k nearest against a fixed bank of vectors: the
+public functions and their argument checks.
 
-Layers (one family, one file per layer):
-  etfkern/_ops.py                       schemas + fake kernels: spherical_ce_forward, spherical_ce_partials,
-                                        spherical_ce_bank_grad, spherical_nearest
-  etfkern/reference/spherical.py        float64 oracle (materialises N x C; tests only / last resort)
-  this file                             chunked-torch CPU backend, autograd, validation, public functions
-  etfkern.triton_kernels.spherical.py  GPU kernels (N x C logits never stored)
+Layers (one family, one file per layer; arrows run one way):
+  this file                              public functions, validation, (..., d) flattening, learnable tau
+  etfkern/spherical/ops.py               schemas + fake kernels, autograd of the ops, backend registration, the
+                                         Triton op layer
+  etfkern/spherical/cpu.py               the CPU path (C++ tile kernels when built, else chunked torch)
+  etfkern/spherical/reference.py         float64 oracle (materialises N x C; tests only / last resort)
+  etfkern.triton_kernels.spherical       GPU kernels (N x C logits never stored)
 
 Math (see the reference for the definitions): with s_ic = dz_ic/dcos_ic, the x̂-gradient of row i is
-g_i * G_i with G_i = sum_c p_ic s_ic w_c - sum_c t_ic s_ic w_c. The forward computes the first sum in the same
-pass as the log-sum-exp (the "P @ V" of attention with V = bank) when x needs a gradient, so the backward for x
-is O(N d). The target part needs only the two target rows of the bank plus, for label smoothing, sum_c z_ic and
-sum_c s_ic w_c: for "cos" these are x̂ . colsum(W) / tau and colsum(W) / tau (one O(C d) column sum), for "arc"
-they are accumulated in the class loop.
+g_i * G_i with G_i = sum_c p_ic s_ic w_c - sum_c t_ic s_ic w_c, formed in the forward's class pass, so the
+backward for x is O(N d). Both metrics have z = f(cos)/tau, so dz/dtau = -z/tau and a learnable tau gets
+dloss_i/dtau = -(1/tau) sum_c (p_ic - t_ic) z_ic: x̂_i . G_i for "cos" (s = 1/tau; no extra pass), one more class
+pass for "arc" (:func:`expected_arc_logit`). The ops take tau as a float: a tensor tau is read on the host.
 
-CPU path: the C++ tile kernels of csrc/spherical/cpu.cpp when etfkern._C is built ("cos" class loop with the fixed
-shift: BLAS GEMM into the class_tile() buffer, then ONE fused vectorised pass exp + row sum in place, then the P @ W
-GEMM; nearest: 256 x 1024 GEMM tiles + a running top-k merge per row), else the torch path below.
-Torch path: chunks of rows (chunk_rows(): a memory budget, default 64 MiB, and at most ~1/16 of the logits per
-temporary); for "cos" with a fixed shift (no row max needed, the usual case) the class loop is split as well:
-2-D tiles from class_tile() (1024 x 2048, one preallocated buffer, sums accumulated with addmv_/addmm_), which keeps
-both GEMMs square enough for MKL at large d.
-The Triton path takes the same fixed shift when fixed_shift() allows it and an online row max otherwise
-(deterministic either way: one program walks its class tiles in order; split-C slabs combine in a fixed order).
+Shapes: x (..., d) and targets (...) are flattened to rows here (a view when the strides allow); results take the
+leading shape back.
 
-Host syncs: on CPU tensors the labels, lam, x and bank are checked eagerly (ValueError). On CUDA tensors (and under
-torch.compile) the same checks run on the device with ``torch._assert_async`` (no host sync; a failure surfaces at
-the next synchronising point as a device-side assert, as torch's own cross_entropy does) unless
-``validate=True`` (eager ValueError, one host sync) or ``validate=False`` (no checks).
+Host syncs: on CPU tensors the labels, lam, x, bank and the tau bound are checked eagerly (ValueError). On CUDA
+tensors (and under torch.compile) the same checks run on the device with ``torch._assert_async`` (no host sync; a
+failure surfaces at the next synchronising point as a device-side assert, as torch's own cross_entropy does)
+unless ``validate=True`` (eager ValueError, one host sync) or ``validate=False`` (no checks). The bank's checks
+(finite; its largest row norm for the tau bound) run once per bank version: see :func:`clear_bank_check_cache`.
 """
 from __future__ import annotations
 
 import math
-import os
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from etfkern._core import backend as _backend
 from etfkern.spherical import ops as _ops
-from etfkern.spherical import reference as _ref
 from etfkern.spherical.reference import ARC_GRAD_EPS, METRICS, NORM_EPS, acc_dtype
 from etfkern.spherical.cpu import (_rowdot, chunk_rows, chunked_nearest, class_tile,  # noqa: F401 (re-exported)
                                    cos_tiles, finish_forward, fixed_shift, normalized, run_cos_tiles, z_and_slope)
