@@ -31,6 +31,7 @@ Implementation notes:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from typing import Any, Iterable, Iterator
@@ -119,6 +120,22 @@ class _Gathered:
         self.rho = 0.0
 
 
+@dataclasses.dataclass
+class _FastKey:
+    """The Triton plan's parameter set: ids of all parameters (group order), which had no gradient, the plan's
+    entries (index into that list, local tensor, storage address, group index, no-grad flag) and their rows."""
+    ids: tuple
+    no_grad: tuple
+    entry_index: list
+    locs: list
+    loc_ptrs: tuple
+    group_index: list
+    idle: list
+    rows: list
+    group_rows: tuple
+    device: torch.device
+
+
 def _all_reduce(t: Tensor, groups: tuple) -> Tensor:
     if groups:
         import torch.distributed as dist
@@ -157,6 +174,7 @@ class _MSAMBase(torch.optim.Optimizer):
         self._plan: Any = None
         self._plan_key: tuple | None = None
         self._plan_source: tuple | None = None  # (group index, grads, no-grad flags) the plan was last run with
+        self._fast: _FastKey | None = None  # what lets a step with an unchanged parameter set skip the gathering
         self._taken_known = False  # the host knows that a step was applied (lagged mode may skip the norm pass)
         self._probe: tuple | None = None  # CUDA: (event, pinned copy of the step count) while that is unknown
         super().__init__(params, defaults)
@@ -191,7 +209,7 @@ class _MSAMBase(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()  # a rejected group must not stay behind (every later step would fail)
             raise
-        self._plan = self._plan_key = self._plan_source = None
+        self._plan = self._plan_key = self._plan_source = self._fast = None
 
     @staticmethod
     def _check(name: str, value: float, lo: float, hi: float = math.inf, hi_open: bool = False) -> None:
@@ -269,7 +287,7 @@ class _MSAMBase(torch.optim.Optimizer):
     def _set_scalars(self, G: Tensor) -> None:
         self._gbuf = G
         self._globals = {"scale": G[0], "lagged_sq": G[1], "step": G[2]}
-        self._plan = self._plan_key = self._plan_source = None
+        self._plan = self._plan_key = self._plan_source = self._fast = None
 
     def _step_taken(self) -> bool:
         """Whether the host knows that a step was applied (the lagged scale is defined). On CUDA this is read
@@ -308,6 +326,9 @@ class _MSAMBase(torch.optim.Optimizer):
                 loss = closure()
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if self._fast is not None and self._fast_step(grad_scale, found_inf):
+            self._finish_step(found_inf)
+            return loss
         gathered = self._gather()
         if gathered is None:
             return loss
@@ -321,20 +342,60 @@ class _MSAMBase(torch.optim.Optimizer):
         # all checks done: from here on state may be created
         states = [self._state_of(p, loc) for p, loc in zip(gathered.params, gathered.locs)]
         G = self._scalars(device, dtype)
-        if self.norm == "exact":
-            mode = _EXACT
-        else:
-            mode = _LAGGED if self._step_taken() else _LAGGED_UNCONFIRMED
+        mode = self._mode()
         if all(not g for g in gathered.norm_groups) and \
                 _backend.choose(self._kernel_op, device) == "triton":
             self._step_plan(gathered, states, G, mode, grad_scale, found_inf)
         else:
             self._step_ops(gathered, states, G, mode, grad_scale, found_inf)
+        self._finish_step(found_inf)
+        return loss
+
+    def _finish_step(self, found_inf: Tensor | None) -> None:
         self._steps += 1
         if found_inf is None:
             self._taken_known = True
         self._probe_step_count()
-        return loss
+
+    def _mode(self) -> int:
+        if self.norm == "exact":
+            return _EXACT
+        return _LAGGED if self._step_taken() else _LAGGED_UNCONFIRMED
+
+    def _fast_step(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:
+        """The Triton step when the parameter set, which tensors have a gradient, the parameters' storage and
+        the backend are what the plan was built for: only the per-step checks (group hyperparameters, sparse or
+        strided gradients) run in Python. False (nothing done) sends the step down the general path."""
+        f = self._fast
+        params = [p for group in self.param_groups for p in group["params"]]
+        grads = [p.grad for p in params]
+        if tuple(map(id, params)) != f.ids or tuple(g is None for g in grads) != f.no_grad:
+            return False
+        if _backend.choose(self._kernel_op, f.device) != "triton":
+            return False
+        for t in (grad_scale, found_inf):
+            if t is not None and (t.numel() != 1 or t.device != f.device):
+                return False
+        rho = self._gather_rho()
+        group_rows = tuple(self._row(group) for group in self.param_groups)
+        if group_rows != f.group_rows:
+            f.rows, f.group_rows = self._rows(f.group_index, f.idle), group_rows
+        plan_grads = []
+        for k, loc in zip(f.entry_index, f.locs):
+            g = grads[k]
+            if g is None:
+                plan_grads.append(loc)
+            elif g.is_sparse or not g.is_contiguous():
+                return False
+            else:
+                plan_grads.append(g)
+        if tuple(loc.data_ptr() for loc in f.locs) != f.loc_ptrs:
+            return False
+        mode = self._mode()
+        self._plan.refresh(plan_grads, f.rows, rho)
+        self._plan_source = (f.group_index, plan_grads, f.idle)
+        self._plan.step(mode, grad_scale, found_inf)
+        return True
 
     def _step_plan(self, g: _Gathered, states: list[dict], G: Tensor, mode: int, grad_scale, found_inf) -> None:
         """Triton: one launch per pass over every tensor, tables reused while the parameter set is unchanged."""
@@ -352,6 +413,14 @@ class _MSAMBase(torch.optim.Optimizer):
         self._plan.refresh(grads, rows, g.rho)
         self._plan_source = (g.group_index, grads, idle)
         self._plan.step(mode, grad_scale, found_inf)
+        if not any(_is_dtensor(p) for p in g.params):
+            params = [p for group in self.param_groups for p in group["params"]]
+            where = {id(p): k for k, p in enumerate(params)}
+            self._fast = _FastKey(ids=tuple(map(id, params)), no_grad=tuple(p.grad is None for p in params),
+                                  entry_index=[where[id(p)] for p in g.params], locs=list(g.locs),
+                                  loc_ptrs=tuple(loc.data_ptr() for loc in g.locs), group_index=g.group_index,
+                                  idle=idle, rows=rows, group_rows=tuple(self._row(gr) for gr in self.param_groups),
+                                  device=G.device)
 
     def _step_ops(self, g: _Gathered, states: list[dict], G: Tensor, mode: int, grad_scale, found_inf) -> None:
         """The etfkern ops (cpu, cuda, reference backends; sharded parameters): per kind of parameters."""

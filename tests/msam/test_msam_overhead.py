@@ -142,3 +142,24 @@ def test_plan_follows_grads_hyperparameters_and_parameter_set():
             assert max((p.detach() - x).abs().max().item() for p, x in zip(live, w)) < 1e-10, t
     assert plans[0] is plans[1]  # same parameter set and grad presence: same tables
     assert plans[1] is not plans[2] and plans[4] is not plans[5]  # a tensor lost its grad; a group was added
+
+
+def test_plan_notices_new_parameter_storage_strided_grads_and_backend_switch():
+    # p.data replaced, a strided gradient, a step on another backend in between: each step still follows the
+    # float64 equations (the fast path re-checks what its tables depend on before launching)
+    gen = torch.Generator().manual_seed(13)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(4, 5), (6,)]]
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = MSAM(params, lr=0.05, momentum=0.9, rho=0.2)
+    w, st = [x.clone() for x in init], {}
+    for t in range(6):
+        gs = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in init]
+        if t == 2:
+            params[0].data = params[0].data.clone()  # new storage behind the same parameter
+        for p, g in zip(params, gs):
+            p.grad = torch.stack([g, g], dim=-1)[..., 0] if t == 3 else g.clone()
+        with etfkern.use_backend("cpu" if t == 4 else "triton"):
+            opt.step()
+        assert t != 3 or not params[0].grad.is_contiguous()
+        ref.msam_trajectory_step(w, gs, st, lr=0.05, momentum=0.9, rho=0.2)
+        assert max((p.detach() - x).abs().max().item() for p, x in zip(params, w)) < 1e-10, t
