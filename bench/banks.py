@@ -241,14 +241,13 @@ def main() -> None:
     if args.sweep and args.device != "cuda":
         p.error("--sweep needs --device cuda")
     rows = sweep() if args.sweep else run(args.quick, args.device)
-    print_table([r for r in rows if r["op"] == "ebv_bank"],
-                ["shape", "impl", "seconds", "max_abs_cos", "welch", "ratio_welch", "random_ratio_welch",
-                 "target", "measured_on"])
-    print_table([r for r in rows if r["op"] == "bank_stats"],
-                ["shape", "impl", "ms", "peak_mib", "speed_vs_dense", "memory_vs_dense", "err_max_abs_cos",
-                 "err_mean_abs_cos", "err_p999_abs_cos"])
-    print_table([r for r in rows if r["op"] == "ebv_dir"],
-                ["shape", "impl", "err_rowmax", "rel_err_dir", "ms_C20000", "ms_C100000"])
+    for op, columns in (("ebv_bank", ["shape", "impl", "seconds", "max_abs_cos", "welch", "ratio_welch",
+                                      "random_ratio_welch", "target", "measured_on"]),
+                        ("bank_stats", ["shape", "impl", "ms", "peak_mib", "speed_vs_dense", "memory_vs_dense",
+                                        "err_max_abs_cos", "err_mean_abs_cos", "err_p999_abs_cos"]),
+                        ("ebv_dir", ["shape", "impl", "err_rowmax", "rel_err_dir", "ms_C20000", "ms_C100000"])):
+        if any(r["op"] == op for r in rows):
+            print_table([r for r in rows if r["op"] == op], columns)
     if not args.no_write:
         extra = {"quick": args.quick, "sweep": args.sweep}
         path = write_results('banks-sweep' if args.sweep else 'banks', rows, args.device, extra=extra)
