@@ -222,7 +222,7 @@ def test_ebv_head_learnable_tau_trains():
     bank = _bank(12, 6, torch.float32)
     head = etfkern.nn.EBVHead(bank, tau=0.5, learnable_tau=True)
     assert [name for name, _ in head.named_parameters()] == ["log_tau"]
-    assert isinstance(head.tau, torch.Tensor) and abs(float(head.tau) - 0.5) < 1e-6
+    assert isinstance(head.tau, torch.Tensor) and abs(float(head.tau.detach()) - 0.5) < 1e-6
     feats = bank[torch.randint(0, 12, (3, 8))] + 0.1 * torch.randn(3, 8, 6)
     target = feats.matmul(bank.T).argmax(-1)
     loss = head(feats, target)
@@ -239,8 +239,8 @@ def test_ebv_head_learnable_tau_trains():
         step_loss = head(feats, target)
         step_loss.backward()
         opt.step()
-        losses.append(float(step_loss))
-    assert losses[-1] < losses[0] and 0 < float(head.tau) < 0.5  # separable data: a sharper temperature helps
+        losses.append(float(step_loss.detach()))
+    assert losses[-1] < losses[0] and 0 < float(head.tau.detach()) < 0.5  # separable data: a sharper temperature helps
 
 
 # ---- the tau bound (issue 19 item 9) ---------------------------------------------------------------------------
@@ -336,3 +336,24 @@ def test_ebv_head_keeps_one_cast_bank_until_the_bank_changes():
     fresh = head._bank_for(feats)
     assert fresh is not first and torch.equal(fresh[0], -first[0])
     assert head._bank_for(torch.randn(2, 4)) is head.bank  # same dtype: the buffer itself
+
+
+def test_arc_tau_pass_is_chunked_and_exact(monkeypatch):
+    """The "arc" tau-gradient pass walks row chunks of about _TAU_PASS_MIB (never N x C at once): one-row chunks
+    give the same tau gradient as one chunk."""
+    x = torch.randn(7, 5, dtype=torch.float64)
+    bank = _bank(11, 5)
+    target = torch.tensor([0, 4, -100, 10, 3, 3, 9])
+
+    def tau_grad():
+        tau = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+        etfkern.spherical_cross_entropy(x, bank, target, tau=tau, metric="arc", label_smoothing=0.2).backward()
+        return tau.grad
+
+    whole = tau_grad()
+    seen = []
+    real = torch.arccos
+    monkeypatch.setattr(torch, "arccos", lambda t: seen.append(tuple(t.shape)) or real(t))
+    monkeypatch.setattr(sph, "_TAU_PASS_MIB", 1e-6)  # one row per chunk
+    torch.testing.assert_close(tau_grad(), whole, atol=1e-12, rtol=1e-12)
+    assert seen.count((1, 11)) == 7  # the tau pass: 7 one-row chunks (the forward's own class loop aside)
