@@ -1,6 +1,12 @@
 """Optimizer step time: fused Momentum-SAM vs torch's SGD/AdamW and the public per-tensor MSAM loop.
 
-    python bench/msam.py [--quick] [--device cpu|cuda] [--no-write]
+    python bench/msam.py [--quick] [--device cpu|cuda] [--no-write] [--sizes 10e6,100e6] [--only msam_exact,...]
+
+GPU sweep (about a minute on an H200): 10M and 100M parameters, fp32 and bf16 parameters with fp32 state; exact,
+lagged and AdamW MSAM, each eager and replayed from a CUDA graph (``*_graph``: the capturable step, no Python per
+step); peers torch SGD(fused=True) / foreach, AdamW(fused=True) / foreach; the device copy rate measured in the same
+run gives ``copy_frac`` (achieved bandwidth of the method's traffic floor over the copy rate) and ``x_floor`` (time
+over the time the floor's bytes take at the copy rate).
 
 Parameters are split like a network (32 weight matrices + 32 bias vectors). Rows: ms per step (median),
 effective bandwidth from the bytes each method must move per element, and ratios against the peers
@@ -14,6 +20,7 @@ writes p, v = 20 B; exact MSAM = 20 B + pass 1 reading g, v (+ p with weight dec
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -76,10 +83,14 @@ def _params(numel: int, dtype: torch.dtype, device: str) -> list[torch.nn.Parame
 
 
 def _bytes_per_elem(impl: str, pbytes: int, sbytes: int = 4) -> int:
+    """The traffic floor per element: what the method must read and write (exact MSAM: the norm pass reads g
+    and v; no p without weight decay)."""
     pg = 2 * pbytes + pbytes  # read p and g, write p
+    impl = impl.removesuffix("_graph")
     return {"sgd_foreach": pg + 2 * sbytes, "sgd_fused": pg + 2 * sbytes, "msam_exact": pg + 2 * sbytes
             + pbytes + sbytes, "msam_lagged": pg + 2 * sbytes, "adamw_fused": pg + 4 * sbytes,
-            "adamw_msam": pg + 4 * sbytes + pbytes + sbytes, "per_tensor_loop": 72 * pbytes // 4}[impl]
+            "adamw_foreach": pg + 4 * sbytes, "adamw_msam": pg + 4 * sbytes + pbytes + sbytes,
+            "per_tensor_loop": 72 * pbytes // 4}[impl]
 
 
 def _optimizers(ps, device: str) -> dict[str, Callable[[], torch.optim.Optimizer]]:
@@ -91,9 +102,32 @@ def _optimizers(ps, device: str) -> dict[str, Callable[[], torch.optim.Optimizer
         "msam_lagged": lambda: MSAM(ps, lr=lr, momentum=0.9, rho=0.3, norm="lagged"),
         "per_tensor_loop": lambda: PerTensorMSAM(ps, lr=lr),
         "adamw_fused": lambda: torch.optim.AdamW(ps, lr=lr, fused=True),
+        "adamw_foreach": lambda: torch.optim.AdamW(ps, lr=lr, foreach=True),
         "adamw_msam": lambda: AdamWMSAM(ps, lr=lr, rho=0.5),
     }
+    if torch.device(device).type == "cuda":  # the capturable steps, replayed from a CUDA graph
+        for name in ("msam_exact", "msam_lagged", "adamw_msam"):
+            makers[name + "_graph"] = functools.partial(_Graphed, makers[name])
     return makers
+
+
+class _Graphed:
+    """An optimizer whose step() replays one captured step (after three eager warm-up steps on a side stream)."""
+
+    def __init__(self, make: Callable[[], torch.optim.Optimizer]) -> None:
+        self.opt = make()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.opt.step()
+
+    def step(self) -> None:
+        self.graph.replay()
 
 
 def _time_interleaved(opts: dict[str, torch.optim.Optimizer], device: str, rounds: int) -> dict[str, float]:
@@ -117,10 +151,11 @@ def copy_rate_gbs(device: str, numel: int) -> float:
     return 2 * 4 * numel / (ms * 1e-3) / 1e9
 
 
-def run(quick: bool, device: str) -> list[dict]:
-    sizes = [1_000_000, 10_000_000] if device == "cpu" else [10_000_000, 100_000_000, 1_000_000_000]
-    if quick and device != "cpu":
-        sizes = sizes[:2]
+def run(quick: bool, device: str, sizes: list[int] | None = None, only: set[str] | None = None) -> list[dict]:
+    if sizes is None:
+        sizes = [1_000_000, 10_000_000] if device == "cpu" else [10_000_000, 100_000_000, 1_000_000_000]
+        if quick and device != "cpu":
+            sizes = sizes[:2]
     rows: list[dict] = []
     copy_gbs = copy_rate_gbs(device, min(max(sizes), 100_000_000))
     for numel in sizes:
@@ -130,6 +165,8 @@ def run(quick: bool, device: str) -> list[dict]:
             shape = f"{total / 1e6:.0f}M {str(dtype).replace('torch.', '')}"
             opts: dict[str, torch.optim.Optimizer] = {}
             for impl, make in _optimizers(ps, device).items():
+                if only and impl not in only:
+                    continue
                 try:
                     opts[impl] = make()
                     opts[impl].step()
@@ -140,8 +177,10 @@ def run(quick: bool, device: str) -> list[dict]:
             pbytes = torch.finfo(dtype).bits // 8
             for impl, ms in times.items():
                 gbs = _bytes_per_elem(impl, pbytes) * total / (ms * 1e-3) / 1e9
+                floor_ms = _bytes_per_elem(impl, pbytes) * total / (copy_gbs * 1e9) * 1e3
                 rows.append({"op": "optimizer_step", "shape": shape, "impl": impl, "ms": ms,
-                             "GB/s": gbs, "copy_frac": gbs / copy_gbs, "threads": torch.get_num_threads()})
+                             "GB/s": gbs, "copy_frac": gbs / copy_gbs, "x_floor": ms / floor_ms,
+                             "threads": torch.get_num_threads()})
             base = times.get("sgd_foreach")
             for r in rows:
                 if r["shape"] == shape:
@@ -160,12 +199,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-write", action="store_true", help="print only, write no results file")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--sizes", default=None, help="comma-separated parameter counts, e.g. 25e6 (default: per device)")
+    ap.add_argument("--only", default=None, help="comma-separated impls to run (default: all)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run(args.quick, args.device)
-    print_table(rows, ["shape", "impl", "ms", "GB/s", "copy_frac", "x_sgd_foreach", "x_sgd_fused", "x_msam_exact",
-                       "x_adamw_fused"])
+    sizes = [int(float(x)) for x in args.sizes.split(",")] if args.sizes else None
+    only = set(args.only.split(",")) if args.only else None
+    rows = run(args.quick, args.device, sizes, only)
+    print_table(rows, ["shape", "impl", "ms", "GB/s", "copy_frac", "x_floor", "x_sgd_foreach", "x_sgd_fused",
+                       "x_msam_exact", "x_adamw_fused"])
     if not args.no_write:
         print("wrote", write_results("msam", rows, args.device, extra={"build": etfkern.build_info(),
                                                                           "quick": args.quick}))
