@@ -110,18 +110,22 @@ def _on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda and not _tk().triton_interpret()
 
 
-def class_loop_variant(x: torch.Tensor, bank: torch.Tensor, metric: str, need_grad: bool,
-                       bank_grad: bool = False) -> str:
-    """fused | mm | chunked for this problem: env ETFKERN_SPHERICAL_CLASS_LOOP when set (ValueError when not a
-    variant), else on a GPU the dispatch table (etfkern/_core/dispatch.py, measured rows only), else "fused"."""
-    if os.environ.get(CLASS_LOOP_ENV, "").strip():
-        return _backend.kernel_variant(CLASS_LOOP_ENV, CLASS_LOOP_VARIANTS)
+def _variant(env: str, choices: tuple[str, ...], op: str, x: torch.Tensor, bank: torch.Tensor, **features) -> str:
+    """env ``env`` when set (ValueError when not one of ``choices``), else on a GPU the dispatch table's pick for
+    ``op`` (etfkern/_core/dispatch.py: measured rows only), else choices' "fused"."""
+    if os.environ.get(env, "").strip():
+        return _backend.kernel_variant(env, choices)
     if not _on_gpu(x):
         return "fused"
-    n, d = x.shape
-    return _dispatch.choose_variant("spherical_class_loop", dtype=_dispatch.dtype_name(x.dtype), d=d,
-                                    C=bank.shape[0], N=n, metric=metric, need_grad=need_grad,
-                                    bank_grad=bank_grad)[0]
+    return _dispatch.choose_variant(op, dtype=_dispatch.dtype_name(x.dtype), d=x.shape[1], C=bank.shape[0],
+                                    N=x.shape[0], **features)[0]
+
+
+def class_loop_variant(x: torch.Tensor, bank: torch.Tensor, metric: str, need_grad: bool,
+                       bank_grad: bool = False) -> str:
+    """fused | mm | chunked for this problem: env ETFKERN_SPHERICAL_CLASS_LOOP, else the dispatch table on a GPU."""
+    return _variant(CLASS_LOOP_ENV, CLASS_LOOP_VARIANTS, "spherical_class_loop", x, bank, metric=metric,
+                    need_grad=need_grad, bank_grad=bank_grad)
 
 
 def nearest_variant(x: torch.Tensor, bank: torch.Tensor, k: int) -> str:
@@ -129,13 +133,7 @@ def nearest_variant(x: torch.Tensor, bank: torch.Tensor, k: int) -> str:
     (k > MAX_FUSED_K always runs "chunked")."""
     if k > MAX_FUSED_K:
         return "chunked"
-    if os.environ.get(NEAREST_ENV, "").strip():
-        return _backend.kernel_variant(NEAREST_ENV, NEAREST_VARIANTS)
-    if not _on_gpu(x):
-        return "fused"
-    n, d = x.shape
-    return _dispatch.choose_variant("spherical_nearest", dtype=_dispatch.dtype_name(x.dtype), d=d,
-                                    C=bank.shape[0], N=n, k=k)[0]
+    return _variant(NEAREST_ENV, NEAREST_VARIANTS, "spherical_nearest", x, bank, k=k)
 
 
 _SHIFTS: dict[int, tuple] = {}
@@ -239,13 +237,26 @@ def chunk_rows_gpu(n: int, n_cls: int, d: int, itemsize: int) -> int:
     return max(1, min(n, rows))
 
 
+def _cosine_chunks(xh: torch.Tensor, bank: torch.Tensor):
+    """Yield (r0, r1, z): z = x̂[r0:r1] @ bank^T (rows x C) in the GEMM operand dtype, written by one GEMM into one
+    buffer reused by every chunk (rows from chunk_rows_gpu); the caller may overwrite z before the next chunk."""
+    n, d = xh.shape
+    n_cls = bank.shape[0]
+    step = chunk_rows_gpu(n, n_cls, d, bank.element_size())
+    buf = xh.new_empty(step * n_cls, dtype=bank.dtype)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        z = buf[:(r1 - r0) * n_cls].view(r1 - r0, n_cls)
+        torch.mm(xh[r0:r1], bank.T, out=z)
+        yield r0, r1, z
+
+
 def _chunked_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, need_grad):
     """The "chunked" variant of spherical_ce_forward (see CLASS_LOOP_VARIANTS). Logits in the GEMM operand dtype:
     16-bit for 16-bit inputs (half the traffic of the three passes over a chunk, twice the rows per budget; eager
     torch rounds its logits to 16 bits as well), float32/64 otherwise."""
     tk = _tk()
     n, d = x.shape
-    n_cls = bank.shape[0]
     acc = acc_dtype(x.dtype)
     xh = normalized(x, bank.dtype)
     _, ta, tb = _targets(target, target_b, ignore_index)
@@ -253,12 +264,7 @@ def _chunked_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_in
     lse = x.new_empty(n, dtype=acc)
     loss = x.new_empty(n, dtype=acc)
     grad = x.new_empty(n if need_grad else 0, d, dtype=acc)
-    step = chunk_rows_gpu(n, n_cls, d, bank.element_size())
-    buf = x.new_empty(step * n_cls, dtype=bank.dtype)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        z = buf[:(r1 - r0) * n_cls].view(r1 - r0, n_cls)
-        torch.mm(xh[r0:r1], bank.T, out=z)
+    for r0, r1, z in _cosine_chunks(xh, bank):
         tk.chunk_ce_rows(z, ta[r0:r1], tb[r0:r1], lam[r0:r1], lse[r0:r1], loss[r0:r1], tau, metric, eps,
                          ARC_GRAD_EPS, need_grad, False)
         if need_grad:  # z now holds tau * dlogits
@@ -270,10 +276,8 @@ def _chunked_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metr
     """The "chunked" variant of spherical_ce_bank_grad: per chunk the cosine GEMM, the Triton pass with the saved
     lse (dlogits in place) and dW += dlogits^T @ (x̂ g), deterministic (fixed chunk order, no atomics)."""
     tk = _tk()
-    n, d = x.shape
-    n_cls = bank.shape[0]
     acc = acc_dtype(bank.dtype)
-    dw = bank.new_zeros(n_cls, d, dtype=acc)
+    dw = bank.new_zeros(bank.shape, dtype=acc)
     xh_acc = normalized(x, acc)
     xh = xh_acc.to(bank.dtype)
     valid, ta, tb = _targets(target, target_b, ignore_index)
@@ -286,12 +290,7 @@ def _chunked_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metr
     xg = (xh_acc * g.unsqueeze(1)).to(bank.dtype)
     lam = lam.to(acc).contiguous()
     lse = lse.to(acc).contiguous()
-    step = chunk_rows_gpu(n, n_cls, d, bank.element_size())
-    buf = x.new_empty(step * n_cls, dtype=bank.dtype)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        z = buf[:(r1 - r0) * n_cls].view(r1 - r0, n_cls)
-        torch.mm(xh[r0:r1], bank.T, out=z)
+    for r0, r1, z in _cosine_chunks(xh, bank):
         tk.chunk_ce_rows(z, ta[r0:r1], tb[r0:r1], lam[r0:r1], lse[r0:r1], None, tau, metric, eps, ARC_GRAD_EPS,
                          True, True)
         if z.dtype == acc:
