@@ -52,6 +52,16 @@ class EBVHead(nn.Module):
         """The temperature: a float, or exp(log_tau) (a 0-dim tensor with a gradient) when learnable."""
         return self.log_tau.exp() if self.log_tau is not None else self._tau
 
+    @tau.setter
+    def tau(self, value: float) -> None:
+        """Set the temperature (a learnable one is set in place: log_tau <- log(value))."""
+        value = _check_tau_metric(value, self.metric)
+        if self.log_tau is None:
+            self._tau = value
+        else:
+            with torch.no_grad():
+                self.log_tau.fill_(math.log(value))
+
     @property
     def num_classes(self) -> int:
         return self.bank.shape[0]

@@ -869,6 +869,13 @@ def test_ebv_head_learnable_tau_trains():
         opt.step()
         losses.append(float(step_loss.detach()))
     assert losses[-1] < losses[0] and 0 < float(head.tau.detach()) < 0.5  # separable data: a sharper temperature helps
+    head.tau = 0.3  # set in place (log_tau <- log 0.3), as a fixed head's tau is set
+    assert abs(float(head.tau.detach()) - 0.3) < 1e-6 and [n for n, _ in head.named_parameters()] == ["log_tau"]
+    fixed = etfkern.nn.EBVHead(bank, tau=0.5)
+    fixed.tau = 0.2
+    assert fixed.tau == 0.2 and not list(fixed.parameters())
+    with pytest.raises(ValueError, match="tau"):
+        fixed.tau = 0.0
 
 
 # ---- the tau bound (issue 19 item 9) ---------------------------------------------------------------------------
