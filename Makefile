@@ -53,8 +53,9 @@ test-fast: build
 bench: build
 	$(PY) bench/run_all.py
 
-# One time-boxed go on a GPU machine (fits one 10-minute device call): build with CUDA, GPU tests, then the rest,
-# then benchmarks; log + results in $$OUT (or bench/results/gpu-check). Stages/budget: see tools/gpu_check.sh.
+# One time-boxed run on a GPU machine (under 9 minutes, one 10-minute device call): environment + CUDA build (stops
+# on an error), the GPU tests, each family's benchmark; one archive + summary.txt in $$OUT (or bench/results/
+# gpu-check). GPU_CHECK_DRY_RUN=1 rehearses it on CPU. Stages, time boxes: see tools/gpu_check.sh and the README.
 gpu-check: deps
 	PYTHON=$(PY) bash tools/gpu_check.sh
 

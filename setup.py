@@ -52,7 +52,11 @@ def _extensions():
         ("ETFKERN_COMPILER", f'"{_compiler_version()}"'),
         ("ETFKERN_CUDA_ARCHS", f'"{archs}"'),
     ]
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]  # torch adds -std=c++20; no errno: std::sqrt vectorises
+    # No errno: std::sqrt vectorises. The C++ standard is torch's choice (-std=c++17 up to torch 2.12, c++20 from
+    # 2.13): torch 2.13's own headers use C++20 (bit-field initialisers in c10/core/AutogradState.h) that compilers
+    # accept under -std=c++17 only as an extension, so forcing c++17 here would build against headers outside their
+    # standard. Our sources are C++17 either way: tests/test_cuda_build.py compiles each of them as C++17.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     extra = {"cxx": cxx_flags}
     if with_cuda:
         macros.append(("ETFKERN_WITH_CUDA", "1"))

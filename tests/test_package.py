@@ -276,3 +276,66 @@ def test_make_deps_with_preinstalled_interpreter_installs_nothing(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "--any-torch" in out.stdout and "dependencies: all present" in out.stdout
     assert (tmp_path / "stamps" / ".etfkern-deps").exists()
+
+
+def _tools_module(name: str):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_summary_counts_tests_and_quotes_ratios_against_peers(tmp_path):
+    summary = _tools_module("gpu_summary")
+    (tmp_path / "stages.tsv").write_text("build\t0\t41\t\ntests\t124\t130\ttime box of 130s\n"
+                                         "bench-banks\tskipped\t0\tbudget spent\n")
+    (tmp_path / "junit_gpu.xml").write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.spherical.test_spherical" name="test_a[cuda-cos]"/>'
+        '<testcase classname="tests.banks.test_banks" name="test_b[cuda]"><failure message="x">boom</failure></testcase>'
+        '<testcase classname="t" name="test_c"><skipped message="no gpu"/></testcase>'
+        '<testcase classname="t" name="test_d"><error message="e"/></testcase>'
+        '</testsuite></testsuites>')
+    (tmp_path / "bench").mkdir()
+    rows = [{"op": "ce_fwd_bwd", "shape": [8, 4, 16], "dtype": "bfloat16", "impl": impl, "ms": ms}
+            for impl, ms in (("etfkern", 6.0), ("etfkern_mm", 4.0), ("eager", 3.0), ("liger", 12.0))]
+    rows.append({"op": "ce_fwd_bwd", "shape": [8, 4, 16], "dtype": "bfloat16", "impl": "cut_cross_entropy",
+                 "skipped": "not installed"})
+    (tmp_path / "bench" / "spherical.json").write_text(json.dumps(
+        {"environment": {}, "families": {"spherical": {"rows": rows, "seconds": 90.0}}}))
+    (tmp_path / "bench" / "msam.json").write_text(json.dumps(
+        {"environment": {}, "families": {"msam": {"rows": [], "error": "interrupted after 60 s (time limit or Ctrl-C)",
+                                                  "seconds": 60.0}}}))
+    assert summary.main([str(tmp_path)]) == 0
+    text = (tmp_path / "summary.txt").read_text()
+    assert "GPU tests: 1 passed, 1 failed, 1 errors, 1 skipped (of 4)" in text
+    assert "FAILED tests.banks.test_banks::test_b[cuda]" in text and "t::test_d (error)" in text
+    assert "tests                  TIMED OUT" in text and "bench-banks            skipped" in text
+    assert "ce_fwd_bwd 8x4x16 bfloat16: etfkern 6 ms = 2.00x eager, 0.50x liger" in text
+    assert "etfkern_mm 4 ms = 1.33x eager, 0.33x liger" in text  # our variants are not each other's peers
+    assert "msam: " in text and "interrupted after 60 s" in text
+
+
+def test_gpu_check_stops_at_a_failed_build_and_still_packs_its_archive(tmp_path):
+    """The fail-fast path of tools/gpu_check.sh, on CPU (GPU_CHECK_DRY_RUN=1) with a build command that fails."""
+    import tarfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", GPU_CHECK_OUT=str(tmp_path / "out"), PYTHON=sys.executable,
+               GPU_CHECK_BUILD_CMD="echo 'csrc/x.cpp:1: error: bit_cast is not a member of std'; false",
+               TMPDIR=str(tmp_path))
+    out = subprocess.run(["bash", os.path.join(root, "tools", "gpu_check.sh")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    tail = out.stdout[out.stdout.index("GPU CHECK SUMMARY"):]
+    assert "build                  FAILED" in tail and "| csrc/x.cpp:1: error: bit_cast" in tail
+    assert "GPU tests: no junit file" in tail and "== tests" not in out.stdout  # stopped before the tests
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as archive:
+        names = set(archive.getnames())
+    assert {"gpu_check/gpu_check.log", "gpu_check/environment.txt", "gpu_check/stages.tsv",
+            "gpu_check/summary.txt"} <= names
+    assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.tar.gz", "summary.txt"]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("etfkern-gpu-check.")]  # its scratch is removed
