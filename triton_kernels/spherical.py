@@ -21,10 +21,12 @@ atomics, and split partials are combined in torch in a fixed order.
   selection steps; slabs merged by a stable sort (lower class index wins ties, as unsplit).
 
 * ``_chunk_ce_kernel`` (the "chunked" variant): one program per row of a chunk of logits that a cuBLAS GEMM wrote
-  (cosines, in the GEMM's operand dtype); pass 1 reads the row for the log-sum-exp (online max), the target terms
-  and the loss; pass 2 (with a gradient, or given a saved lse for the bank gradient) reads it again and writes
-  dlogits IN PLACE: (p - t) times tau * dz/dcos (1 for "cos"; "arc": <= 1000, so float16 cannot overflow), with
-  label smoothing, mixup pairs and ignored rows (0). The op layer applies 1/tau after the next GEMM.
+  (cosines, in the GEMM's operand dtype). "cos" with the fixed shift (bf16/fp32/fp64): ONE read of the row gives
+  the sum-exp, the target terms and the loss and writes exp(z) in place (the op layer scales exp(Z) @ W by 1/l and
+  adds the target terms). Otherwise pass 1 reads the row for the log-sum-exp (online max) and the loss, and pass 2
+  (also the bank gradient's only pass, given the saved lse) reads it again and writes dlogits IN PLACE:
+  (p - t) times tau * dz/dcos (1 for "cos"; "arc": <= 1000, so float16 cannot overflow), with label smoothing,
+  mixup pairs and ignored rows (0). The op layer applies 1/tau after the next GEMM.
 
 Launchers return raw partials (split slabs uncombined, no target terms); the op layer (etfkern/spherical/ops.py)
 normalises x, picks the variant, combines the slabs in a fixed order and adds the target terms. Inputs: x̂, the
@@ -324,13 +326,16 @@ def _nearest_kernel(X, W, VALS, IDX, N, C, D, sxn, sxd, swc, swd, c_split,
 @triton.jit
 def _chunk_ce_kernel(Z, TA, TB, LAM, LSE, LOSS, C, szn, inv_tau, arc_eps, eps, eps_over_c,
                      ARC: tl.constexpr, NEED_SUMZ: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                     LSE_GIVEN: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                     LSE_GIVEN: tl.constexpr, ONE_PASS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Program = one row of the chunk Z (cosines, any float dtype, row stride szn).
 
     TA/TB: int64 targets (-1 = ignored row); LAM: mixup weight. LSE_GIVEN: read the row's lse (bank gradient),
     else compute it (pass 1) and store lse and the loss lse - (1-eps)(lam z_a + (1-lam) z_b) - eps/C sum_c z_c
     (0 for an ignored row). WRITE_GRAD: pass 2 overwrites Z in place with (p - t) * tau dz/dcos, where
-    t = (1-eps)(lam [c = a] + (1-lam) [c = b]) + eps/C (0 for an ignored row).
+    t = (1-eps)(lam [c = a] + (1-lam) [c = b]) + eps/C (0 for an ignored row). ONE_PASS ("cos" with the fixed shift
+    0, the caller's proof that |z| <= 40): no max and no second read; with WRITE_GRAD pass 1 overwrites Z in place
+    with exp(z) (the op layer divides (exp(Z) @ W) by the row's sum-exp and adds the target terms, as for the fused
+    kernel's split of the gradient).
     """
     row = tl.program_id(0).to(tl.int64)
     zrow = Z + row * szn
@@ -351,22 +356,31 @@ def _chunk_ce_kernel(Z, TA, TB, LAM, LSE, LOSS, C, szn, inv_tau, arc_eps, eps, e
             cmask = cols < C
             cosv = tl.load(zrow + cols, mask=cmask, other=0.0).to(ACC)
             z, _ = _z_slope(cosv, inv_tau, arc_eps, ARC)
-            zm = tl.where(cmask, z, float("-inf"))
-            m_new = tl.maximum(m, zm)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that saw no class yet
-            acc_l = acc_l * tl.exp(m - m_safe) + tl.exp(zm - m_safe)
-            m = m_new
+            if ONE_PASS:
+                e = tl.where(cmask, tl.exp(z), 0.0)
+                acc_l += e
+                if WRITE_GRAD:
+                    tl.store(zrow + cols, e.to(Z.dtype.element_ty), mask=cmask)
+            else:
+                zm = tl.where(cmask, z, float("-inf"))
+                m_new = tl.maximum(m, zm)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes that saw no class yet
+                acc_l = acc_l * tl.exp(m - m_safe) + tl.exp(zm - m_safe)
+                m = m_new
             if NEED_SUMZ:
                 acc_z += tl.where(cmask, z, 0.0)
             acc_t += tl.where(cols == ta, lam * z, 0.0) + tl.where(cols == tb, (1.0 - lam) * z, 0.0)
-        top = tl.max(m, 0)
-        lse = top + tl.log(tl.sum(acc_l * tl.exp(m - top), 0))
+        if ONE_PASS:
+            lse = tl.log(tl.sum(acc_l, 0))
+        else:
+            top = tl.max(m, 0)
+            lse = top + tl.log(tl.sum(acc_l * tl.exp(m - top), 0))
         loss = lse - (1.0 - eps) * tl.sum(acc_t, 0)
         if NEED_SUMZ:
             loss -= eps_over_c * tl.sum(acc_z, 0)
         tl.store(LSE + row, lse)
         tl.store(LOSS + row, tl.where(valid, loss, 0.0))
-    if WRITE_GRAD:
+    if WRITE_GRAD and not ONE_PASS:
         for c0 in range(0, C, BLOCK):
             cols = c0 + lanes
             cmask = cols < C
@@ -569,10 +583,11 @@ def chunk_config(n_cls: int) -> dict:
 
 def chunk_ce_rows(z: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor, lam: torch.Tensor, lse: torch.Tensor,
                   loss: torch.Tensor | None, tau: float, metric: str, eps: float, arc_eps: float,
-                  write_grad: bool, lse_given: bool) -> None:
+                  write_grad: bool, lse_given: bool, one_pass: bool = False) -> None:
     """Launch _chunk_ce_kernel over the rows of z (rows, C) (cosines; unit column stride): fills lse and loss
-    (rows,) unless lse_given (then lse is read); with write_grad, z becomes dlogits in place (see the kernel).
-    ta/tb int64 (-1 = ignored), lam/lse/loss in the accumulation dtype, all contiguous with z's rows."""
+    (rows,) unless lse_given (then lse is read); with write_grad, z becomes tau * dlogits in place, with one_pass
+    ("cos", fixed shift 0) exp(z) instead (see the kernel). ta/tb int64 (-1 = ignored), lam/lse/loss in the
+    accumulation dtype, all contiguous with z's rows."""
     rows, n_cls = z.shape
     if rows == 0:
         return
@@ -581,4 +596,4 @@ def chunk_ce_rows(z: torch.Tensor, ta: torch.Tensor, tb: torch.Tensor, lam: torc
     _chunk_ce_kernel[(rows,)](z, ta, tb, lam, lse, loss if loss is not None else lse, n_cls, z.stride(0),
                               1.0 / tau, arc_eps, eps, eps / n_cls,
                               ARC=metric == "arc", NEED_SUMZ=eps > 0, WRITE_GRAD=write_grad, LSE_GIVEN=lse_given,
-                              ACC=tl_acc(acc), **chunk_config(n_cls))
+                              ONE_PASS=one_pass, ACC=tl_acc(acc), **chunk_config(n_cls))

@@ -253,8 +253,10 @@ def _cosine_chunks(xh: torch.Tensor, bank: torch.Tensor):
 
 def _chunked_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_index, need_grad):
     """The "chunked" variant of spherical_ce_forward (see CLASS_LOOP_VARIANTS). Logits in the GEMM operand dtype:
-    16-bit for 16-bit inputs (half the traffic of the three passes over a chunk, twice the rows per budget; eager
-    torch rounds its logits to 16 bits as well), float32/64 otherwise."""
+    16-bit for 16-bit inputs (half the traffic of the passes over a chunk, twice the rows per budget; eager
+    torch rounds its logits to 16 bits as well), float32/64 otherwise. "cos" with the fixed shift (not float16:
+    exp(z) up to e^40 is past its range) reads each chunk row once: the pass leaves exp(z) in the chunk, the GEMM
+    gives sum_c exp(z) w_c, and finish_forward adds the target terms (the fused kernel's split of the gradient)."""
     tk = _tk()
     n, d = x.shape
     acc = acc_dtype(x.dtype)
@@ -264,12 +266,21 @@ def _chunked_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_in
     lse = x.new_empty(n, dtype=acc)
     loss = x.new_empty(n, dtype=acc)
     grad = x.new_empty(n if need_grad else 0, d, dtype=acc)
+    one_pass = metric == "cos" and bank.dtype != torch.float16 and cached_shift(bank, tau, metric) == 0.0
     for r0, r1, z in _cosine_chunks(xh, bank):
         tk.chunk_ce_rows(z, ta[r0:r1], tb[r0:r1], lam[r0:r1], lse[r0:r1], loss[r0:r1], tau, metric, eps,
-                         ARC_GRAD_EPS, need_grad, False)
-        if need_grad:  # z now holds tau * dlogits
+                         ARC_GRAD_EPS, need_grad, False, one_pass)
+        if need_grad:  # z holds tau * dlogits, or exp(z) (one_pass)
             grad[r0:r1] = mm_acc(z, bank, acc)
-    return loss, lse, grad.mul_(1.0 / tau)
+            if one_pass:
+                grad[r0:r1].div_(lse[r0:r1].exp().unsqueeze(1))
+    if not need_grad:
+        return loss, lse, grad
+    grad.mul_(1.0 / tau)
+    if one_pass:  # grad = sum_c p_c w_c / tau so far: the target terms, as for the fused kernel's a_sum
+        grad = finish_forward(xh.to(acc), bank, target, target_b, lam, tau, metric, eps, ignore_index, lse, None,
+                              grad, None)[1]
+    return loss, lse, grad
 
 
 def _chunked_bank_grad(x, bank, target, target_b, lam, grad_rows, lse, tau, metric, eps, ignore_index):

@@ -352,18 +352,22 @@ def _force_chunks(monkeypatch, rows, c, d, itemsize=4):
     assert sph_ops.chunk_rows_gpu(10**6, c, d, itemsize) == rows
 
 
-@pytest.mark.parametrize("metric,tau", [("cos", 0.07), ("arc", 0.05)])
+@pytest.mark.parametrize("metric,tau", [("cos", 0.07), ("cos", 0.02), ("arc", 0.05)])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_chunked_ops_float32_within_issue_bounds_of_float64(monkeypatch, metric, tau, eps):
     """float32, 4 chunks of 7 rows (N = 23, odd C = 41, d = 12; strided x and bank), ignored rows, mixup pairs
     with per-row lam: loss and lse within 2e-5 and the x̂- and bank gradients within 2e-4 of the float64 reference;
-    eval (no gradient) gives the same loss and lse; deterministic (two runs are bitwise equal)."""
-    _triton_module()
+    eval (no gradient) gives the same loss and lse; deterministic (two runs are bitwise equal). "cos" at tau = 0.07
+    takes the one-read pass (fixed shift), at 0.02 (1/tau = 50 > 40) the two-pass online max."""
+    tk = _triton_module()
     n, d, c = 23, 12, 41
     x, bank, target = _inputs(n, d, c, strided=True)
     target[7] = target[19] = -100
     tb, lam, g = torch.randint(0, c, (n,)), torch.rand(n), torch.randn(n)
     _force_chunks(monkeypatch, 7, c, d)
+    one_pass = []
+    real_launch = tk.chunk_ce_rows
+    monkeypatch.setattr(tk, "chunk_ce_rows", lambda *a: one_pass.append(len(a) > 12 and a[12]) or real_launch(*a))
     args = (target, tb, lam, tau, metric, eps, -100)
     ref = R.spherical_ce_forward(x.double(), bank.double(), *args[:2], lam.double(), *args[3:], True)
     ref_dw = R.spherical_ce_bank_grad(x.double(), bank.double(), target, tb, lam.double(), g.double(), ref[1], tau,
@@ -380,6 +384,7 @@ def test_chunked_ops_float32_within_issue_bounds_of_float64(monkeypatch, metric,
     assert (loss[[7, 19]] == 0).all() and (grad[[7, 19]] == 0).all()
     assert all(torch.equal(a, b) for a, b in zip(again, (loss, lse, grad)))
     assert torch.equal(ev[0], loss) and torch.equal(ev[1], lse) and ev[2].shape == (0, d)
+    assert one_pass == [metric == "cos" and tau == 0.07] * 12 + [False] * 4  # 3 forwards, then the bank gradient
 
 
 @pytest.mark.parametrize("metric", ["cos", "arc"])
@@ -520,12 +525,12 @@ import etfkern.triton_kernels.spherical as tk
 PT = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.float64: "*fp64"}
 ACCP = lambda dtype: "*fp64" if dtype == torch.float64 else "*fp32"
 
-def chunk(dtype, arc, write_grad, lse_given, n_cls=131072):
+def chunk(dtype, arc, write_grad, lse_given, one_pass=False, n_cls=131072):
     cfg = tk.chunk_config(n_cls); nw = cfg.pop("num_warps")
     a = ACCP(dtype)
     sig = dict(Z=PT[dtype], TA="*i64", TB="*i64", LAM=a, LSE=a, LOSS=a, C="i32", szn="i32", inv_tau="fp32",
                arc_eps="fp32", eps="fp32", eps_over_c="fp32")
-    const = dict(ARC=arc, NEED_SUMZ=not lse_given, WRITE_GRAD=write_grad, LSE_GIVEN=lse_given,
+    const = dict(ARC=arc, NEED_SUMZ=not lse_given, WRITE_GRAD=write_grad, LSE_GIVEN=lse_given, ONE_PASS=one_pass,
                  ACC=tk.tl_acc(torch.float64 if dtype == torch.float64 else torch.float32), **cfg)
     return build(tk._chunk_ce_kernel, sig, const, num_warps=nw)
 
@@ -559,11 +564,13 @@ def nearest64(d, k):
     return build(tk._nearest_kernel, sig, const, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 MODES = {"cos_fwd_grad": (False, True, False), "arc_fwd_grad": (True, True, False), "cos_eval": (False, False, False),
-         "arc_bank_grad": (True, True, True), "cos_bank_grad": (False, True, True)}
+         "arc_bank_grad": (True, True, True), "cos_bank_grad": (False, True, True),
+         "cos_one_pass": (False, True, False, True)}
 out = {}
-for dtype, name, modes in ((torch.bfloat16, "bf16", ("cos_fwd_grad", "arc_fwd_grad", "cos_eval", "arc_bank_grad")),
+for dtype, name, modes in ((torch.bfloat16, "bf16", ("cos_fwd_grad", "arc_fwd_grad", "cos_eval", "arc_bank_grad",
+                                                    "cos_one_pass")),
                            (torch.float16, "fp16", ("arc_fwd_grad", "arc_bank_grad")),
-                           (torch.float32, "fp32", ("cos_fwd_grad", "arc_bank_grad")),
+                           (torch.float32, "fp32", ("cos_fwd_grad", "arc_bank_grad", "cos_one_pass")),
                            (torch.float64, "fp64", ("arc_fwd_grad", "cos_bank_grad"))):
     for mode in modes:
         out[f"chunk_{name}_{mode}"] = chunk(dtype, *MODES[mode])
@@ -581,7 +588,8 @@ def test_chunk_and_float64_kernels_compile_for_sm90(tmp_path):
     report = compile_triton_for_sm90(_AOT_SCRIPT_CHUNK_F64, tmp_path)
     chunks = {"chunk_bf16_cos_fwd_grad", "chunk_bf16_arc_fwd_grad", "chunk_bf16_cos_eval", "chunk_bf16_arc_bank_grad",
               "chunk_fp16_arc_fwd_grad", "chunk_fp16_arc_bank_grad", "chunk_fp32_cos_fwd_grad",
-              "chunk_fp32_arc_bank_grad", "chunk_fp64_arc_fwd_grad", "chunk_fp64_cos_bank_grad"}
+              "chunk_fp32_arc_bank_grad", "chunk_fp64_arc_fwd_grad", "chunk_fp64_cos_bank_grad",
+              "chunk_bf16_cos_one_pass", "chunk_fp32_cos_one_pass"}
     assert set(report) == chunks | {"chunk_bf16_cos_fwd_grad_C100", "fwd_fp64_d64_cos_fixed",
                                     "fwd_fp64_d520_arc_online_split_slab", "dw_fp64_d64_cos", "dw_fp64_d520_arc_slab",
                                     "nearest_fp64_d64_k5"}
