@@ -3,9 +3,9 @@
     python bench/msam.py [--quick] [--device cpu|cuda] [--no-write] [--sizes 10e6,100e6] [--only msam_exact,...]
 
 GPU sweep (about a minute on an H200): 10M and 100M parameters, fp32 and bf16 parameters with fp32 state; exact,
-lagged and AdamW MSAM, each eager and replayed from a CUDA graph (``*_graph``: the capturable step, no Python per
-step); peers torch SGD(fused=True) / foreach, AdamW(fused=True) / foreach; the device copy rate measured in the same
-run gives ``copy_frac`` (achieved bandwidth of the method's traffic floor over the copy rate) and ``x_floor`` (time
+lagged and AdamW MSAM with the default step (``msam_*``, ``adamw_msam``), with ``step_impl="plan"`` (``*_plan``) and
+that step replayed from a CUDA graph (``*_graph``: the capturable step, no Python per step); peers torch
+SGD(fused=True) / foreach, AdamW(fused=True) / foreach; the device copy rate measured in the same run gives ``copy_frac`` (achieved bandwidth of the method's traffic floor over the copy rate) and ``x_floor`` (time
 over the time the floor's bytes take at the copy rate).
 
 Parameters are split like a network (32 weight matrices + 32 bias vectors). Rows: ms per step (median),
@@ -86,7 +86,7 @@ def _bytes_per_elem(impl: str, pbytes: int, sbytes: int = 4) -> int:
     """The traffic floor per element: what the method must read and write (exact MSAM: the norm pass reads g
     and v; no p without weight decay)."""
     pg = 2 * pbytes + pbytes  # read p and g, write p
-    impl = impl.removesuffix("_graph")
+    impl = impl.removesuffix("_graph").removesuffix("_plan")
     return {"sgd_foreach": pg + 2 * sbytes, "sgd_fused": pg + 2 * sbytes, "msam_exact": pg + 2 * sbytes
             + pbytes + sbytes, "msam_lagged": pg + 2 * sbytes, "adamw_fused": pg + 4 * sbytes,
             "adamw_foreach": pg + 4 * sbytes, "adamw_msam": pg + 4 * sbytes + pbytes + sbytes,
@@ -105,9 +105,12 @@ def _optimizers(ps, device: str) -> dict[str, Callable[[], torch.optim.Optimizer
         "adamw_foreach": lambda: torch.optim.AdamW(ps, lr=lr, foreach=True),
         "adamw_msam": lambda: AdamWMSAM(ps, lr=lr, rho=0.5),
     }
-    if torch.device(device).type == "cuda":  # the capturable steps, replayed from a CUDA graph
+    if torch.device(device).type == "cuda":  # the StepPlan steps, eager and replayed from a CUDA graph
+        makers["msam_exact_plan"] = lambda: MSAM(ps, lr=lr, momentum=0.9, rho=0.3, step_impl="plan")
+        makers["msam_lagged_plan"] = lambda: MSAM(ps, lr=lr, momentum=0.9, rho=0.3, norm="lagged", step_impl="plan")
+        makers["adamw_msam_plan"] = lambda: AdamWMSAM(ps, lr=lr, rho=0.5, step_impl="plan")
         for name in ("msam_exact", "msam_lagged", "adamw_msam"):
-            makers[name + "_graph"] = functools.partial(_Graphed, makers[name])
+            makers[name + "_graph"] = functools.partial(_Graphed, makers[name + "_plan"])
     return makers
 
 

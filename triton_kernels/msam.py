@@ -1,19 +1,22 @@
-"""Triton multi-tensor kernels for Momentum-SAM (etfkern::msam_sq_norm, msam_sgd_step, msam_adamw_step, and the
-optimizer's reusable :class:`StepPlan`).
+"""Triton multi-tensor kernels for Momentum-SAM: two variants.
 
-One launch per pass covers every tensor of one parameter dtype (a "segment"; normally there is one), whatever the
-param groups: per-tensor hyperparameters live in a float64 device table (``HYP_COLS`` columns per tensor),
-addresses in int64 tables, and a block table (tensor index, start offset) tells each program which BLOCK elements
-of which tensor it handles. Per-program squared-norm partials (float64) go to a buffer that a one-program finish
-kernel sums in a fixed order (deterministic) before it computes the next scale on the device. Nothing is read
-back to the host.
+``ops`` (the etfkern::msam_sq_norm / msam_sgd_step / msam_adamw_step ops' Triton backend, measured on the H200 in
+bench/results/h200-2026-12-04, the default): one launch per run of consecutive tensors sharing dtype and
+hyperparameters (normally one per param group), kernel tables of base addresses (int64) plus a block table
+(tensor index, start offset) so each program handles BLOCK elements of one tensor; per-program partials summed by
+torch in a fixed order. Address tables cached per (addresses, sizes), block tables per sizes.
 
-The optimizer keeps a :class:`StepPlan` per parameter set: tables, partial buffers and views of its device
-scalars are built once; each step only compares the gradient addresses and the hyperparameters with the ones the
-tables hold (rewriting a table in place, from pinned memory, when they changed). A steady-state step allocates
-nothing and launches: exact mode norm pass + finish + update pass + finish (one launch each per segment for the
-passes), lagged mode update pass + finish. The device scalars (applied scale, lagged squared norm, step count,
-next scale, squared norm) are one buffer ``G`` of 5 elements, so a step can be captured in a CUDA graph.
+``plan`` (:class:`StepPlan`, the optimizer's ``step_impl="plan"`` / ``ETFKERN_MSAM_STEP=plan``; never run on a GPU
+yet): one launch per pass over every tensor of one parameter dtype (a "segment"; normally there is one) whatever
+the param groups: per-tensor hyperparameters in a float64 device table (``HYP_COLS`` columns per tensor), partials
+(float64) summed in a fixed order by a one-program finish kernel that also computes the next scale and commits the
+step on the device. Tables, partial buffers and views of the device scalars are built once per parameter set;
+each step only compares gradient addresses and hyperparameters with what the tables hold (rewriting a table in
+place, from pinned memory, when they changed). A steady-state step allocates nothing and launches: exact mode norm
+pass + finish + update pass + finish, lagged mode update pass + finish. The device scalars (applied scale, lagged
+squared norm, step count, next scale, squared norm) are one buffer ``G``, so a step can be captured in a CUDA graph.
+
+Device scalars are read through pointers in both: nothing is read back to the host.
 """
 from __future__ import annotations
 
@@ -37,14 +40,296 @@ G_SCALE, G_LAGGED_SQ, G_STEP, G_SCALE_NEXT, G_SQ = range(5)
 G_SIZE = 5
 # finish modes
 EXACT, LAGGED, LAGGED_UNCONFIRMED = 0, 1, 2
-EPS_NORM = 1e-12
+
+
+# =========================================================================================================
+# the per-run kernels (measured on the H200, bench/results/h200-2026-12-04): the etfkern ops' Triton backend
+# =========================================================================================================
+_CACHE: dict[tuple, Tensor] = {}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _block(blk_t, blk_o, numels, hyp, BLOCK: tl.constexpr):
+def _block(blk_t, blk_o, numels, BLOCK: tl.constexpr):
+    """This program's tensor index, element offsets and bounds mask."""
+    pid = tl.program_id(0)
+    t = tl.load(blk_t + pid)
+    offs = tl.load(blk_o + pid) + tl.arange(0, BLOCK).to(tl.int64)
+    return t, offs, offs < tl.load(numels + t)
+
+
+@triton.jit
+def _load_grad(g_tab, t, offs, mask, gs_ptr, HAS_GS: tl.constexpr, PT: tl.constexpr, T: tl.constexpr):
+    g_ptr = tl.load(g_tab + t).to(tl.pointer_type(PT))
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(T)
+    if HAS_GS:
+        g = g / tl.load(gs_ptr).to(T)
+    return g
+
+
+@triton.jit
+def _load_state(tab, t, offs, mask, DT: tl.constexpr):
+    """Pointer and values of the tensor whose address is tab[t] (element type DT)."""
+    ptr = tl.load(tab + t).to(tl.pointer_type(DT))
+    return ptr, tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _sq_norm_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, partial, scale_ptr, gs_ptr, hyp,
+                    HAS_GS: tl.constexpr, USE_WD: tl.constexpr, PT: tl.constexpr, T: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    mu, c, wd = tl.load(hyp), tl.load(hyp + 1), tl.load(hyp + 2)
+    t, offs, mask = _block(blk_t, blk_o, numels, BLOCK)
+    g = _load_grad(g_tab, t, offs, mask, gs_ptr, HAS_GS, PT, T)
+    v_ptr, v = _load_state(v_tab, t, offs, mask, T)
+    d = c.to(T) * g
+    if USE_WD:
+        p_ptr = tl.load(p_tab + t).to(tl.pointer_type(PT))
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(T)
+        d = d + wd.to(T) * (p + tl.load(scale_ptr).to(T) * v)
+    vn = mu.to(T) * v + d
+    vn = tl.where(mask, vn, 0.0)
+    tl.store(partial + tl.program_id(0), tl.sum(vn * vn, axis=0))
+
+
+@triton.jit
+def _sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, partial, so_ptr, sn_ptr, gs_ptr, fi_ptr, hyp,
+                HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, USE_WD: tl.constexpr,
+                NESTEROV: tl.constexpr, PT: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr):
+    lr, mu, wd = tl.load(hyp), tl.load(hyp + 1), tl.load(hyp + 2)
+    t, offs, mask = _block(blk_t, blk_o, numels, BLOCK)
+    p_ptr, p_raw = _load_state(p_tab, t, offs, mask, PT)
+    g = _load_grad(g_tab, t, offs, mask, gs_ptr, HAS_GS, PT, T)
+    v_ptr, v = _load_state(v_tab, t, offs, mask, T)
+    x = p_raw.to(T) + tl.load(so_ptr).to(T) * v
+    if USE_WD:
+        d = g + wd.to(T) * x
+    else:
+        d = g
+    vn = mu.to(T) * v + d
+    if NESTEROV:
+        u = d + mu.to(T) * vn
+    else:
+        u = vn
+    x = x - lr.to(T) * u
+    pn = x - tl.load(sn_ptr).to(T) * vn
+    write = mask
+    if HAS_FI:
+        keep = tl.load(fi_ptr) == 0
+        # a select, not `mask & keep`: the interpreter cannot AND a block mask with a 0-dim loaded bool
+        write = tl.where(keep, mask, False)
+        vn = tl.where(keep, vn, v)
+    tl.store(p_ptr + offs, pn.to(PT), mask=write)
+    tl.store(v_ptr + offs, vn, mask=write)
+    vn = tl.where(mask, vn, 0.0)
+    tl.store(partial + tl.program_id(0), tl.sum(vn * vn, axis=0))
+
+
+@triton.jit
+def _adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, partial, so_ptr, sn_ptr, gs_ptr, fi_ptr,
+                  step_size_ptr, bc2_sqrt_ptr, hyp,
+                  HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, PT: tl.constexpr, T: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    b1, b2, c1, c2 = tl.load(hyp), tl.load(hyp + 1), tl.load(hyp + 2), tl.load(hyp + 3)
+    eps, decay = tl.load(hyp + 4), tl.load(hyp + 5)
+    t, offs, mask = _block(blk_t, blk_o, numels, BLOCK)
+    p_ptr, p_raw = _load_state(p_tab, t, offs, mask, PT)
+    g = _load_grad(g_tab, t, offs, mask, gs_ptr, HAS_GS, PT, T)
+    m_ptr, m = _load_state(m_tab, t, offs, mask, T)
+    q_ptr, q = _load_state(q_tab, t, offs, mask, T)
+    x = p_raw.to(T) + tl.load(so_ptr).to(T) * m
+    x = x * decay.to(T)
+    mn = b1.to(T) * m + c1.to(T) * g
+    qn = b2.to(T) * q + c2.to(T) * (g * g)
+    if T == tl.float64:
+        root = tl.sqrt(qn)  # IEEE for fp64
+    else:
+        root = tl.sqrt_rn(qn)  # tl.sqrt is the approximate instruction for fp32
+    denom = root / tl.load(bc2_sqrt_ptr).to(T) + eps.to(T)
+    x = x - tl.load(step_size_ptr).to(T) * (mn / denom)
+    pn = x - tl.load(sn_ptr).to(T) * mn
+    write = mask
+    if HAS_FI:
+        keep = tl.load(fi_ptr) == 0
+        # a select, not `mask & keep`: the interpreter cannot AND a block mask with a 0-dim loaded bool
+        write = tl.where(keep, mask, False)
+        mn = tl.where(keep, mn, m)
+    tl.store(p_ptr + offs, pn.to(PT), mask=write)
+    tl.store(m_ptr + offs, mn, mask=write)
+    tl.store(q_ptr + offs, qn, mask=write)
+    mn = tl.where(mask, mn, 0.0)
+    tl.store(partial + tl.program_id(0), tl.sum(mn * mn, axis=0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launch helpers
+# ---------------------------------------------------------------------------------------------------------
+def _to_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def _hyper(values: list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    # Triton passes Python floats as fp32; a tiny device tensor keeps fp64 hyperparameters exact.
+    host = torch.tensor([float(v) for v in values], dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+def _cached(key: tuple, build) -> Tensor:
+    t = _CACHE.get(key)
+    if t is None:
+        if len(_CACHE) > 256:
+            _CACHE.clear()
+        t = _CACHE[key] = build()
+    return t
+
+
+def _addr_table(ts: Sequence[Tensor], device: torch.device) -> Tensor:
+    ptrs = [t.data_ptr() for t in ts]
+    return _cached(("addr", device, tuple(ptrs)), lambda: _to_device(ptrs, device))
+
+
+def _block_tables(ts: Sequence[Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
+    sizes = tuple(t.numel() for t in ts)
+    blk_t = _cached(("blk_t", device, sizes), lambda: _to_device(
+        [i for i, n in enumerate(sizes) for _ in range(0, n, BLOCK)], device, torch.int32))
+    blk_o = _cached(("blk_o", device, sizes), lambda: _to_device(
+        [o for n in sizes for o in range(0, n, BLOCK)], device))
+    numels = _cached(("numel", device, sizes), lambda: _to_device(list(sizes), device))
+    return blk_t, blk_o, numels, int(blk_t.numel())
+
+
+def _runs(params: Sequence[Tensor], *hyper: Sequence) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive tensors with the same dtype and hyperparameters (non-empty ones)."""
+    runs: list[tuple[int, int]] = []
+    key_prev = None
+    for i, p in enumerate(params):
+        key = (p.dtype,) + tuple(h[i] for h in hyper)
+        if runs and key == key_prev:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+        key_prev = key
+    return runs
+
+
+def _state_dtype(p: Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _check(op: str, params, grads, states) -> None:
+    for i, p in enumerate(params):
+        if p.dtype not in _TL:
+            raise ValueError(f"{op}: params[{i}] must be float64/float32/bfloat16/float16, got {p.dtype}")
+        if grads[i].dtype != p.dtype or grads[i].shape != p.shape:
+            raise ValueError(f"{op}: grads[{i}] must match params[{i}] ({p.dtype}, {tuple(p.shape)})")
+        if not p.is_contiguous():
+            raise ValueError(f"{op}: params[{i}] must be contiguous")
+        for s in states:
+            if s[i].dtype != _state_dtype(p) or s[i].shape != p.shape or not s[i].is_contiguous():
+                raise ValueError(f"{op}: state[{i}] must be a contiguous {_state_dtype(p)} tensor shaped like "
+                                 f"params[{i}] {tuple(p.shape)}")
+
+
+def _out_dtype(bufs: Sequence[Tensor]) -> torch.dtype:
+    return torch.float64 if any(b.dtype == torch.float64 for b in bufs) else torch.float32
+
+
+def _scalar(t: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+    return None if t is None else t.to(device=device, dtype=dtype).reshape(1)
+
+
+def _launch_runs(lists: list[Sequence[Tensor]], hyper: list[Sequence], device: torch.device, launch) -> Tensor:
+    """For each run of tensors sharing dtype and hyperparameters: launch(a, T, grid, head) where head is the
+    kernel's leading arguments (address tables of every list, block tables, partials); returns the float64
+    sum of all partials (0-dim)."""
+    params = lists[0]
+    parts = [torch.zeros(1, dtype=torch.float64, device=device)]
+    for a, b in _runs(params, *hyper):
+        T = _state_dtype(params[a])
+        blk_t, blk_o, numels, nblk = _block_tables(params[a:b], device)
+        if nblk == 0:
+            continue
+        partial = torch.empty(nblk, dtype=T, device=device)
+        addrs = [_addr_table(ts[a:b], device) for ts in lists]
+        launch(a, T, (nblk,), [*addrs, blk_t, blk_o, numels, partial])
+        parts.append(partial.double().sum().reshape(1))
+    return torch.cat(parts).sum()
+
+
+def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
+    return dummy if t is None else t  # a valid pointer for an argument the kernel will not read
+
+
+# ---------------------------------------------------------------------------------------------------------
+# launchers (same arguments as the etfkern ops)
+# ---------------------------------------------------------------------------------------------------------
+def msam_sq_norm(params, grads, bufs, scale, momentum, grad_coef, weight_decay, grad_scale) -> Tensor:
+    _check("msam_sq_norm", params, grads, [bufs])
+    device = scale.device
+
+    def launch(a, T, grid, head):
+        gs = _scalar(grad_scale, T, device)
+        _sq_norm_kernel[grid](*head, _scalar(scale, T, device), _or(gs, head[-1]),
+                              _hyper([momentum[a], grad_coef[a], weight_decay[a]], T, device), HAS_GS=gs is not None,
+                              USE_WD=weight_decay[a] != 0.0, PT=_TL[params[a].dtype], T=_TL[T], BLOCK=BLOCK)
+
+    total = _launch_runs([params, [g.contiguous() for g in grads], bufs], [momentum, grad_coef, weight_decay],
+                         device, launch)
+    return total.to(_out_dtype(bufs))
+
+
+def msam_sgd_step(params, grads, bufs, scale_old, scale_new, lr, momentum, weight_decay, nesterov, grad_scale,
+                  found_inf) -> Tensor:
+    _check("msam_sgd_step", params, grads, [bufs])
+    device = scale_old.device
+    fi = _scalar(found_inf, torch.float32, device)
+
+    def launch(a, T, grid, head):
+        gs = _scalar(grad_scale, T, device)
+        _sgd_kernel[grid](*head, _scalar(scale_old, T, device), _scalar(scale_new, T, device), _or(gs, head[-1]),
+                          _or(fi, head[-1]), _hyper([lr[a], momentum[a], weight_decay[a]], T, device),
+                          HAS_GS=gs is not None, HAS_FI=fi is not None, USE_WD=weight_decay[a] != 0.0,
+                          NESTEROV=bool(nesterov[a]), PT=_TL[params[a].dtype], T=_TL[T], BLOCK=BLOCK)
+
+    total = _launch_runs([params, [g.contiguous() for g in grads], bufs], [lr, momentum, weight_decay, nesterov],
+                         device, launch)
+    return total.to(_out_dtype(bufs))
+
+
+def msam_adamw_step(params, grads, exp_avgs, exp_avg_sqs, scale_old, scale_new, step, lr, beta1, beta2, eps,
+                    weight_decay, grad_scale, found_inf) -> Tensor:
+    _check("msam_adamw_step", params, grads, [exp_avgs, exp_avg_sqs])
+    device = scale_old.device
+    fi = _scalar(found_inf, torch.float32, device)
+    t = step.to(device=device, dtype=torch.float64).reshape(1)
+
+    def launch(a, T, grid, head):
+        gs = _scalar(grad_scale, T, device)
+        step_size = (lr[a] / (1.0 - torch.pow(beta1[a], t))).to(T)  # bias corrections on device: no host sync
+        bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2[a], t)).to(T)
+        coef = [beta1[a], beta2[a], 1.0 - beta1[a], 1.0 - beta2[a], eps[a], 1.0 - lr[a] * weight_decay[a]]
+        _adamw_kernel[grid](*head, _scalar(scale_old, T, device), _scalar(scale_new, T, device), _or(gs, head[-1]),
+                            _or(fi, head[-1]), step_size, bc2_sqrt, _hyper(coef, T, device), HAS_GS=gs is not None,
+                            HAS_FI=fi is not None, PT=_TL[params[a].dtype], T=_TL[T], BLOCK=BLOCK)
+
+    total = _launch_runs([params, [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs],
+                         [lr, beta1, beta2, eps, weight_decay], device, launch)
+    return total.to(_out_dtype(exp_avgs))
+
+
+# =========================================================================================================
+# the StepPlan kernels (reachable with step_impl="plan" / ETFKERN_MSAM_STEP=plan: never run on a GPU yet)
+# =========================================================================================================
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _plan_block(blk_t, blk_o, numels, hyp, BLOCK: tl.constexpr):
     """This program's tensor index, its hyperparameter row, element offsets and bounds mask."""
     pid = tl.program_id(0)
     t = tl.load(blk_t + pid).to(tl.int64)
@@ -53,21 +338,21 @@ def _block(blk_t, blk_o, numels, hyp, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _select(flag, mask):
+def _plan_select(flag, mask):
     # a select, not `mask & flag`: the interpreter cannot AND a block mask with a 0-dim loaded bool
     return tl.where(flag, mask, False)
 
 
 @triton.jit
-def _load(tab, t, offs, mask, DT: tl.constexpr):
+def _plan_load(tab, t, offs, mask, DT: tl.constexpr):
     """Pointer and values (0 outside ``mask``) of the tensor whose address is tab[t] (element type DT)."""
     ptr = tl.load(tab + t).to(tl.pointer_type(DT))
     return ptr, tl.load(ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _grad(g_tab, t, offs, mask, gs_ptr, HAS_GS: tl.constexpr, PT: tl.constexpr, T: tl.constexpr):
-    g_ptr, g = _load(g_tab, t, offs, mask, PT)
+def _plan_grad(g_tab, t, offs, mask, gs_ptr, HAS_GS: tl.constexpr, PT: tl.constexpr, T: tl.constexpr):
+    g_ptr, g = _plan_load(g_tab, t, offs, mask, PT)
     g = g.to(T)
     if HAS_GS:
         g = g / tl.load(gs_ptr).to(T)
@@ -75,7 +360,7 @@ def _grad(g_tab, t, offs, mask, gs_ptr, HAS_GS: tl.constexpr, PT: tl.constexpr, 
 
 
 @triton.jit
-def _sqrt(x, F64: tl.constexpr):
+def _plan_sqrt(x, F64: tl.constexpr):
     if F64:
         return tl.sqrt(x)  # IEEE for fp64
     else:
@@ -83,23 +368,23 @@ def _sqrt(x, F64: tl.constexpr):
 
 
 @triton.jit
-def _lagged_scale(lag_ptr, rho_ptr, F64: tl.constexpr):
+def _plan_lagged_scale(lag_ptr, rho_ptr, F64: tl.constexpr):
     """rho / (sqrt(lagged_sq) + eps), 0 while lagged_sq is 0, in the dtype of the device scalars."""
     lag = tl.load(lag_ptr)
     rho = tl.load(rho_ptr).to(lag.dtype)
-    return tl.where(lag > 0, rho / (_sqrt(lag, F64) + 1e-12), 0.0)
+    return tl.where(lag > 0, rho / (_plan_sqrt(lag, F64) + 1e-12), 0.0)
 
 
 @triton.jit
-def _sq_norm_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, scale_ptr, gs_ptr,
+def _plan_sq_norm_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, scale_ptr, gs_ptr,
                     HAS_GS: tl.constexpr, PT: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr):
     """partial[pid] = ||mu v + c g + wd (p + s v)||^2 over this block (||v||^2 for a tensor without gradient)."""
-    t, row, offs, mask = _block(blk_t, blk_o, numels, hyp, BLOCK)
+    t, row, offs, mask = _plan_block(blk_t, blk_o, numels, hyp, BLOCK)
     has = tl.load(row + 0) != 0
     mu, c, wd = tl.load(row + 1).to(T), tl.load(row + 2).to(T), tl.load(row + 3).to(T)
-    g = _grad(g_tab, t, offs, _select(has, mask), gs_ptr, HAS_GS, PT, T)
-    v_ptr, v = _load(v_tab, t, offs, mask, T)
-    p_ptr, p = _load(p_tab, t, offs, _select(wd != 0, mask), PT)  # p is read only with weight decay
+    g = _plan_grad(g_tab, t, offs, _plan_select(has, mask), gs_ptr, HAS_GS, PT, T)
+    v_ptr, v = _plan_load(v_tab, t, offs, mask, T)
+    p_ptr, p = _plan_load(p_tab, t, offs, _plan_select(wd != 0, mask), PT)  # p is read only with weight decay
     d = c * g
     d = tl.where(wd != 0, d + wd * (p.to(T) + tl.load(scale_ptr).to(T) * v), d)
     vn = tl.where(has, mu * v + d, v)
@@ -108,20 +393,20 @@ def _sq_norm_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, sca
 
 
 @triton.jit
-def _sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, so_ptr, sn_ptr, rho_ptr, gs_ptr, fi_ptr,
-                HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, SN_FROM_LAG: tl.constexpr, F64: tl.constexpr,
-                PT: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr):
+def _plan_sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, so_ptr, sn_ptr, rho_ptr, gs_ptr,
+                     fi_ptr, HAS_GS: tl.constexpr, HAS_FI: tl.constexpr, SN_FROM_LAG: tl.constexpr,
+                     F64: tl.constexpr, PT: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr):
     """Undo + SGD-momentum update + perturb, in place; partial[pid] = ||v'||^2 over this block. With
     SN_FROM_LAG the next scale is computed here from the lagged squared norm at ``sn_ptr``."""
-    t, row, offs, mask = _block(blk_t, blk_o, numels, hyp, BLOCK)
+    t, row, offs, mask = _plan_block(blk_t, blk_o, numels, hyp, BLOCK)
     has = tl.load(row + 0) != 0
     lr, mu, wd = tl.load(row + 4).to(T), tl.load(row + 5).to(T), tl.load(row + 6).to(T)
     nesterov = tl.load(row + 7) != 0
-    p_ptr, p_raw = _load(p_tab, t, offs, mask, PT)
-    g = _grad(g_tab, t, offs, _select(has, mask), gs_ptr, HAS_GS, PT, T)
-    v_ptr, v = _load(v_tab, t, offs, mask, T)
+    p_ptr, p_raw = _plan_load(p_tab, t, offs, mask, PT)
+    g = _plan_grad(g_tab, t, offs, _plan_select(has, mask), gs_ptr, HAS_GS, PT, T)
+    v_ptr, v = _plan_load(v_tab, t, offs, mask, T)
     if SN_FROM_LAG:
-        sn = _lagged_scale(sn_ptr, rho_ptr, F64).to(T)
+        sn = _plan_lagged_scale(sn_ptr, rho_ptr, F64).to(T)
     else:
         sn = tl.load(sn_ptr).to(T)
     x = p_raw.to(T) + tl.load(so_ptr).to(T) * v
@@ -134,7 +419,7 @@ def _sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, so_ptr,
     write = mask
     if HAS_FI:
         keep = tl.load(fi_ptr) == 0
-        write = _select(keep, mask)
+        write = _plan_select(keep, mask)
         vn = tl.where(keep, vn, v)
     tl.store(p_ptr + offs, pn.to(PT), mask=write)
     tl.store(v_ptr + offs, vn, mask=write)
@@ -143,12 +428,12 @@ def _sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, so_ptr,
 
 
 @triton.jit
-def _adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, hyp, partial, so_ptr, sn_ptr, rho_ptr, gs_ptr,
-                  fi_ptr, step_ptr, STEP_OFFSET: tl.constexpr, HAS_GS: tl.constexpr, HAS_FI: tl.constexpr,
-                  SN_FROM_LAG: tl.constexpr, F64: tl.constexpr, PT: tl.constexpr, T: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _plan_adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, hyp, partial, so_ptr, sn_ptr, rho_ptr,
+                       gs_ptr, fi_ptr, step_ptr, STEP_OFFSET: tl.constexpr, HAS_GS: tl.constexpr,
+                       HAS_FI: tl.constexpr, SN_FROM_LAG: tl.constexpr, F64: tl.constexpr, PT: tl.constexpr,
+                       T: tl.constexpr, BLOCK: tl.constexpr):
     """Undo + AdamW update (bias correction at step count load(step_ptr) + STEP_OFFSET) + perturb along -m'."""
-    t, row, offs, mask = _block(blk_t, blk_o, numels, hyp, BLOCK)
+    t, row, offs, mask = _plan_block(blk_t, blk_o, numels, hyp, BLOCK)
     has = tl.load(row + 0) != 0
     lr64, b1_64, wd64 = tl.load(row + 4), tl.load(row + 5), tl.load(row + 6)
     b2_64, eps = tl.load(row + 7), tl.load(row + 8).to(T)
@@ -158,18 +443,18 @@ def _adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, hyp, partial
     bc2_sqrt = tl.sqrt(1.0 - tl.exp2(steps * tl.log2(b2_64))).to(T)
     decay = (1.0 - lr64 * wd64).to(T)
     b1, b2, c1, c2 = b1_64.to(T), b2_64.to(T), (1.0 - b1_64).to(T), (1.0 - b2_64).to(T)
-    p_ptr, p_raw = _load(p_tab, t, offs, mask, PT)
-    g = _grad(g_tab, t, offs, _select(has, mask), gs_ptr, HAS_GS, PT, T)
-    m_ptr, m = _load(m_tab, t, offs, mask, T)
-    q_ptr, q = _load(q_tab, t, offs, mask, T)
+    p_ptr, p_raw = _plan_load(p_tab, t, offs, mask, PT)
+    g = _plan_grad(g_tab, t, offs, _plan_select(has, mask), gs_ptr, HAS_GS, PT, T)
+    m_ptr, m = _plan_load(m_tab, t, offs, mask, T)
+    q_ptr, q = _plan_load(q_tab, t, offs, mask, T)
     if SN_FROM_LAG:
-        sn = _lagged_scale(sn_ptr, rho_ptr, F64).to(T)
+        sn = _plan_lagged_scale(sn_ptr, rho_ptr, F64).to(T)
     else:
         sn = tl.load(sn_ptr).to(T)
     x = p_raw.to(T) + tl.load(so_ptr).to(T) * m
     mn = b1 * m + c1 * g
     qn = b2 * q + c2 * (g * g)
-    denom = _sqrt(qn, T == tl.float64) / bc2_sqrt + eps
+    denom = _plan_sqrt(qn, T == tl.float64) / bc2_sqrt + eps
     upd = x * decay
     upd = upd - step_size * (mn / denom)
     x = tl.where(has, upd, x)  # no gradient: moments kept, only the perturbation is re-scaled
@@ -179,7 +464,7 @@ def _adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, hyp, partial
     write = mask
     if HAS_FI:
         keep = tl.load(fi_ptr) == 0
-        write = _select(keep, mask)
+        write = _plan_select(keep, mask)
         mn = tl.where(keep, mn, m)
     tl.store(p_ptr + offs, pn.to(PT), mask=write)
     tl.store(m_ptr + offs, mn, mask=write)
@@ -189,7 +474,7 @@ def _adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, hyp, partial
 
 
 @triton.jit
-def _sum_partials(partial, n, BLOCK: tl.constexpr):
+def _plan_sum_partials(partial, n, BLOCK: tl.constexpr):
     acc = tl.zeros([BLOCK], dtype=tl.float64)
     for start in range(0, n, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -201,11 +486,11 @@ def _sum_partials(partial, n, BLOCK: tl.constexpr):
 def _finish_norm_kernel(partial, n, G, rho_ptr, MODE: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
     """G[sq] = sum(partial); G[scale_next] = rho / (sqrt(sq) + eps) (MODE 2, lagged before any step was taken:
     the lagged scale once a step was taken)."""
-    sq = _sum_partials(partial, n, BLOCK).to(G.dtype.element_ty)
+    sq = _plan_sum_partials(partial, n, BLOCK).to(G.dtype.element_ty)
     rho = tl.load(rho_ptr).to(sq.dtype)
-    s = rho / (_sqrt(sq, F64) + 1e-12)
+    s = rho / (_plan_sqrt(sq, F64) + 1e-12)
     if MODE == 2:
-        s = tl.where(tl.load(G + 2) > 0, _lagged_scale(G + 1, rho_ptr, F64), s)
+        s = tl.where(tl.load(G + 2) > 0, _plan_lagged_scale(G + 1, rho_ptr, F64), s)
     tl.store(G + 3, s)
     tl.store(G + 4, sq)
 
@@ -219,9 +504,9 @@ def _finish_step_kernel(partial, n, G, rho_ptr, fi_ptr, MODE: tl.constexpr, HAS_
         new_sq = tl.load(G + 4)
         s = tl.load(G + 3)
     else:
-        new_sq = _sum_partials(partial, n, BLOCK).to(G.dtype.element_ty)
+        new_sq = _plan_sum_partials(partial, n, BLOCK).to(G.dtype.element_ty)
         if MODE == 1:
-            s = _lagged_scale(G + 1, rho_ptr, F64)
+            s = _plan_lagged_scale(G + 1, rho_ptr, F64)
         else:
             s = tl.load(G + 3)
     old_s, old_sq, step = tl.load(G + 0), tl.load(G + 1), tl.load(G + 2)
@@ -240,11 +525,7 @@ def _finish_step_kernel(partial, n, G, rho_ptr, fi_ptr, MODE: tl.constexpr, HAS_
 # ---------------------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------------------
-def _state_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-
-def _to_device(values, dtype: torch.dtype, device: torch.device) -> Tensor:
+def _to_device_as(values, dtype: torch.dtype, device: torch.device) -> Tensor:
     host = torch.tensor(values, dtype=dtype)
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
@@ -257,20 +538,6 @@ def _write(dst: Tensor, values, dtype: torch.dtype) -> None:
     dst.copy_(host, non_blocking=True)
 
 
-def _check(op: str, params, grads, states) -> None:
-    for i, p in enumerate(params):
-        if p.dtype not in _TL:
-            raise ValueError(f"{op}: params[{i}] must be float64/float32/bfloat16/float16, got {p.dtype}")
-        if grads[i].dtype != p.dtype or grads[i].shape != p.shape:
-            raise ValueError(f"{op}: grads[{i}] must match params[{i}] ({p.dtype}, {tuple(p.shape)})")
-        if not p.is_contiguous():
-            raise ValueError(f"{op}: params[{i}] must be contiguous")
-        for s in states:
-            if s[i].dtype != _state_dtype(p) or s[i].shape != p.shape or not s[i].is_contiguous():
-                raise ValueError(f"{op}: state[{i}] must be a contiguous {_state_dtype(p)} tensor shaped like "
-                                 f"params[{i}] {tuple(p.shape)}")
-
-
 class _Segment:
     """The tensors of one parameter dtype: address, block and hyperparameter tables and a slice of partials."""
 
@@ -280,15 +547,15 @@ class _Segment:
         first = lists[0][index[0]]
         self.PT, self.T = _TL[first.dtype], _TL[_state_dtype(first)]
         sizes = [lists[0][i].numel() for i in index]
-        self.tabs = [_to_device([lst[i].data_ptr() for i in index], torch.int64, device) for lst in lists]
+        self.tabs = [_to_device_as([lst[i].data_ptr() for i in index], torch.int64, device) for lst in lists]
         self.grad_ptrs = tuple(grads[i].data_ptr() for i in index)
-        self.g_tab = _to_device(list(self.grad_ptrs), torch.int64, device)
-        self.blk_t = _to_device([k for k, n in enumerate(sizes) for _ in range(0, n, BLOCK)], torch.int32, device)
-        self.blk_o = _to_device([o for n in sizes for o in range(0, n, BLOCK)], torch.int64, device)
-        self.numels = _to_device(sizes, torch.int64, device)
+        self.g_tab = _to_device_as(list(self.grad_ptrs), torch.int64, device)
+        self.blk_t = _to_device_as([k for k, n in enumerate(sizes) for _ in range(0, n, BLOCK)], torch.int32, device)
+        self.blk_o = _to_device_as([o for n in sizes for o in range(0, n, BLOCK)], torch.int64, device)
+        self.numels = _to_device_as(sizes, torch.int64, device)
         self.nblk = int(self.blk_t.numel())
         self.rows = tuple(rows[i] for i in index)
-        self.hyp = _to_device([list(r) for r in self.rows] or [[0.0] * HYP_COLS], torch.float64, device)
+        self.hyp = _to_device_as([list(r) for r in self.rows] or [[0.0] * HYP_COLS], torch.float64, device)
         self.partial = partials[start:start + max(self.nblk, 1)]
 
 
@@ -319,7 +586,7 @@ class StepPlan:
             start += max(n, 1)
         self.norm_views = [self.norm_partials[s.partial.storage_offset():s.partial.storage_offset() + s.partial.numel()]
                            for s in self.segments]
-        self.rho = _to_device([0.0], torch.float64, self.device)
+        self.rho = _to_device_as([0.0], torch.float64, self.device)
         self.rho_value: float | None = None
         self.views = {k: G[k:k + 1] for k in range(G_SIZE)}
 
@@ -353,7 +620,7 @@ class StepPlan:
             for seg, norm_partial in zip(self.segments, self.norm_views):
                 if seg.nblk == 0:
                     continue
-                _sq_norm_kernel[(seg.nblk,)](seg.tabs[0], seg.g_tab, seg.tabs[1], seg.blk_t, seg.blk_o, seg.numels,
+                _plan_sq_norm_kernel[(seg.nblk,)](seg.tabs[0], seg.g_tab, seg.tabs[1], seg.blk_t, seg.blk_o, seg.numels,
                                              seg.hyp, norm_partial, v[G_SCALE], gs, HAS_GS=has_gs, PT=seg.PT,
                                              T=seg.T, BLOCK=BLOCK)
             _finish_norm_kernel[(1,)](self.norm_partials, self.norm_partials.numel(), self.G, self.rho,
@@ -365,112 +632,11 @@ class StepPlan:
             common = dict(HAS_GS=has_gs, HAS_FI=has_fi, SN_FROM_LAG=mode == LAGGED, F64=self.F64, PT=seg.PT,
                           T=seg.T, BLOCK=BLOCK)
             if self.kind == "sgd":
-                _sgd_kernel[(seg.nblk,)](seg.tabs[0], seg.g_tab, seg.tabs[1], seg.blk_t, seg.blk_o, seg.numels,
+                _plan_sgd_kernel[(seg.nblk,)](seg.tabs[0], seg.g_tab, seg.tabs[1], seg.blk_t, seg.blk_o, seg.numels,
                                          seg.hyp, seg.partial, v[G_SCALE], sn, self.rho, gs, fi, **common)
             else:
-                _adamw_kernel[(seg.nblk,)](seg.tabs[0], seg.g_tab, seg.tabs[1], seg.tabs[2], seg.blk_t, seg.blk_o,
+                _plan_adamw_kernel[(seg.nblk,)](seg.tabs[0], seg.g_tab, seg.tabs[1], seg.tabs[2], seg.blk_t, seg.blk_o,
                                            seg.numels, seg.hyp, seg.partial, v[G_SCALE], sn, self.rho, gs, fi,
                                            v[G_STEP], STEP_OFFSET=1, **common)
-        _finish_step_kernel[(1,)](self.partials, self.partials.numel(), self.G, self.rho, fi, MODE=mode, HAS_FI=has_fi, F64=self.F64,
-                                  BLOCK=FINISH_BLOCK)
-
-
-def _torch_dtype(t) -> torch.dtype:
-    return {tl.float32: torch.float32, tl.float64: torch.float64}[t]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# op launchers (same arguments as the etfkern ops): a throwaway segment per call
-# ---------------------------------------------------------------------------------------------------------
-def _out_dtype(bufs: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(b.dtype == torch.float64 for b in bufs) else torch.float32
-
-
-def _scalar(t: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor | None:
-    return None if t is None else t.to(device=device, dtype=dtype).reshape(1)
-
-
-def _op_segments(params, grads, states, rows, device):
-    """(segment, partial) per parameter dtype for a one-off op call; grads made contiguous."""
-    lists = [list(params)] + [list(s) for s in states]
-    grads = [g.contiguous() for g in grads]
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault(p.dtype, []).append(i)
-    out = []
-    for idx in by_dtype.values():
-        n = sum((params[i].numel() + BLOCK - 1) // BLOCK for i in idx)
-        partials = torch.zeros(max(n, 1), dtype=torch.float64, device=device)
-        seg = _Segment(idx, lists, grads, list(rows), partials, 0, device)
-        seg.keep_alive = grads  # the table holds the contiguous copies' addresses
-        out.append(seg)
-    return out
-
-
-def _total(segs, bufs) -> Tensor:
-    parts = [s.partial.sum() for s in segs if s.nblk]
-    total = torch.stack(parts).sum() if parts else torch.zeros((), dtype=torch.float64)
-    return total.to(_out_dtype(bufs))
-
-
-def _row(has=1.0, norm_mu=0.0, norm_c=0.0, norm_wd=0.0, lr=0.0, mu_b1=0.0, wd=0.0, nesterov_b2=0.0, eps=0.0):
-    return (float(has), float(norm_mu), float(norm_c), float(norm_wd), float(lr), float(mu_b1), float(wd),
-            float(nesterov_b2), float(eps))
-
-
-def msam_sq_norm(params, grads, bufs, scale, momentum, grad_coef, weight_decay, grad_scale) -> Tensor:
-    _check("msam_sq_norm", params, grads, [bufs])
-    device = scale.device
-    rows = [_row(1.0, momentum[i], grad_coef[i], weight_decay[i]) for i in range(len(params))]
-    segs = _op_segments(params, grads, [bufs], rows, device)
-    for seg in segs:
-        if seg.nblk:
-            T = _torch_dtype(seg.T)
-            gs = _scalar(grad_scale, T, device)
-            _sq_norm_kernel[(seg.nblk,)](seg.tabs[0], seg.g_tab, seg.tabs[1], seg.blk_t, seg.blk_o, seg.numels,
-                                         seg.hyp, seg.partial, _scalar(scale, T, device),
-                                         seg.partial if gs is None else gs, HAS_GS=gs is not None, PT=seg.PT,
-                                         T=seg.T, BLOCK=BLOCK)
-    return _total(segs, bufs).to(device)
-
-
-def msam_sgd_step(params, grads, bufs, scale_old, scale_new, lr, momentum, weight_decay, nesterov, grad_scale,
-                  found_inf) -> Tensor:
-    _check("msam_sgd_step", params, grads, [bufs])
-    device = scale_old.device
-    fi = _scalar(found_inf, torch.float32, device)
-    rows = [_row(1.0, lr=lr[i], mu_b1=momentum[i], wd=weight_decay[i], nesterov_b2=float(bool(nesterov[i])))
-            for i in range(len(params))]
-    segs = _op_segments(params, grads, [bufs], rows, device)
-    for seg in segs:
-        if seg.nblk:
-            T = _torch_dtype(seg.T)
-            gs = _scalar(grad_scale, T, device)
-            _sgd_kernel[(seg.nblk,)](seg.tabs[0], seg.g_tab, seg.tabs[1], seg.blk_t, seg.blk_o, seg.numels, seg.hyp,
-                                     seg.partial, _scalar(scale_old, T, device), _scalar(scale_new, T, device),
-                                     seg.partial, seg.partial if gs is None else gs, seg.partial if fi is None else fi,
-                                     HAS_GS=gs is not None, HAS_FI=fi is not None, SN_FROM_LAG=False,
-                                     F64=T == torch.float64, PT=seg.PT, T=seg.T, BLOCK=BLOCK)
-    return _total(segs, bufs).to(device)
-
-
-def msam_adamw_step(params, grads, exp_avgs, exp_avg_sqs, scale_old, scale_new, step, lr, beta1, beta2, eps,
-                    weight_decay, grad_scale, found_inf) -> Tensor:
-    _check("msam_adamw_step", params, grads, [exp_avgs, exp_avg_sqs])
-    device = scale_old.device
-    fi = _scalar(found_inf, torch.float32, device)
-    t = _scalar(step, torch.float64, device)
-    rows = [_row(1.0, lr=lr[i], mu_b1=beta1[i], wd=weight_decay[i], nesterov_b2=beta2[i], eps=eps[i])
-            for i in range(len(params))]
-    segs = _op_segments(params, grads, [exp_avgs, exp_avg_sqs], rows, device)
-    for seg in segs:
-        if seg.nblk:
-            T = _torch_dtype(seg.T)
-            gs = _scalar(grad_scale, T, device)
-            _adamw_kernel[(seg.nblk,)](seg.tabs[0], seg.g_tab, seg.tabs[1], seg.tabs[2], seg.blk_t, seg.blk_o,
-                                       seg.numels, seg.hyp, seg.partial, _scalar(scale_old, T, device),
-                                       _scalar(scale_new, T, device), seg.partial, seg.partial if gs is None else gs,
-                                       seg.partial if fi is None else fi, t, STEP_OFFSET=0, HAS_GS=gs is not None,
-                                       HAS_FI=fi is not None, SN_FROM_LAG=False, F64=T == torch.float64, PT=seg.PT,
-                                       T=seg.T, BLOCK=BLOCK)
-    return _total(segs, exp_avgs).to(device)
+        _finish_step_kernel[(1,)](self.partials, self.partials.numel(), self.G, self.rho, fi, MODE=mode,
+                                  HAS_FI=has_fi, F64=self.F64, BLOCK=FINISH_BLOCK)

@@ -150,3 +150,14 @@ register_table("ebv_dir", "ieee", [])
 # ==========================================================================================================
 register_table("collapse_update_product", "triton", [])
 register_table("collapse_pair_precision", "tf32x3", [])
+
+# ==========================================================================================================
+# msam: how MSAM/AdamWMSAM run a step on the Triton backend. Override: the optimizer's step_impl keyword, or
+# ETFKERN_MSAM_STEP=ops|plan (etfkern.msam.optim).
+#   variants: "ops" (the etfkern::msam_* ops, one launch per param group per pass plus torch ops around them: the
+#     path that ran on the H200, exact 0.995 ms vs SGD(fused=True) 0.077 ms at 10M fp32), "plan" (StepPlan: one
+#     launch per pass over every tensor, no allocation, capturable in a CUDA graph; never ran on a GPU)
+#   features: numel (int), dtype (str)
+# No rows yet: bench/msam.py --device cuda times both (msam_* and msam_*_plan / *_graph rows).
+# ==========================================================================================================
+register_table("msam_step", "ops", [])

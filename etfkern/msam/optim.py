@@ -12,11 +12,24 @@ g the gradient at w~ and s the scale that was actually applied last step (0 befo
 ``norm="exact"`` runs two fused passes over all tensors: pass 1 reduces ||v'||^2 (a 0-dim device tensor, never
 copied to the host), pass 2 does undo + update + perturb in one sweep. ``norm="lagged"`` runs pass 2 only and
 perturbs with s' = rho / ||v|| (the previous step's momentum norm) along v': an approximation that saves one
-read of v and g (the first step is always exact).
+read of v and g (until a step was taken -- the first one, or the first after steps GradScaler skipped -- the
+exact norm is used; skipped steps do not count).
+
+Two ways to run a step on the Triton backend (``step_impl``; the dispatch table's default is "ops"): "ops" calls
+the etfkern ops (one launch per param group per pass, torch ops around them); "plan" keeps a StepPlan (launch
+tables built once per parameter set, one launch per pass over every tensor, norms and scales finished on the
+device, no allocation in a steady-state step, capturable in a CUDA graph).
+
+Checkpoints: ``state_dict()`` outside ``unperturbed()`` goes with the perturbed weights the parameters hold; inside
+it, with the true weights, and it then carries the perturbed weights too, so that ``load_state_dict`` (after the
+model's) puts them back: both recipes resume the uninterrupted run bitwise. ``load_state_dict`` checks everything
+before it changes anything.
 
 Implementation notes:
   * state: fp32 for bf16/fp16/fp32 parameters, fp64 for fp64 parameters; the applied scale, the lagged
-    squared norm and (AdamW) the step count are 0-dim tensors on the parameters' device.
+    squared norm and the count of steps taken are one device buffer (fp32, fp64 with fp64 parameters).
+  * every check (hyperparameters, one rho for all groups, sparse gradients, devices) runs before any state is
+    created; a parameter listed twice is a ValueError.
   * torch.amp.GradScaler: ``_step_supports_amp_scaling = True``; GradScaler sets ``grad_scale`` and
     ``found_inf`` on the optimizer; gradients are divided by ``grad_scale`` inside the kernels and a nonzero
     ``found_inf`` skips the whole step (parameters, state, scale and step count keep their bits), on device.
@@ -40,6 +53,7 @@ import torch
 from torch import Tensor
 
 from etfkern._core import backend as _backend
+from etfkern._core import dispatch as _dispatch
 from etfkern.msam import ops as _ops  # noqa: F401  (schemas)
 from etfkern.msam import reference as ref
 
@@ -159,10 +173,13 @@ class _MSAMBase(torch.optim.Optimizer):
     _group_keys: tuple[str, ...] = ()  # hyperparameters only this class has (tells MSAM/AdamWMSAM checkpoints apart)
     _kernel_op = ""
 
-    def __init__(self, params: Iterable, defaults: dict, norm: str, norm_group: Any) -> None:
+    def __init__(self, params: Iterable, defaults: dict, norm: str, norm_group: Any, step_impl: str | None) -> None:
         if norm not in ("exact", "lagged"):
             raise ValueError(f"norm must be 'exact' or 'lagged', got {norm!r}")
+        if step_impl not in (None, "ops", "plan"):
+            raise ValueError(f"step_impl must be None, 'ops' or 'plan', got {step_impl!r}")
         self.norm = norm
+        self.step_impl = step_impl
         self.norm_group = norm_group
         # device scalars [scale applied, lagged squared norm, steps taken, next scale, squared norm]; _globals
         # holds 0-dim views of the first three (what state_dict saves)
@@ -343,13 +360,22 @@ class _MSAMBase(torch.optim.Optimizer):
         states = [self._state_of(p, loc) for p, loc in zip(gathered.params, gathered.locs)]
         G = self._scalars(device, dtype)
         mode = self._mode()
-        if all(not g for g in gathered.norm_groups) and \
-                _backend.choose(self._kernel_op, device) == "triton":
+        if all(not g for g in gathered.norm_groups) and self._use_plan(device):
             self._step_plan(gathered, states, G, mode, grad_scale, found_inf)
         else:
             self._step_ops(gathered, states, G, mode, grad_scale, found_inf)
         self._finish_step(found_inf)
         return loss
+
+    def _use_plan(self, device: torch.device) -> bool:
+        """The StepPlan runs when the Triton backend runs the op and the variant (step_impl, else
+        ETFKERN_MSAM_STEP, else the dispatch table's msam_step row) is "plan"."""
+        if _backend.choose(self._kernel_op, device) != "triton":
+            return False
+        impl = _backend.kernel_variant("ETFKERN_MSAM_STEP", ("auto", "ops", "plan"), self.step_impl, "step_impl")
+        if impl == "auto":
+            impl = _dispatch.choose_variant("msam_step")[0]
+        return impl == "plan"
 
     def _finish_step(self, found_inf: Tensor | None) -> None:
         self._steps += 1
@@ -371,7 +397,7 @@ class _MSAMBase(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         if tuple(map(id, params)) != f.ids or tuple(g is None for g in grads) != f.no_grad:
             return False
-        if _backend.choose(self._kernel_op, f.device) != "triton":
+        if not self._use_plan(f.device):
             return False
         for t in (grad_scale, found_inf):
             if t is not None and (t.numel() != 1 or t.device != f.device):
@@ -739,10 +765,14 @@ class MSAM(_MSAMBase):
             was taken, e.g. while GradScaler skips steps, the exact norm is used).
         norm_group: a process group over which every parameter is sharded (each rank holds a disjoint
             slice): the squared norm is all-reduced over it. DTensor shards are detected without it.
+        step_impl: how the Triton backend runs a step: "ops" (the etfkern ops, one launch per param group per
+            pass; the measured default) or "plan" (one launch per pass over every tensor, launch tables kept
+            between steps, no allocation, capturable; never run on a GPU yet). None: ``ETFKERN_MSAM_STEP``, else
+            the dispatch table (etfkern/_core/dispatch.py, msam_step). Other backends ignore it.
     State per parameter: ``momentum_buffer`` (fp32, fp64 for fp64 parameters). Never stored: the unperturbed
     weights (recomputed on demand by :meth:`unperturbed`).
 
-    CUDA graphs (capturable operation): with the Triton backend (the default on CUDA) a step reads every scalar
+    CUDA graphs (capturable operation): with ``step_impl="plan"`` (Triton backend) a step reads every scalar
     (applied and next scale, lagged norm, step count, grad_scale/found_inf) from device memory and its launch
     tables (addresses, lr/momentum/weight decay/rho per tensor) from device tables whose addresses stay fixed, so
     after a few eager warm-up steps ``opt.step()`` can be captured with ``torch.cuda.graph`` and replayed; the
@@ -756,9 +786,9 @@ class MSAM(_MSAMBase):
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, rho: float = 0.3,
                  weight_decay: float = 0.0, nesterov: bool = False, *, norm: str = "exact",
-                 norm_group: Any = None) -> None:
+                 norm_group: Any = None, step_impl: str | None = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, rho=rho, weight_decay=weight_decay, nesterov=nesterov)
-        super().__init__(params, defaults, norm, norm_group)
+        super().__init__(params, defaults, norm, norm_group, step_impl)
 
     def _validate(self, group: dict) -> None:
         self._check("lr", group["lr"], 0.0)
@@ -793,10 +823,10 @@ class AdamWMSAM(_MSAMBase):
     """Momentum-SAM around torch.optim.AdamW's update (decoupled weight decay, bias correction), perturbing
     along -m/||m|| with m the first moment: w~ = w - rho m / ||m|| (global norm over all parameters).
 
-    Args: lr >= 0, betas each in [0, 1), eps >= 0, weight_decay >= 0, rho >= 0 (same in every group), ``norm``
-    and ``norm_group`` as :class:`MSAM`. State per parameter: ``exp_avg``, ``exp_avg_sq`` (fp32, fp64 for fp64
-    parameters); one step counter per optimizer (a 0-dim tensor, skipped steps not counted). CUDA graphs: as
-    :class:`MSAM` (the bias corrections are computed on the device from the step count).
+    Args: lr >= 0, betas each in [0, 1), eps >= 0, weight_decay >= 0, rho >= 0 (same in every group), ``norm``,
+    ``norm_group`` and ``step_impl`` as :class:`MSAM`. State per parameter: ``exp_avg``, ``exp_avg_sq`` (fp32, fp64
+    for fp64 parameters); one step counter per optimizer (a 0-dim tensor, skipped steps not counted). CUDA graphs:
+    as :class:`MSAM` (the bias corrections are computed on the device from the step count).
     """
 
     _buf_keys = ("exp_avg", "exp_avg_sq")
@@ -805,10 +835,10 @@ class AdamWMSAM(_MSAMBase):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, rho: float = 1.0, *, norm: str = "exact",
-                 norm_group: Any = None) -> None:
+                 norm_group: Any = None, step_impl: str | None = None) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
                         weight_decay=weight_decay, rho=rho)
-        super().__init__(params, defaults, norm, norm_group)
+        super().__init__(params, defaults, norm, norm_group, step_impl)
 
     def _validate(self, group: dict) -> None:
         self._check("lr", group["lr"], 0.0)

@@ -247,14 +247,17 @@ def _max_err(a, b):
 def _check_trajectory(op, make_opt, init, seq, want, device="cpu"):
     """Every backend of ``op``: the optimizer's stored weights after each step match ``want`` to 1e-10."""
     for backend in backends_for(op, device):
-        params = [torch.nn.Parameter(x.to(device, copy=True)) for x in init]
-        opt = make_opt(params)
-        with etfkern.use_backend(backend):
-            for t, gs in enumerate(seq):
-                for p, g in zip(params, gs):
-                    p.grad = None if g is None else g.to(device, copy=True)
-                opt.step()
-                assert _max_err([p.cpu() for p in params], want[t]) < 1e-10, (backend, t)
+        for impl in ("ops", "plan") if backend == "triton" else ("ops",):  # Triton: both step variants
+            params = [torch.nn.Parameter(x.to(device, copy=True)) for x in init]
+            opt = make_opt(params)
+            opt.step_impl = impl
+            with etfkern.use_backend(backend):
+                for t, gs in enumerate(seq):
+                    for p, g in zip(params, gs):
+                        p.grad = None if g is None else g.to(device, copy=True)
+                    opt.step()
+                    assert _max_err([p.cpu() for p in params], want[t]) < 1e-10, (backend, impl, t)
+            assert (opt._plan is not None) == (impl == "plan"), (backend, impl)
 
 
 @pytest.mark.parametrize("norm", ["exact", "lagged"])
@@ -623,7 +626,8 @@ def _gpu_twins(cls, norm, dtype):
         params = [torch.nn.Parameter(x.clone()) for x in init]
         for p in params:
             p.grad = torch.zeros_like(p)  # static gradient tensors (a captured graph reads these addresses)
-        out.append((params, cls([dict(params=params[:2]), dict(params=params[2:], lr=5e-3)], norm=norm, **kw)))
+        out.append((params, cls([dict(params=params[:2]), dict(params=params[2:], lr=5e-3)], norm=norm,
+                                step_impl="plan", **kw)))
     return out
 
 
@@ -712,22 +716,34 @@ def test_trajectories_on_gpu_every_backend():
 _AOT_SCRIPT = r"""
 import etfkern.triton_kernels.msam as tk
 
-tabs = dict(blk_t="*i32", blk_o="*i64", numels="*i64", hyp="*fp64", partial="*fp64")
 out = {}
+# the per-run kernels (the ops' Triton backend), bf16 params with fp32 state
+tabs = dict(blk_t="*i32", blk_o="*i64", numels="*i64", partial="*fp32")
+common = dict(PT=tl.bfloat16, T=tl.float32, BLOCK=tk.BLOCK)
+out["sq_norm_bf16"] = build(tk._sq_norm_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs,
+    scale_ptr="*fp32", gs_ptr="*fp32", hyp="*fp32"), dict(HAS_GS=True, USE_WD=True, **common), num_warps=4)
+out["sgd_bf16"] = build(tk._sgd_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs, so_ptr="*fp32",
+    sn_ptr="*fp32", gs_ptr="*fp32", fi_ptr="*fp32", hyp="*fp32"),
+    dict(HAS_GS=True, HAS_FI=True, USE_WD=True, NESTEROV=True, **common), num_warps=4)
+out["adamw_bf16"] = build(tk._adamw_kernel, dict(p_tab="*i64", g_tab="*i64", m_tab="*i64", q_tab="*i64", **tabs,
+    so_ptr="*fp32", sn_ptr="*fp32", gs_ptr="*fp32", fi_ptr="*fp32", step_size_ptr="*fp32",
+    bc2_sqrt_ptr="*fp32", hyp="*fp32"), dict(HAS_GS=True, HAS_FI=True, **common), num_warps=4)
+# the StepPlan kernels: bf16/fp32/fp64 params, exact and lagged, the finish kernels for fp32 and fp64 scalars
+tabs = dict(blk_t="*i32", blk_o="*i64", numels="*i64", hyp="*fp64", partial="*fp64")
 for pt, st, g in (("bf16", "fp32", "fp32"), ("fp32", "fp32", "fp32"), ("fp64", "fp64", "fp64")):
     common = dict(PT=getattr(tl, {"bf16": "bfloat16", "fp32": "float32", "fp64": "float64"}[pt]),
                   T=tl.float64 if st == "fp64" else tl.float32, BLOCK=tk.BLOCK)
     f64 = g == "fp64"
     for lag in (False, True):
-        out[f"sgd_{pt}_lag{int(lag)}"] = build(tk._sgd_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs,
-            so_ptr="*" + g, sn_ptr="*" + g, rho_ptr="*fp64", gs_ptr="*fp32", fi_ptr="*fp32"),
+        out[f"plan_sgd_{pt}_lag{int(lag)}"] = build(tk._plan_sgd_kernel, dict(p_tab="*i64", g_tab="*i64",
+            v_tab="*i64", **tabs, so_ptr="*" + g, sn_ptr="*" + g, rho_ptr="*fp64", gs_ptr="*fp32", fi_ptr="*fp32"),
             dict(HAS_GS=True, HAS_FI=True, SN_FROM_LAG=lag, F64=f64, **common), num_warps=4)
-        out[f"adamw_{pt}_lag{int(lag)}"] = build(tk._adamw_kernel, dict(p_tab="*i64", g_tab="*i64", m_tab="*i64",
-            q_tab="*i64", **tabs, so_ptr="*" + g, sn_ptr="*" + g, rho_ptr="*fp64", gs_ptr="*fp32", fi_ptr="*fp32",
-            step_ptr="*" + g), dict(STEP_OFFSET=1, HAS_GS=True, HAS_FI=True, SN_FROM_LAG=lag, F64=f64, **common),
-            num_warps=4)
-    out[f"sq_norm_{pt}"] = build(tk._sq_norm_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64", **tabs,
-                                 scale_ptr="*" + g, gs_ptr="*fp32"), dict(HAS_GS=True, **common), num_warps=4)
+        out[f"plan_adamw_{pt}_lag{int(lag)}"] = build(tk._plan_adamw_kernel, dict(p_tab="*i64", g_tab="*i64",
+            m_tab="*i64", q_tab="*i64", **tabs, so_ptr="*" + g, sn_ptr="*" + g, rho_ptr="*fp64", gs_ptr="*fp32",
+            fi_ptr="*fp32", step_ptr="*" + g),
+            dict(STEP_OFFSET=1, HAS_GS=True, HAS_FI=True, SN_FROM_LAG=lag, F64=f64, **common), num_warps=4)
+    out[f"plan_sq_norm_{pt}"] = build(tk._plan_sq_norm_kernel, dict(p_tab="*i64", g_tab="*i64", v_tab="*i64",
+        **tabs, scale_ptr="*" + g, gs_ptr="*fp32"), dict(HAS_GS=True, **common), num_warps=4)
 for g in ("fp32", "fp64"):
     for mode in (0, 1, 2):
         if mode != 1:
@@ -744,4 +760,5 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     # every launch configuration the plan and the op launchers use: bf16/fp32/fp64 params, exact and lagged, the
     # finish kernels for float32 and float64 device scalars
     report = compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)
-    assert len(report) == 3 * 5 + 2 * 5 and {"sgd_bf16_lag1", "adamw_fp64_lag0", "finish_step_fp64_2"} <= set(report)
+    assert len(report) == 3 + 3 * 5 + 2 * 5
+    assert {"sgd_bf16", "plan_sgd_bf16_lag1", "plan_adamw_fp64_lag0", "finish_step_fp64_2"} <= set(report)

@@ -79,7 +79,7 @@ def _setup(cls, norm, dtypes=(torch.float32,) * 4, scaler=False):
     for p in params:
         p.grad = torch.randn_like(p)
     groups = [dict(params=params[:2]), dict(params=params[2:], weight_decay=0.01)]
-    opt = cls(groups, norm=norm, lr=0.1 if cls is MSAM else 1e-3)
+    opt = cls(groups, norm=norm, lr=0.1 if cls is MSAM else 1e-3, step_impl="plan")
     if scaler:
         opt.grad_scale, opt.found_inf = torch.tensor([4.0]), torch.tensor([0.0])
     return opt, params
@@ -95,19 +95,21 @@ def test_steady_state_step_launches_once_per_pass_and_allocates_nothing(launches
             opt.step()
         plan = opt._plan
         counts = _count(opt, launches)
-    update = "_sgd_kernel" if cls is MSAM else "_adamw_kernel"
-    want = (["_sq_norm_kernel", "_finish_norm_kernel"] if norm == "exact" else []) + [update, "_finish_step_kernel"]
+    update = "_plan_sgd_kernel" if cls is MSAM else "_plan_adamw_kernel"
+    want = (["_plan_sq_norm_kernel", "_finish_norm_kernel"] if norm == "exact" else []) + \
+        [update, "_finish_step_kernel"]
     assert counts == {"launches": want, "torch_ops": [], "allocations": 0}
     assert opt._plan is plan  # tables reused
 
 
 def test_one_launch_per_parameter_dtype(launches):
     opt, _ = _setup(MSAM, "exact", dtypes=(torch.float32, torch.bfloat16, torch.float32, torch.bfloat16))
+    assert opt.step_impl == "plan"
     with etfkern.use_backend("triton"):
         opt.step()
         counts = _count(opt, launches)
-    assert counts["launches"] == ["_sq_norm_kernel"] * 2 + ["_finish_norm_kernel"] + ["_sgd_kernel"] * 2 + \
-        ["_finish_step_kernel"]
+    assert counts["launches"] == ["_plan_sq_norm_kernel"] * 2 + ["_finish_norm_kernel"] + \
+        ["_plan_sgd_kernel"] * 2 + ["_finish_step_kernel"]
     assert counts["torch_ops"] == [] and counts["allocations"] == 0
 
 
@@ -120,7 +122,7 @@ def test_plan_follows_grads_hyperparameters_and_parameter_set():
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
     seq = [[torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(8)]
     params = [torch.nn.Parameter(x.clone()) for x in init]
-    opt = MSAM([params[0], params[1]], lr=0.1, momentum=0.9, rho=0.3)
+    opt = MSAM([params[0], params[1]], lr=0.1, momentum=0.9, rho=0.3, step_impl="plan")
     w, st = [x.clone() for x in init[:2]], {}
     plans = []
     with etfkern.use_backend("triton"):
@@ -150,7 +152,7 @@ def test_plan_notices_new_parameter_storage_strided_grads_and_backend_switch():
     gen = torch.Generator().manual_seed(13)
     init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in [(4, 5), (6,)]]
     params = [torch.nn.Parameter(x.clone()) for x in init]
-    opt = MSAM(params, lr=0.05, momentum=0.9, rho=0.2)
+    opt = MSAM(params, lr=0.05, momentum=0.9, rho=0.2, step_impl="plan")
     w, st = [x.clone() for x in init], {}
     for t in range(6):
         gs = [torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in init]

@@ -203,11 +203,13 @@ def test_lagged_after_skipped_first_steps_matches_a_clean_run(cls):
     for gs in seq:  # the equations: lagged from the second step on
         if cls is MSAM:
             ref.msam_trajectory_step(w, [g + 0.5 * x for g, x in zip(gs, w)], st, momentum=0.9, lagged=True, **hyper)
-    for backend in backends_for(cls is MSAM and "msam_sgd_step" or "msam_adamw_step", "cpu"):
+    variants = [(b, impl) for b in backends_for(cls is MSAM and "msam_sgd_step" or "msam_adamw_step", "cpu")
+                for impl in (("ops", "plan") if b == "triton" else ("ops",))]
+    for backend, impl in variants:
         runs = []
         for skipped in (0, 2):
             params = [torch.nn.Parameter(x.clone()) for x in init]
-            opt = cls(params, norm="lagged", **hyper)
+            opt = cls(params, norm="lagged", step_impl=impl, **hyper)
             opt.grad_scale = torch.tensor([2.0], dtype=torch.float64)
             with etfkern.use_backend(backend):
                 for t in range(skipped):
@@ -221,9 +223,9 @@ def test_lagged_after_skipped_first_steps_matches_a_clean_run(cls):
                         p.grad = 2.0 * (g + 0.5 * p.detach())
                     opt.step()
             runs.append([p.detach().clone() for p in params])
-        assert all(torch.equal(a, b) for a, b in zip(*runs)), backend
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), (backend, impl)
         if cls is MSAM:
-            assert max((a - b).abs().max().item() for a, b in zip(runs[1], w)) < 1e-10, backend
+            assert max((a - b).abs().max().item() for a, b in zip(runs[1], w)) < 1e-10, (backend, impl)
 
 
 # ----------------------------------------------------------------------------------------------------------
