@@ -5,7 +5,8 @@
 GPU sweep (about a minute on an H200): 10M and 100M parameters, fp32 and bf16 parameters with fp32 state; exact,
 lagged and AdamW MSAM with the default step (``msam_*``, ``adamw_msam``), with ``step_impl="plan"`` (``*_plan``) and
 that step replayed from a CUDA graph (``*_graph``: the capturable step, no Python per step); peers torch
-SGD(fused=True) / foreach, AdamW(fused=True) / foreach; the device copy rate measured in the same run gives ``copy_frac`` (achieved bandwidth of the method's traffic floor over the copy rate) and ``x_floor`` (time
+SGD(fused=True) / foreach, AdamW(fused=True) / foreach; the device copy rate measured in the same run gives
+``copy_frac`` (achieved bandwidth of the method's traffic floor over the copy rate) and ``x_floor`` (time
 over the time the floor's bytes take at the copy rate).
 
 Parameters are split like a network (32 weight matrices + 32 bias vectors). Rows: ms per step (median),
