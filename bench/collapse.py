@@ -96,21 +96,10 @@ def _two_pass_nc1(counts, means, sigma_w):
     return float(torch.trace(sigma_w @ torch.linalg.pinv(sigma_b, hermitian=True)) / mu.shape[0])
 
 
-def _median_ms(fn, device: str, rep: int) -> float:
-    return sorted(time_ms(fn, device, warmup=0, rep=1) for _ in range(rep))[rep // 2]
-
-
-def _sweep_update(rows: list[dict], c: int, d: int, dtype: torch.dtype, tokens: int, batch: int, device: str) -> None:
-    """Every ETFKERN_COLLAPSE_PRODUCT variant's one-pass update vs the plain two-pass torch (fp32 GEMM), with
-    Sigma_W's relative Frobenius error against the float64 two-pass."""
+def _workload(c: int, d: int, tokens: int, batch: int, dtype: torch.dtype, device: str):
+    """(shape label, batches, tokens, meter, one_pass): the batches of one shape and a timed one-pass over them."""
     shape = f"C={c},d={d},N={tokens},B={batch},{str(dtype).replace('torch.', '')}"
     batches = _batches(c, d, tokens, batch, dtype, device)
-    ntok = sum(y.shape[0] for _, y in batches)
-    _, _, sigma_f64 = _two_pass_stats(batches, c, d, device, False)
-    two_pass_ms = _median_ms(lambda: _two_pass_stats(batches, c, d, device, False, torch.float32), device, 3)
-    _, _, sigma_plain = _two_pass_stats(batches, c, d, device, False, torch.float32)
-    rows.append({"op": "update_sweep", "shape": shape, "impl": "two_pass(fp32 GEMM)", "ms": two_pass_ms,
-                 "vs_two_pass": 1.0, "sw_rel_err_vs_f64": float((sigma_plain - sigma_f64).norm() / sigma_f64.norm())})
     meter = etfkern.CollapseMeter(c, d, device=device)
 
     def one_pass():
@@ -119,6 +108,22 @@ def _sweep_update(rows: list[dict], c: int, d: int, dtype: torch.dtype, tokens: 
             meter.update(x, y)
         sync(device)
 
+    return shape, batches, sum(y.shape[0] for _, y in batches), meter, one_pass
+
+
+def _median_ms(fn, device: str, rep: int) -> float:
+    return sorted(time_ms(fn, device, warmup=0, rep=1) for _ in range(rep))[rep // 2]
+
+
+def _sweep_update(rows: list[dict], c: int, d: int, dtype: torch.dtype, tokens: int, batch: int, device: str) -> None:
+    """Every ETFKERN_COLLAPSE_PRODUCT variant's one-pass update vs the plain two-pass torch (fp32 GEMM), with
+    Sigma_W's relative Frobenius error against the float64 two-pass."""
+    shape, batches, ntok, meter, one_pass = _workload(c, d, tokens, batch, dtype, device)
+    _, _, sigma_f64 = _two_pass_stats(batches, c, d, device, False)
+    two_pass_ms = _median_ms(lambda: _two_pass_stats(batches, c, d, device, False, torch.float32), device, 3)
+    _, _, sigma_plain = _two_pass_stats(batches, c, d, device, False, torch.float32)
+    rows.append({"op": "update_sweep", "shape": shape, "impl": "two_pass(fp32 GEMM)", "ms": two_pass_ms,
+                 "vs_two_pass": 1.0, "sw_rel_err_vs_f64": float((sigma_plain - sigma_f64).norm() / sigma_f64.norm())})
     for product in ("triton", "mm", "split", "split_tri"):
         t0 = time.time()
         row = {"op": "update_sweep", "shape": shape, "impl": product}
@@ -219,16 +224,7 @@ def run(quick: bool, device: str) -> list[dict]:
     rows: list[dict] = []
     for c, d, dtype in shapes:
         products = _product_dtype(dtype)  # the same-precision plain baseline: etfkern's CPU product rule
-        shape = f"C={c},d={d},N={tokens},B={batch},{str(dtype).replace('torch.', '')}"
-        batches = _batches(c, d, tokens, batch, dtype, device)
-        ntok = sum(y.shape[0] for _, y in batches)
-        meter = etfkern.CollapseMeter(c, d, device=device)
-
-        def one_pass():
-            meter.reset()
-            for x, y in batches:
-                meter.update(x, y)
-            sync(device)
+        shape, batches, ntok, meter, one_pass = _workload(c, d, tokens, batch, dtype, device)
 
         def gemm_floor():
             for x, _ in batches:

@@ -157,8 +157,10 @@ def _split_centre_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, p_ptr, at_ptr, lo
     """Rows R0 + [0, NR) of A = X - P[Y], subtracted in float64 (exact for any input), split into PIECES bfloat16
     pieces a = hi + mid (+ lo), each rounded from the exact float64 residual of the previous ones (two pieces:
     |a - hi - mid| <= 2^-18 |a|; three: 2^-27), stored transposed: at[q, c, r] = piece q (row stride NPAD: the
-    pieces are K-major GEMM operands). losq[row block, c] = sum_r mid^2 (float32): with two pieces, the diagonal
-    of the mid^T mid product the 3-product scheme leaves out."""
+    pieces are K-major GEMM operands); rows [NR, NPAD) of the pieces are written as zeros (a row count divisible by
+    the GEMM's K step keeps its masks uniform, so its loads can be asynchronous copies). losq[row block, c] =
+    sum_r mid^2 (float32): with two pieces, the diagonal of the mid^T mid product the 3-product scheme leaves
+    out."""
     rb = tl.program_id(0).to(tl.int64)
     r = rb * BR + tl.arange(0, BR)
     c = tl.program_id(1).to(tl.int64) * BD + tl.arange(0, BD)
@@ -170,6 +172,7 @@ def _split_centre_kernel(x_ptr, stride_xn, stride_xd, inv_ptr, p_ptr, at_ptr, lo
     xv = tl.load(x_ptr + g[:, None] * stride_xn + c[None, :] * stride_xd, mask=m, other=0.0).to(tl.float64)
     pv = tl.load(p_ptr + lab[:, None] * D + c[None, :], mask=m, other=0.0)
     a = tl.where(m, xv - pv, 0.0)
+    m = (r < NPAD)[:, None] & cmask[None, :]  # stores: the padding rows get zeros
     dst = at_ptr + c[None, :] * NPAD + r[:, None]
     plane = D * NPAD
     hi = _round_bf16(a.to(tl.float32))
@@ -301,6 +304,16 @@ def _split_pieces(dtype: torch.dtype) -> int:
     return 2 if dtype in (torch.float16, torch.bfloat16) else 3
 
 
+def split_gram_config(pieces: int, interp: bool) -> tuple[int, int, int]:
+    """(BM, BK, FLUSH) of _split_gram_kernel: 128 x 128 output tiles, K steps of 64 rows (two pieces) or 32 (three:
+    six operand tiles per step, three pipeline stages within an H100/H200 block's shared memory), a float64 flush
+    every 1024 rows."""
+    if interp:
+        return 16, 16, 2
+    bk = 64 if pieces == 2 else 32
+    return 128, bk, 1024 // bk
+
+
 def _split_scatter(features: torch.Tensor, inv: torch.Tensor, p: torch.Tensor, mode: str,
                    splits: int | None) -> torch.Tensor:
     """sum_r a_r a_r^T, A = X - P[Y] (float64 centring), from bfloat16 pieces (:func:`_split_pieces`) on tensor
@@ -317,14 +330,14 @@ def _split_scatter(features: torch.Tensor, inv: torch.Tensor, p: torch.Tensor, m
     diag = torch.zeros(d, dtype=torch.float64, device=dev)
     chunk = max(SPLIT_MM_ROWS, (SPLIT_BUFFER_BYTES // (2 * pieces * d)) // SPLIT_MM_ROWS * SPLIT_MM_ROWS)
     br, bd = (16, 16) if interp else (64, 64)
-    bm, bk, flush = (16, 16, 2) if interp else (128, 64, 16)
+    bm, bk, flush = split_gram_config(pieces, interp)
     tiles = _triangle_tiles(triton.cdiv(d, bm), dev) if mode == "split_tri" else None
     for r0 in range(0, n, chunk):
         nr = min(chunk, n - r0)
-        npad = triton.cdiv(nr, 8) * 8  # 16-byte aligned rows of the K-major pieces
+        npad = triton.cdiv(nr, 64) * 64  # K-major pieces padded with zero rows to whole K steps
         at = torch.empty(pieces, d, npad, dtype=torch.bfloat16, device=dev)
-        losq = torch.empty(triton.cdiv(nr, br), d, dtype=torch.float32, device=dev)
-        _split_centre_kernel[(triton.cdiv(nr, br), triton.cdiv(d, bd))](
+        losq = torch.empty(triton.cdiv(npad, br), d, dtype=torch.float32, device=dev)
+        _split_centre_kernel[(triton.cdiv(npad, br), triton.cdiv(d, bd))](
             features, features.stride(0), features.stride(1), inv, p, at, losq, r0, nr, npad, d, PIECES=pieces,
             BR=br, BD=bd)
         if pieces == 2:
@@ -344,10 +357,10 @@ def _split_scatter(features: torch.Tensor, inv: torch.Tensor, p: torch.Tensor, m
         nsplit = splits if splits is not None else _row_splits(tiles.shape[0], nr, step, dev)
         if nsplit < 1:
             raise ValueError(f"splits must be >= 1, got {nsplit}")
-        rows = triton.cdiv(triton.cdiv(nr, nsplit), step) * step
-        nsplit = triton.cdiv(nr, rows)
+        rows = triton.cdiv(triton.cdiv(npad, nsplit), step) * step
+        nsplit = triton.cdiv(npad, rows)
         part = acc if nsplit == 1 else torch.zeros(nsplit, d, d, dtype=torch.float64, device=dev)
-        _split_gram_kernel[(tiles.shape[0], nsplit)](at, part, tiles, nr, npad, d, rows, PIECES=pieces, BM=bm,
+        _split_gram_kernel[(tiles.shape[0], nsplit)](at, part, tiles, npad, npad, d, rows, PIECES=pieces, BM=bm,
                                                      BK=bk, FLUSH=flush, UPCAST=interp,
                                                      num_warps=4 if interp else 8)
         if nsplit > 1:

@@ -40,28 +40,26 @@ collapse_ncc = define("collapse_ncc", "(Tensor features, Tensor means, Tensor we
                       "-> (Tensor, Tensor)", _collapse_ncc_fake)
 
 
-def update_product(features: torch.Tensor) -> str:
-    """The Triton backend's scatter product for these features: env ETFKERN_COLLAPSE_PRODUCT when set (validated
-    by the launcher), else the CUDA dispatch table (etfkern/_core/dispatch.py), else "triton"."""
-    explicit = os.environ.get("ETFKERN_COLLAPSE_PRODUCT")
+def _variant(env: str, table: str, default: str, t: torch.Tensor, **features) -> str:
+    """A Triton kernel variant: env ``env`` when set (validated by the launcher), else the CUDA dispatch table's
+    choice for ``features`` (etfkern/_core/dispatch.py), else ``default`` (CPU tensors: the interpreter)."""
+    explicit = os.environ.get(env)
     if explicit:
         return explicit
-    if not features.is_cuda:
-        return "triton"
+    return dispatch.choose_variant(table, **features)[0] if t.is_cuda else default
+
+
+def update_product(features: torch.Tensor) -> str:
+    """The Triton backend's scatter product (ETFKERN_COLLAPSE_PRODUCT, see triton_kernels/collapse.py)."""
     n, d = features.shape
-    return dispatch.choose_variant("collapse_update_product", dtype=dispatch.dtype_name(features.dtype), d=d, N=n)[0]
+    return _variant("ETFKERN_COLLAPSE_PRODUCT", "collapse_update_product", "triton", features,
+                    dtype=dispatch.dtype_name(features.dtype), d=d, N=n)
 
 
 def pair_precision(mt: torch.Tensor) -> str:
-    """The Triton pair kernel's Gram precision: env ETFKERN_COLLAPSE_PAIR_PRECISION ("tf32x3" or "bf16x3") when
-    set, else the CUDA dispatch table, else "tf32x3"."""
-    explicit = os.environ.get("ETFKERN_COLLAPSE_PAIR_PRECISION")
-    if explicit:
-        return explicit
-    if not mt.is_cuda:
-        return "tf32x3"
+    """The Triton pair kernel's Gram precision (ETFKERN_COLLAPSE_PAIR_PRECISION: "tf32x3" or "bf16x3")."""
     k, d = mt.shape
-    return dispatch.choose_variant("collapse_pair_precision", K=k, d=d)[0]
+    return _variant("ETFKERN_COLLAPSE_PAIR_PRECISION", "collapse_pair_precision", "tf32x3", mt, K=k, d=d)
 
 
 def _update_triton(features, inv, m_old, n_old):

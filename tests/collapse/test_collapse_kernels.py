@@ -13,10 +13,7 @@ import etfkern
 from etfkern.collapse import cpu as collapse_cpu
 from etfkern.collapse import reference as ref
 from conftest import backends_for, compile_triton_for_sm90
-
-
-def _close(a, b, rtol, atol=0.0, msg=""):
-    torch.testing.assert_close(a.to(torch.float64), b.to(torch.float64), rtol=rtol, atol=atol, msg=msg)
+from test_collapse import _close, _clustered  # the meter tests' helpers (one copy)
 
 
 def _tol(backend: str, dtype: torch.dtype, output: str = "sw_delta") -> float:
@@ -27,14 +24,6 @@ def _tol(backend: str, dtype: torch.dtype, output: str = "sw_delta") -> float:
     if output == "sw_delta" and dtype != torch.float64:
         return 2e-6  # CPU: centred in float64, scatter products in float32 for 16/32-bit features
     return 1e-10
-
-
-def _clustered(n: int, c: int, d: int, *, spread: float = 1.0, sep: float = 3.0, offset: float = 0.0,
-               generator: torch.Generator | None = None):
-    centres = sep * torch.randn(c, d, generator=generator, dtype=torch.float64)
-    y = torch.randint(0, c, (n,), generator=generator)
-    x = offset + centres[y] + spread * torch.randn(n, d, generator=generator, dtype=torch.float64)
-    return x, y
 
 
 def _update_inputs(n: int, k: int, d: int):
@@ -578,7 +567,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,product", [(torch.float32, "triton"), (torch.bfloat16, "triton"),
-                                           (torch.bfloat16, "mm")])
+                                           (torch.bfloat16, "mm"), (torch.float32, "split"),
+                                           (torch.float32, "split_tri"), (torch.bfloat16, "split"),
+                                           (torch.bfloat16, "split_tri")])
 def test_gpu_update_tiles(dtype, product, monkeypatch):
     monkeypatch.setenv("ETFKERN_COLLAPSE_PRODUCT", product)
     n, k, d = 5000, 300, 520  # several 128-tiles, ragged edges, more rows than one flush (mm: 2 row chunks)
@@ -600,7 +591,9 @@ def test_gpu_update_tiles(dtype, product, monkeypatch):
 
 @gpu
 @pytest.mark.gpu
-def test_gpu_pair_and_ncc_tiles():
+@pytest.mark.parametrize("precision", ["tf32x3", "bf16x3"])
+def test_gpu_pair_and_ncc_tiles(precision, monkeypatch):
+    monkeypatch.setenv("ETFKERN_COLLAPSE_PAIR_PRECISION", precision)
     k, d = 3001, 200
     mt = torch.randn(k, d, dtype=torch.float64, device="cuda")
     s = torch.rand(k, dtype=torch.float64, device="cuda") + 0.1
@@ -635,11 +628,27 @@ def scatter(xt, half, prec):
                  PREC=prec)
     return build(tk._scatter_gemm_kernel, sig, const, num_warps=8)
 
+def build_aligned(fn, sig, const, aligned, **options):
+    # as launched: Triton specialises pointers and ints divisible by 16; reports whether the operand loads of the
+    # dot loop became asynchronous copies (software pipelining: the tensor cores then wait on no load)
+    import re
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    k = triton.compile(ASTSource(fn, {**sig, **{c: "constexpr" for c in const}}, const, attrs),
+                       target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = k.asm["ptx"]
+    return {"shared": k.metadata.shared, "sm90": ".target sm_90" in ptx, "cubin": len(k.asm["cubin"]) > 0,
+            "wgmma": len(re.findall(r"wgmma.mma_async", ptx)), "async_copies": len(re.findall(r"cp[.]async[.]c[ag]", ptx))}
+
+
 def pair(rows, pieces, bk):
     sig = dict(mt_ptr=rows, nsq_ptr="*fp32", s_ptr="*fp32", tiles_ptr="*i32", part_ptr="*fp32", K="i32", D="i32",
                inv_km1="fp32", shift="fp32", RECHECK="fp32")
     const = dict(PIECES=pieces, BM=tk.PAIR_BLOCK, BK=bk, PREC="tf32x3", UPCAST=False)
-    return build(tk._pair_kernel, sig, const, num_warps=8)
+    return build_aligned(tk._pair_kernel, sig, const, ["mt_ptr", "K", "D"], num_warps=8)
 
 
 def split_centre(xt, pieces):
@@ -650,8 +659,9 @@ def split_centre(xt, pieces):
 
 def split_gram(pieces):
     sig = dict(at_ptr="*bf16", out_ptr="*fp64", tiles_ptr="*i32", NR="i32", NPAD="i32", D="i32", ROWS="i32")
-    return build(tk._split_gram_kernel, sig, dict(PIECES=pieces, BM=128, BK=64, FLUSH=16, UPCAST=False),
-                 num_warps=8)
+    bm, bk, flush = tk.split_gram_config(pieces, False)
+    return build_aligned(tk._split_gram_kernel, sig, dict(PIECES=pieces, BM=bm, BK=bk, FLUSH=flush, UPCAST=False),
+                         ["at_ptr", "NR", "NPAD", "D", "ROWS"], num_warps=8)
 
 
 out = {
@@ -682,7 +692,12 @@ print(json.dumps(out))
 
 
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    assert set(compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)) == {
+    report = compile_triton_for_sm90(_AOT_SCRIPT, tmp_path)
+    # the tensor-core GEMM loops: wgmma, with their operand loads pipelined at launch-time alignment (the split
+    # pieces are padded to whole K steps for this: an unaligned row count made every load synchronous)
+    for name in ("pair", "pair_bf16x3", "split_gram_2", "split_gram_3"):
+        assert report[name]["wgmma"] > 0 and report[name]["async_copies"] > 0, (name, report[name])
+    assert set(report) == {
         "segment_stats_bf16", "scatter_gemm_bf16", "scatter_gemm_fp32", "centre_bf16", "pair", "ncc_bf16",
         "pair_bf16x3", "split_centre_bf16_2", "split_centre_fp32_3", "split_centre_fp32_3_i32", "split_gram_2",
         "split_gram_3"}
