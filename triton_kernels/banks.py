@@ -11,6 +11,9 @@
   order). The histogram takes no ``mask``: the compiler marks both reshapes feeding ``tt.histogram`` as
   reorderable and may reorder the values and the mask differently (it did on the H200: counts moved between
   bins); pairs that do not count go to a trash slot past the last real one instead.
+* ``pair_select`` (``etfkern::bank_pair_select``): the tiles layout appending the |cos| in a window [lo, hi) to
+  a buffer (one integer atomic per tile reserves its slots; the launcher sorts, so the slot order does not
+  matter): bank_stats' exact p99.9 from the pairs of one histogram bin.
 * ``ebv_dir`` (one EBV optimiser step): per (row block, feature block), online row max of |cos| and
   accumulation of P @ W_J with P = e^{beta (|cos| - running max)} sign(cos), rescaled when the max grows
   (flash-attention style); no atomics. Dot precision ``"ieee"`` (float32 FFMA, the default: the op returns
@@ -105,6 +108,30 @@ def _pair_tiles_kernel(w_ptr, tile_i_ptr, tile_j_ptr, C, D, stride_w, lo, scale,
 
 
 @triton.jit
+def _pair_select_kernel(w_ptr, tile_i_ptr, tile_j_ptr, C, D, stride_w, lo, scale, top, slot, capacity, count_ptr,
+                        out_ptr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """One upper-triangle tile per program: appends the |cos| of its pairs that ``_histogram_add`` (same
+    arithmetic) puts in slot ``slot`` (a float, like ``top``) to out_ptr (float32) at
+    slots reserved with one integer atomic per tile; slots >= capacity are not written. The slots depend on the
+    order the tiles run in, the set of values does not (the launcher sorts it). No reshape: per-row counts and
+    in-row prefix sums give each value its slot (the compiler may reorder a reshaped tile)."""
+    t = tl.program_id(0)
+    rows = tl.load(tile_i_ptr + t) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.load(tile_j_ptr + t) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < C
+    cmask = cols < C
+    v = tl.abs(_dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK, BLOCK, BLOCK_K, PRECISION))
+    k = tl.minimum(tl.maximum(tl.floor((v - lo) * scale) + 1.0, 0.0), top)
+    keep = (rows[:, None] < cols[None, :]) & rmask[:, None] & cmask[None, :] & (k == slot)
+    ki = keep.to(tl.int32)
+    row_n = tl.sum(ki, axis=1)
+    base = tl.atomic_add(count_ptr, tl.sum(row_n, axis=0).to(tl.int64))
+    row_start = tl.cumsum(row_n, axis=0) - row_n
+    slot = base + row_start[:, None].to(tl.int64) + (tl.cumsum(ki, axis=1) - ki).to(tl.int64)
+    tl.store(out_ptr + slot, v, mask=keep & (slot < capacity))
+
+
+@triton.jit
 def _dir_kernel(w_ptr, out_ptr, rowmax_ptr, C, D, stride_w, stride_o, beta,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                 PRECISION: tl.constexpr):
@@ -188,6 +215,33 @@ def pair_stats(bank: torch.Tensor, bins: int, lo: float, hi: float, kernel: str 
         _pair_tiles_kernel[(nprog,)](w, tiles[0].contiguous(), tiles[1].contiguous(), c, d, w.stride(0), *scalars,
                                      maxes, sums, hist, **consts)
     return maxes.max().to(torch.float64), sums.sum(), hist
+
+
+def pair_select(bank: torch.Tensor, bins: int, lo: float, hi: float, slot: int, capacity: int,
+                kernel: str = "rows") -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher for ``etfkern::bank_pair_select`` (see etfkern.banks.reference.bank_pair_select): the tile grid
+    and dot precision of ``kernel`` ("rows": its float32 FFMA products over the tiles layout)."""
+    cfg = pair_stats_config("tiles-ieee" if kernel == "rows" else kernel)
+    w = _f32(bank)
+    c, d = w.shape
+    count = torch.zeros((), dtype=torch.int64, device=w.device)
+    out = torch.full((max(capacity, 1),), float("inf"), dtype=torch.float32, device=w.device)
+    nblocks = triton.cdiv(c, cfg["BLOCK"])
+    if nblocks and d:
+        tiles = torch.triu_indices(nblocks, nblocks, device=w.device).to(torch.int32)
+        _pair_select_kernel[(tiles.shape[1],)](w, tiles[0].contiguous(), tiles[1].contiguous(), c, d, w.stride(0),
+                                              float(lo), float(bins / (hi - lo)), float(bins + 1), float(slot),
+                                              capacity, count, out, BLOCK=cfg["BLOCK"],
+                                              BLOCK_K=cfg["BLOCK_K"], PRECISION=cfg["PRECISION"],
+                                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    elif c > 1 and min(max(int((0.0 - lo) * bins / (hi - lo)) + 1, 0), bins + 1) == slot:  # d == 0: cos 0
+        count.fill_(c * (c - 1) // 2)
+        out[: min(capacity, c * (c - 1) // 2)] = 0.0
+    values = torch.full((capacity,), float("inf"), dtype=torch.float64, device=w.device)
+    n = int(count)
+    if n <= capacity:
+        values[:n] = torch.sort(out[:n]).values.to(torch.float64)
+    return values, count
 
 
 def ebv_dir_config(precision: str, d: int, interpret: bool | None = None) -> dict:

@@ -42,6 +42,7 @@ AUTO_KEEP_RATIO = 1.5  # ebv_bank(method="auto") keeps a structured start within
 HIST_BINS = 2048  # bank_stats: coarse bins over [0, 1], then the same number of fine bins inside one coarse bin
 P999_RESOLUTION = 1.0 / HIST_BINS**2  # p99.9 is the upper edge of a fine bin: error in [0, 2.4e-7]
 GPU_HIST_BINS = 253  # the tiled Triton kernels: 3 passes of 253 bins (resolution 1/253^3 ~ 6.2e-8)
+SELECT_CAPACITY = 1 << 23  # the tiled kernels: p99.9 from the <= 8M pairs of one coarse bin (32 MiB of float32)
 
 
 # ==========================================================================================================
@@ -358,6 +359,14 @@ def _pair_stats_triton(bank: torch.Tensor, bins: int, lo: float, hi: float
     return _tk.pair_stats(bank, bins, lo, hi, kernel=kernel)
 
 
+def _pair_select_triton(bank: torch.Tensor, bins: int, lo: float, hi: float, slot: int, capacity: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    from etfkern.triton_kernels import banks as _tk
+
+    kernel = _gpu_variant("bank_pair_stats", STATS_KERNEL_ENV, PAIR_STATS_KERNELS, bank)
+    return _tk.pair_select(bank, bins, lo, hi, slot, capacity, kernel=kernel)
+
+
 def _dir_triton(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     from etfkern.triton_kernels import banks as _tk
 
@@ -365,6 +374,8 @@ def _dir_triton(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Te
 
 
 for _op, _cpu, _ref_fn, _tri in (("bank_pair_stats", _cpu_path.pair_stats, _ref.bank_pair_stats, _pair_stats_triton),
+                                 ("bank_pair_select", _cpu_path.pair_select, _ref.bank_pair_select,
+                                  _pair_select_triton),
                                  ("ebv_dir", _cpu_path.ebv_dir, _ref.ebv_dir, _dir_triton)):
     _backend.register(_op, "reference", _ref_fn)
     _backend.register(_op, "cpu", _cpu)
@@ -389,8 +400,9 @@ def bank_max_abs_cos(bank: torch.Tensor) -> float:
 
 def _histogram_plan(u: torch.Tensor) -> tuple[int, int]:
     """(bins per pass, passes) of bank_stats' p99.9 search for unit rows ``u``: 2048 bins x 2 passes, or on the
-    tiled Triton kernels 253 bins x 3 passes (253 + 3 slots fill a 256-slot ``tl.histogram``, cheap in the
-    kernel's epilogue; 2048 would need 4096 slots). Both resolve p99.9 to <= P999_RESOLUTION."""
+    tiled Triton kernels 253 bins (253 + 3 slots fill a 256-slot ``tl.histogram``, cheap in the kernel's
+    epilogue; 2048 would need 4096) x 3 passes, the last two replaced by one ``bank_pair_select`` pass when the
+    pairs of the first pass's bin fit SELECT_CAPACITY. Both resolve p99.9 to <= P999_RESOLUTION."""
     if _backend.choose("bank_pair_stats", u.device) == "triton" and \
             _gpu_variant("bank_pair_stats", STATS_KERNEL_ENV, PAIR_STATS_KERNELS, u).startswith("tiles"):
         return GPU_HIST_BINS, 3
@@ -402,9 +414,11 @@ def bank_stats(bank: torch.Tensor, *, progress: bool = False) -> dict[str, float
 
     Keys: ``max_abs_cos``, ``mean_abs_cos`` (over the C(C-1)/2 pairs c != c'), ``p999_abs_cos`` (the 99.9th
     percentile of |cos| over those pairs: the smallest value at or below which >= 99.9% of them lie, found by a
-    2048-bin histogram over [0, 1] and a second 2048-bin pass inside the bin holding it (on the tiled GPU
-    kernels: three passes of 253 bins); reported as the upper edge of its last bin, so it overestimates by at
-    most P999_RESOLUTION = 1/2048^2 ~ 2.4e-7), ``welch_bound`` (for C, d) and ``max_norm_error``
+    2048-bin histogram over [0, 1] and a second 2048-bin pass inside the bin holding it, reported as the upper
+    edge of its fine bin, so it overestimates by at most P999_RESOLUTION = 1/2048^2 ~ 2.4e-7; on the tiled GPU
+    kernels one 253-bin pass, then the pairs of the bin holding it are collected and sorted (``bank_pair_select``,
+    up to SELECT_CAPACITY of them): the order statistic itself, else two more 253-bin passes), ``welch_bound``
+    (for C, d) and ``max_norm_error``
     (max | |w_c| - 1 |). Cosines use normalised rows; on CPU float64 banks are measured in float64, anything
     else in float32; the GPU (Triton) kernels always compute in float32 (``tiles-tf32x3``: split TF32 tensor
     core products, about float32 accuracy). ``progress``: one stderr line per pass with its time.
@@ -418,6 +432,7 @@ def bank_stats(bank: torch.Tensor, *, progress: bool = False) -> dict[str, float
     rank = torch.tensor(math.ceil(0.999 * pairs))  # 1-based rank of the percentile among sorted values
     lo, hi = 0.0, 1.0
     mx = total = None
+    exact = None
     for level in range(passes):
         with _phase(progress, f"bank_stats C={c} d={d}: pass {level + 1}/{passes} over {pairs} pairs"):
             m, t, hist = _ops.bank_pair_stats(u, bins, lo, hi)
@@ -425,14 +440,23 @@ def bank_stats(bank: torch.Tensor, *, progress: bool = False) -> dict[str, float
                 torch.cuda.synchronize(u.device)
         if level == 0:
             mx, total = m, t
+        cum = torch.cumsum(hist.cpu(), 0)
         # hist slot holding that rank: slot 0 counts everything below lo, so past the first pass slot >= 1
-        k = int(torch.searchsorted(torch.cumsum(hist.cpu(), 0), rank).item())
+        k = int(torch.searchsorted(cum, rank).item())
         if level == 0 and k >= bins + 1:  # |cos| >= 1 (duplicate or antipodal rows; rounding): the max
             lo = hi = float(mx)
             break
         k = max(1, min(k, bins))
+        below, inside = int(cum[k - 1]), int(hist[k])
+        if level == 0 and passes == 3 and inside <= SELECT_CAPACITY:
+            # the pairs of that bin, sorted: the rank-th smallest |cos| exactly, in one pass instead of two
+            with _phase(progress, f"bank_stats C={c} d={d}: the {inside} pairs of bin {k}"):
+                values, count = _ops.bank_pair_select(u, bins, lo, hi, k, SELECT_CAPACITY)
+            if int(count) == inside:  # the histogram's own products (else: the histogram passes below)
+                exact = float(values[int(rank) - below - 1])
+                break
         lo, hi = lo + (k - 1) * (hi - lo) / bins, lo + k * (hi - lo) / bins
-    p999 = min(hi, float(mx))
+    p999 = min(hi if exact is None else exact, float(mx))
     return {"max_abs_cos": float(mx), "mean_abs_cos": float(total) / pairs, "p999_abs_cos": float(p999),
             "welch_bound": welch_bound(c, d), "max_norm_error": float(norm_err)}
 

@@ -59,3 +59,27 @@ def ebv_dir(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor
         p.sub_(m).mul_(beta).exp_().mul_(cos.sign_())
         torch.matmul(p, w, out=out[i0:i1])
     return out, rowmax
+
+
+def pair_select(bank: torch.Tensor, bins: int, lo: float, hi: float, slot: int, capacity: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``etfkern::bank_pair_select`` on CPU: the strips of :func:`pair_stats`, keeping the values it counts in
+    histogram slot ``slot`` (the same bin arithmetic)."""
+    c = bank.shape[0]
+    w = bank.contiguous()
+    kept: list[torch.Tensor] = []
+    count = 0
+    scale = bins / (hi - lo)
+    rows = max(1, STRIP_ELEMS // max(1, c))
+    for i0 in range(0, c - 1, rows):
+        i1 = min(c - 1, i0 + rows)
+        a = (w[i0:i1] @ w[i0 + 1:].T).abs()
+        v = a[torch.ones_like(a, dtype=torch.bool).triu_(0)]
+        v = v[(torch.floor((v - lo) * scale) + 1).clamp_(0, bins + 1) == slot]
+        count += v.numel()
+        if count <= capacity:
+            kept.append(v.to(torch.float64))
+    values = torch.full((capacity,), float("inf"), dtype=torch.float64, device=bank.device)
+    if count <= capacity and count:
+        values[:count] = torch.sort(torch.cat(kept)).values
+    return values, torch.tensor(count, dtype=torch.int64, device=bank.device)

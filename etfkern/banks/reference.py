@@ -47,3 +47,19 @@ def ebv_dir(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor
     rowmax = a.max(dim=1).values.clamp(min=0.0) if len(w) else a.new_zeros(0)
     p = torch.exp(beta * (c.abs() - rowmax[:, None])).masked_fill(eye, 0.0)
     return ((p * torch.sign(c)) @ w).to(bank.dtype), rowmax.to(bank.dtype)
+
+
+def bank_pair_select(bank: torch.Tensor, bins: int, lo: float, hi: float, slot: int, capacity: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The values a = |<w_i, w_j>| (i < j, rows as given) that :func:`bank_pair_stats` with (bins, lo, hi) counts
+    in histogram slot ``slot``: (values float64 (capacity,) holding them sorted ascending then +inf, or only +inf
+    when there are more than ``capacity``; count int64 0-dim)."""
+    c = bank.shape[0]
+    iu = torch.triu_indices(c, c, offset=1, device=bank.device)
+    a = _abs_gram(bank)[iu[0], iu[1]]
+    k = (torch.floor((a - lo) * (bins / (hi - lo))) + 1).clamp(0, bins + 1)
+    picked = a[k == slot]
+    values = torch.full((capacity,), float("inf"), dtype=torch.float64, device=bank.device)
+    if picked.numel() <= capacity:
+        values[: picked.numel()] = torch.sort(picked).values
+    return values, torch.tensor(picked.numel(), dtype=torch.int64, device=bank.device)

@@ -139,6 +139,33 @@ def test_pair_stats_kernels_match_reference(device, kernel, bins):
     assert int((hist - want[2]).abs().sum()) <= 2, (kernel, hist, want[2])
 
 
+@pytest.mark.parametrize("c,d,noncontig", [(37, 13, False), (29, 7, True), (2, 1, False), (1, 5, False)])
+def test_pair_select_every_backend_matches_reference(device, c, d, noncontig, monkeypatch):
+    """bank_pair_select returns the sorted values bank_pair_stats counts in one histogram slot, on every backend
+    and every Triton layout; more than ``capacity`` of them gives the count and no values."""
+    w = _unit(c, d, noncontig=noncontig).to(device)
+    bins, lo, hi = 8, 0.1, 0.9
+    for slot in (0, 3, bins + 1):
+        want, want_n = ref.bank_pair_select(w, bins, lo, hi, slot, 1000)
+        hist = ref.bank_pair_stats(w, bins, lo, hi)[2]
+        assert int(want_n) == int(hist[slot])
+        for backend in backends_for("bank_pair_select", device):
+            kernels = banks.PAIR_STATS_KERNELS if backend == "triton" else ("rows",)
+            for kernel in kernels:
+                monkeypatch.setenv(banks.STATS_KERNEL_ENV, kernel)
+                with etfkern.use_backend(backend):
+                    got, n = _ops.bank_pair_select(w.float(), bins, lo, hi, slot, 1000)
+                    assert got.dtype == torch.float64 and got.shape == (1000,) and n.dtype == torch.int64
+                    # float32 may move a value within ~1e-7 of a bin edge into the neighbouring slot
+                    assert abs(int(n) - int(want_n)) <= (0 if backend == "reference" else 1), (backend, kernel)
+                    if int(n) == int(want_n):
+                        torch.testing.assert_close(got, want, atol=2e-6, rtol=0, msg=f"{backend} {kernel}")
+                    assert torch.isinf(got[int(n):]).all()
+                    if int(n) > 1:
+                        few, n_few = _ops.bank_pair_select(w.float(), bins, lo, hi, slot, int(n) - 1)
+                        assert int(n_few) == int(n) and torch.isinf(few).all()
+
+
 @pytest.mark.parametrize("precision", banks.DOT_PRECISIONS)
 def test_ebv_dir_precisions_match_reference(device, precision):
     """Each ebv_dir precision against float64. The interpreter computes every dot exactly (only the plumbing is
@@ -176,11 +203,17 @@ def test_gpu_variant_environment(monkeypatch):
         monkeypatch.delenv(env)
 
 
-@pytest.mark.parametrize("kernel", ["tiles-tf32x3"])
-def test_bank_stats_tiled_plan_matches_dense(kernel, monkeypatch):
-    """bank_stats on the tiled kernels (253 bins x 3 passes) finds the same p99.9 as the dense computation."""
+@pytest.mark.parametrize("capacity", [banks.SELECT_CAPACITY, 0])
+def test_bank_stats_tiled_plan_matches_dense(capacity, monkeypatch):
+    """bank_stats on the tiled kernels: one 253-bin histogram pass, then the pairs of the bin holding p99.9 sorted
+    (the exact order statistic), or, when they exceed SELECT_CAPACITY, two more histogram passes (resolution
+    1/253^3)."""
     _interpreter_kernels()
-    monkeypatch.setenv(banks.STATS_KERNEL_ENV, kernel)
+    monkeypatch.setenv(banks.STATS_KERNEL_ENV, "tiles-tf32x3")
+    monkeypatch.setattr(banks, "SELECT_CAPACITY", capacity)
+    calls = []
+    real_select = banks._ops.bank_pair_select
+    monkeypatch.setattr(banks._ops, "bank_pair_select", lambda *a: calls.append(a[1:]) or real_select(*a))
     c, d = 120, 7
     b = torch.randn(c, d, dtype=torch.float32)
     with etfkern.use_backend("triton"):
@@ -190,7 +223,12 @@ def test_bank_stats_tiled_plan_matches_dense(kernel, monkeypatch):
     exact_p = torch.sort(a).values[math.ceil(0.999 * a.numel()) - 1].item()
     assert abs(st["max_abs_cos"] - a.max().item()) < 1e-6
     assert abs(st["mean_abs_cos"] - a.mean().item()) < 1e-6
-    assert exact_p - 1e-6 <= st["p999_abs_cos"] <= exact_p + banks.P999_RESOLUTION + 1e-6
+    if capacity:
+        assert len(calls) == 1 and calls[0][0] == banks.GPU_HIST_BINS
+        assert abs(st["p999_abs_cos"] - exact_p) < 1e-6
+    else:
+        assert calls == []
+        assert exact_p - 1e-6 <= st["p999_abs_cos"] <= exact_p + banks.P999_RESOLUTION + 1e-6
 
 
 def test_ebv_dir_kerdock_ties_and_exact_zeros():
@@ -214,6 +252,7 @@ def test_opcheck_bank_ops():
     w = _unit(9, 5, dtype=torch.float32)
     torch.library.opcheck(torch.ops.etfkern.bank_pair_stats.default, (w, 16, 0.0, 1.0))
     torch.library.opcheck(torch.ops.etfkern.ebv_dir.default, (w, 3.0))
+    torch.library.opcheck(torch.ops.etfkern.bank_pair_select.default, (w, 16, 0.0, 1.0, 5, 50))
     torch.library.opcheck(torch.ops.etfkern.ebv_dir.default, (w.double(), 3.0))
 
 
@@ -750,14 +789,21 @@ for kernel, bins in KERNEL_BINS:
     fn, sig = (tk._pair_stats_kernel, stats) if kernel == "rows" else (tk._pair_tiles_kernel, tiles)
     cfg = {**tk.pair_stats_config(kernel, interpret=False), "NB": tk.histogram_slots(bins)}
     out[f"pair_stats:{kernel}:{bins}"] = build_ir(fn, sig, cfg)
+select = {"w_ptr": "*fp32", "tile_i_ptr": "*i32", "tile_j_ptr": "*i32", "C": "i32", "D": "i32", "stride_w": "i32",
+          "lo": "fp32", "scale": "fp32", "top": "fp32", "slot": "fp32", "capacity": "i32", "count_ptr": "*i64",
+          "out_ptr": "*fp32"}
+for kernel in SELECT_KERNELS:
+    cfg = tk.pair_stats_config("tiles-ieee" if kernel == "rows" else kernel, interpret=False)
+    out[f"pair_select:{kernel}"] = build_ir(tk._pair_select_kernel, select, cfg)
 for precision, d in DIR_CONFIGS:
     out[f"ebv_dir:{precision}:{d}"] = build_ir(tk._dir_kernel, direction, tk.ebv_dir_config(precision, d, interpret=False))
 print(json.dumps(out))
 """
 
 
-def _compile_bank_kernels(tmp_path, kernel_bins, dir_configs) -> dict:
-    script = f"KERNEL_BINS = {kernel_bins!r}\nDIR_CONFIGS = {dir_configs!r}\n" + _AOT_SCRIPT
+def _compile_bank_kernels(tmp_path, kernel_bins, dir_configs, select_kernels=()) -> dict:
+    script = (f"KERNEL_BINS = {kernel_bins!r}\nDIR_CONFIGS = {dir_configs!r}\nSELECT_KERNELS = {list(select_kernels)!r}\n"
+              + _AOT_SCRIPT)
     report = compile_triton_for_sm90(script, tmp_path)
     for name, r in report.items():
         # issue 15: a masked tl.histogram miscounted on the H200 (values and mask reordered differently)
@@ -782,7 +828,9 @@ def test_tensor_core_candidates_compile_for_sm90(tmp_path):
     default) build for sm_90 with the precision they are named after."""
     report = _compile_bank_kernels(
         tmp_path, [("tiles-ieee", banks.GPU_HIST_BINS), ("tiles-tf32x3", banks.GPU_HIST_BINS), ("tiles-tf32x3", 1)],
-        [("tf32x3", 1000), ("tf32", 1000)])
+        [("tf32x3", 1000), ("tf32", 1000)], ["rows", "tiles-tf32x3"])
+    assert report["pair_select:rows"]["precisions"] == ["ieee"]  # also the tiles-ieee launch
+    assert report["pair_select:tiles-tf32x3"]["precisions"] == ["tf32x3"]
     assert report["pair_stats:tiles-ieee:253"]["precisions"] == ["ieee"]
     assert report["pair_stats:tiles-tf32x3:253"]["precisions"] == ["tf32x3"]
     assert report["ebv_dir:tf32x3:1000"]["precisions"] == ["tf32x3"]
