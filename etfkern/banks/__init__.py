@@ -2,9 +2,11 @@
 their quality statistics and storage.
 
 Memory: every generator and statistic here is O(C*d) (plus O(d^2) for a random rotation); no C x C matrix is
-ever stored. Pairwise work goes through two routed ops defined in :mod:`etfkern.banks.ops`:
+ever stored. Pairwise work goes through three routed ops defined in :mod:`etfkern.banks.ops`:
 
 * ``bank_pair_stats`` (max / sum / histogram of |cos| over pairs i < j) -- backs :func:`bank_stats`;
+* ``bank_pair_select`` (the sorted |cos| of the pairs in one histogram slot) -- bank_stats' exact p99.9 on the
+  tiled GPU kernels;
 * ``ebv_dir`` -- one step of ``ebv_bank(method="optimize")``: per-row max |cos| and the row-scaled gradient of
   the soft-max coherence objective, in ONE pass over the pairs (two GEMM-sized products per step).
 
@@ -418,9 +420,8 @@ def bank_stats(bank: torch.Tensor, *, progress: bool = False) -> dict[str, float
     edge of its fine bin, so it overestimates by at most P999_RESOLUTION = 1/2048^2 ~ 2.4e-7; on the tiled GPU
     kernels one 253-bin pass, then the pairs of the bin holding it are collected and sorted (``bank_pair_select``,
     up to SELECT_CAPACITY of them): the order statistic itself, else two more 253-bin passes), ``welch_bound``
-    (for C, d) and ``max_norm_error``
-    (max | |w_c| - 1 |). Cosines use normalised rows; on CPU float64 banks are measured in float64, anything
-    else in float32; the GPU (Triton) kernels always compute in float32 (``tiles-tf32x3``: split TF32 tensor
+    (for C, d) and ``max_norm_error`` (max | |w_c| - 1 |). Cosines use normalised rows; on CPU float64 banks are
+    measured in float64, anything else in float32; the GPU (Triton) kernels always compute in float32 (``tiles-tf32x3``: split TF32 tensor
     core products, about float32 accuracy). ``progress``: one stderr line per pass with its time.
     """
     _check_bank(bank)
