@@ -376,6 +376,24 @@ def test_split_products_float32_within_1e6_of_float64(product, offset):
 
 
 @pytest.mark.parametrize("product", ["split", "split_tri"])
+def test_split_products_over_row_chunks(product, monkeypatch):
+    # small buffers: 230 rows in centring chunks of 128 (the second one 102 rows, zero-padded to 128) and cuBLAS
+    # sub-chunks of 64 rows, against the reference
+    if "triton" not in backends_for("collapse_update", "cpu"):
+        pytest.skip("triton interpreter unavailable")
+    import etfkern.triton_kernels.collapse as tk
+
+    x, inv, m_old, n_old = _far_update_inputs(230, 9, 21, 1e3, seed=5)
+    monkeypatch.setattr(tk, "SPLIT_MM_ROWS", 64)
+    monkeypatch.setattr(tk, "SPLIT_BUFFER_BYTES", 2 * 3 * 21 * 128)
+    x32 = x.float()
+    want = ref.collapse_update(x32, inv, m_old, n_old)
+    got = tk.collapse_update(x32, inv, m_old, n_old, product=product)
+    assert _rel(got[2], want[2]) < 1e-6, _rel(got[2], want[2])
+    assert torch.equal(got[2], got[2].T)
+
+
+@pytest.mark.parametrize("product", ["split", "split_tri"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_split_products_16bit_far_below_plain_torch_error(product, dtype):
     # 16-bit features: two bfloat16 pieces (~2^-18 per centred value) plus the exact diagonal of mid^T mid; plain
