@@ -327,6 +327,8 @@ def _split_scatter(features: torch.Tensor, inv: torch.Tensor, p: torch.Tensor, m
     pieces = _split_pieces(features.dtype)
     p = p.contiguous()
     acc = torch.zeros(d, d, dtype=torch.float64, device=dev)  # "split_tri": the whole product (upper tiles)
+    # "split": the stacked GEMM outputs, one float64 add per GEMM (the blocks are combined once, at the end)
+    stacked = torch.zeros(pieces * d, d, dtype=torch.float64, device=dev) if mode == "split" else None
     diag = torch.zeros(d, dtype=torch.float64, device=dev)
     chunk = max(SPLIT_MM_ROWS, (SPLIT_BUFFER_BYTES // (2 * pieces * d)) // SPLIT_MM_ROWS * SPLIT_MM_ROWS)
     br, bd = (16, 16) if interp else (64, 64)
@@ -345,13 +347,9 @@ def _split_scatter(features: torch.Tensor, inv: torch.Tensor, p: torch.Tensor, m
         if mode == "split":
             for s0 in range(0, nr, SPLIT_MM_ROWS):
                 piece = at[:, :, s0:min(nr, s0 + SPLIT_MM_ROWS)]
-                g = _mm_f32(piece.reshape(pieces * d, -1), piece[0].T)  # [hi^T hi; mid^T hi (; lo^T hi)]
-                cross = g[d:2 * d] if pieces == 2 else g[d:2 * d] + g[2 * d:]
-                acc += g[:d]
-                acc += cross
-                acc += cross.T
+                stacked += _mm_f32(piece.reshape(pieces * d, -1), piece[0].T)  # [hi^T hi; mid^T hi (; lo^T hi)]
                 if pieces == 3:
-                    acc += _mm_f32(piece[1], piece[1].T)
+                    acc += _mm_f32(piece[1], piece[1].T)  # mid^T mid
             continue
         step = bk * flush
         nsplit = splits if splits is not None else _row_splits(tiles.shape[0], nr, step, dev)
@@ -366,7 +364,9 @@ def _split_scatter(features: torch.Tensor, inv: torch.Tensor, p: torch.Tensor, m
         if nsplit > 1:
             acc += part.sum(0)
     if mode == "split":
-        sw = 0.5 * (acc + acc.T)
+        cross = stacked[d:].view(pieces - 1, d, d).sum(0)  # mid^T hi (+ lo^T hi)
+        sw = acc + stacked[:d] + cross + cross.T
+        sw = 0.5 * (sw + sw.T)
     else:  # upper tiles only: mirror
         sw = torch.triu(acc) + torch.triu(acc, 1).T
     sw.diagonal().add_(diag)
