@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import subprocess
+import time
 from typing import Any, Iterator
 
 import torch
@@ -33,6 +34,19 @@ def env_var(var: str, value: str) -> Iterator[None]:
             os.environ.pop(var)
         else:
             os.environ[var] = old
+
+
+def seconds_left() -> float | None:
+    """Seconds until ``ETFKERN_BENCH_DEADLINE`` (a Unix time that tools/gpu_check.sh sets to the end of each family's
+    time box, less a margin), or None when unset. A sweep that checks it before each new shape, and stops when too
+    little is left, returns the rows it has instead of being cut off with none."""
+    deadline = os.environ.get("ETFKERN_BENCH_DEADLINE")
+    if not deadline:
+        return None
+    try:
+        return float(deadline) - time.time()
+    except ValueError:
+        return None
 
 
 def device_name(device: str | torch.device = "cpu") -> str:

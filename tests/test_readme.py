@@ -45,7 +45,7 @@ def _row(rows: list[dict], **match) -> dict:
 
 
 def test_readme_benchmark_numbers_match_the_result_files():
-    """The 'Latest measurements' table quotes bench/results/*.json: every quoted number is the file's, rounded."""
+    """The 'Latest CPU measurements' table quotes bench/results/*.json: every quoted number is the file's, rounded."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
     ce = _rows("spherical_ce-amd-epyc-x2-2026-11-23.json")

@@ -16,7 +16,8 @@
 #                  (GPU_CHECK_BOX_TESTS=130 s; GPU_CHECK_TEST_WORKERS, GPU_CHECK_PYTEST_ARGS)
 #   3 bench-*      python bench/run_all.py --only <family> --device cuda per family, full sizes:
 #                  spherical 150 s, collapse 75 s, msam 60 s, banks 60 s (GPU_CHECK_BOX_<FAMILY>;
-#                  GPU_CHECK_FAMILIES="spherical collapse msam banks"); a family cut short is recorded as such
+#                  GPU_CHECK_FAMILIES="spherical collapse msam banks"); a family cut short is recorded as such;
+#                  ETFKERN_BENCH_DEADLINE (Unix time, box end - 15 s) lets a sweep stop in time on its own
 #     report       the families merged into run_all.json + REPORT.md + charts/ (bench/run_all.py --merge)
 # Output: $GPU_CHECK_OUT (default $OUT, else bench/results/gpu-check) gets gpu_check.tar.gz (< 16 MiB: the
 # folder gpu_check/ with gpu_check.log, environment.txt, stages.tsv, junit_gpu.xml, bench/<family>.json,
@@ -66,8 +67,10 @@ stage() {
 finish() {  # report, summary, archive; exit with $1
   local code=$1
   if compgen -G "$WORK/bench/*.json" > /dev/null; then
+    # exit 1/130 only say that a family failed or was cut short; the report exists all the same
     "$PY" bench/run_all.py --merge "$WORK"/bench/*.json --out "$WORK/run_all.json" --report "$WORK/REPORT.md" \
-      --no-tables >> "$LOG" 2>&1 || say "report: run_all --merge failed (see the log)"
+      --no-tables >> "$LOG" 2>&1
+    [[ -f $WORK/REPORT.md ]] || say "report: bench/run_all.py --merge wrote no report (see the log)"
   fi
   record total "$code" $(( $(date +%s) - START ))
   "$PY" tools/gpu_summary.py "$WORK" | tee -a "$LOG"
@@ -140,8 +143,11 @@ stage tests "${GPU_CHECK_BOX_TESTS:-130}" "$PY" -m pytest -q -p no:cacheprovider
 declare -A BOX=([spherical]=150 [collapse]=75 [msam]=60 [banks]=60)
 for family in $FAMILIES; do
   var="GPU_CHECK_BOX_${family^^}"
+  box=${!var:-${BOX[$family]:-60}}
+  # a sweep may read the end of its box (bench/_common.py seconds_left) and stop early with the rows it has
+  export ETFKERN_BENCH_DEADLINE=$(( $(date +%s) + box - 15 ))
   # shellcheck disable=SC2086
-  stage "bench-$family" "${!var:-${BOX[$family]:-60}}" "$PY" bench/run_all.py --only "$family" --device "$DEVICE" \
+  stage "bench-$family" "$box" "$PY" bench/run_all.py --only "$family" --device "$DEVICE" \
     $SIZE --out "$WORK/bench/$family.json" --report "$WORK/bench/$family.md" || failed=1
 done
 finish "$failed"
