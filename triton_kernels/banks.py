@@ -55,6 +55,18 @@ def _dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w,
 
 
 @triton.jit
+def _triangle_tile(w_ptr, tile_i_ptr, tile_j_ptr, t, C, D, stride_w,
+                   BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """(|cos| tile, which entries are pairs i < j) of upper-triangle tile t: row block tile_i[t] <= tile_j[t]."""
+    rows = tl.load(tile_i_ptr + t) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.load(tile_j_ptr + t) * BLOCK + tl.arange(0, BLOCK)
+    rmask = rows < C
+    cmask = cols < C
+    v = tl.abs(_dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK, BLOCK, BLOCK_K, PRECISION))
+    return v, (rows[:, None] < cols[None, :]) & rmask[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _histogram_add(hist_ptr, v, valid, lo, scale, top, nslots,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
     """hist[slot] += count of valid v per slot: slot 0 below lo, 1 + floor((v - lo) * scale) inside, ``top``
@@ -95,12 +107,7 @@ def _pair_tiles_kernel(w_ptr, tile_i_ptr, tile_j_ptr, C, D, stride_w, lo, scale,
                        PRECISION: tl.constexpr):
     """One upper-triangle tile (row block tile_i[t] <= column block tile_j[t]) per program t."""
     t = tl.program_id(0)
-    rows = tl.load(tile_i_ptr + t) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.load(tile_j_ptr + t) * BLOCK + tl.arange(0, BLOCK)
-    rmask = rows < C
-    cmask = cols < C
-    v = tl.abs(_dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK, BLOCK, BLOCK_K, PRECISION))
-    valid = (rows[:, None] < cols[None, :]) & rmask[:, None] & cmask[None, :]
+    v, valid = _triangle_tile(w_ptr, tile_i_ptr, tile_j_ptr, t, C, D, stride_w, BLOCK, BLOCK_K, PRECISION)
     vm = tl.where(valid, v, 0.0)
     tl.store(max_ptr + t, tl.max(tl.max(vm, axis=1), axis=0))
     tl.store(sum_ptr + t, tl.sum(tl.sum(vm, axis=1).to(tl.float64), axis=0))
@@ -116,13 +123,9 @@ def _pair_select_kernel(w_ptr, tile_i_ptr, tile_j_ptr, C, D, stride_w, lo, scale
     order the tiles run in, the set of values does not (the launcher sorts it). No reshape: per-row counts and
     in-row prefix sums give each value its slot (the compiler may reorder a reshaped tile)."""
     t = tl.program_id(0)
-    rows = tl.load(tile_i_ptr + t) * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.load(tile_j_ptr + t) * BLOCK + tl.arange(0, BLOCK)
-    rmask = rows < C
-    cmask = cols < C
-    v = tl.abs(_dot_tile(w_ptr, rows, cols, rmask, cmask, D, stride_w, BLOCK, BLOCK, BLOCK_K, PRECISION))
+    v, valid = _triangle_tile(w_ptr, tile_i_ptr, tile_j_ptr, t, C, D, stride_w, BLOCK, BLOCK_K, PRECISION)
     k = tl.minimum(tl.maximum(tl.floor((v - lo) * scale) + 1.0, 0.0), top)
-    keep = (rows[:, None] < cols[None, :]) & rmask[:, None] & cmask[None, :] & (k == slot)
+    keep = valid & (k == slot)
     ki = keep.to(tl.int32)
     row_n = tl.sum(ki, axis=1)
     base = tl.atomic_add(count_ptr, tl.sum(row_n, axis=0).to(tl.int64))
