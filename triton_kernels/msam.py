@@ -376,6 +376,29 @@ def _plan_lagged_scale(lag_ptr, rho_ptr, F64: tl.constexpr):
 
 
 @triton.jit
+def _plan_next_scale(sn_ptr, rho_ptr, SN_FROM_LAG: tl.constexpr, F64: tl.constexpr, T: tl.constexpr):
+    """The scale to perturb with: at sn_ptr, or (SN_FROM_LAG) computed from the lagged squared norm there."""
+    if SN_FROM_LAG:
+        return _plan_lagged_scale(sn_ptr, rho_ptr, F64).to(T)
+    return tl.load(sn_ptr).to(T)
+
+
+@triton.jit
+def _plan_unless_found_inf(fi_ptr, mask, new, old, HAS_FI: tl.constexpr):
+    """(store mask, state to report): nothing is written and the old state counts when found_inf != 0."""
+    if HAS_FI:
+        keep = tl.load(fi_ptr) == 0
+        return _plan_select(keep, mask), tl.where(keep, new, old)
+    return mask, new
+
+
+@triton.jit
+def _plan_store_sq(partial, x, mask):
+    x = tl.where(mask, x, 0.0)
+    tl.store(partial + tl.program_id(0), tl.sum(x * x, axis=0).to(tl.float64))
+
+
+@triton.jit
 def _plan_sq_norm_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, scale_ptr, gs_ptr,
                     HAS_GS: tl.constexpr, PT: tl.constexpr, T: tl.constexpr, BLOCK: tl.constexpr):
     """partial[pid] = ||mu v + c g + wd (p + s v)||^2 over this block (||v||^2 for a tensor without gradient)."""
@@ -387,9 +410,7 @@ def _plan_sq_norm_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial
     p_ptr, p = _plan_load(p_tab, t, offs, _plan_select(wd != 0, mask), PT)  # p is read only with weight decay
     d = c * g
     d = tl.where(wd != 0, d + wd * (p.to(T) + tl.load(scale_ptr).to(T) * v), d)
-    vn = tl.where(has, mu * v + d, v)
-    vn = tl.where(mask, vn, 0.0)
-    tl.store(partial + tl.program_id(0), tl.sum(vn * vn, axis=0).to(tl.float64))
+    _plan_store_sq(partial, tl.where(has, mu * v + d, v), mask)
 
 
 @triton.jit
@@ -405,10 +426,7 @@ def _plan_sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, so
     p_ptr, p_raw = _plan_load(p_tab, t, offs, mask, PT)
     g = _plan_grad(g_tab, t, offs, _plan_select(has, mask), gs_ptr, HAS_GS, PT, T)
     v_ptr, v = _plan_load(v_tab, t, offs, mask, T)
-    if SN_FROM_LAG:
-        sn = _plan_lagged_scale(sn_ptr, rho_ptr, F64).to(T)
-    else:
-        sn = tl.load(sn_ptr).to(T)
+    sn = _plan_next_scale(sn_ptr, rho_ptr, SN_FROM_LAG, F64, T)
     x = p_raw.to(T) + tl.load(so_ptr).to(T) * v
     d = tl.where(wd != 0, g + wd * x, g)
     vn = mu * v + d
@@ -416,15 +434,10 @@ def _plan_sgd_kernel(p_tab, g_tab, v_tab, blk_t, blk_o, numels, hyp, partial, so
     vn = tl.where(has, vn, v)  # no gradient: v kept, only the perturbation is re-scaled
     x = tl.where(has, x - lr * u, x)
     pn = x - sn * vn
-    write = mask
-    if HAS_FI:
-        keep = tl.load(fi_ptr) == 0
-        write = _plan_select(keep, mask)
-        vn = tl.where(keep, vn, v)
+    write, vn = _plan_unless_found_inf(fi_ptr, mask, vn, v, HAS_FI)
     tl.store(p_ptr + offs, pn.to(PT), mask=write)
     tl.store(v_ptr + offs, vn, mask=write)
-    vn = tl.where(mask, vn, 0.0)
-    tl.store(partial + tl.program_id(0), tl.sum(vn * vn, axis=0).to(tl.float64))
+    _plan_store_sq(partial, vn, mask)
 
 
 @triton.jit
@@ -447,10 +460,7 @@ def _plan_adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, hyp, pa
     g = _plan_grad(g_tab, t, offs, _plan_select(has, mask), gs_ptr, HAS_GS, PT, T)
     m_ptr, m = _plan_load(m_tab, t, offs, mask, T)
     q_ptr, q = _plan_load(q_tab, t, offs, mask, T)
-    if SN_FROM_LAG:
-        sn = _plan_lagged_scale(sn_ptr, rho_ptr, F64).to(T)
-    else:
-        sn = tl.load(sn_ptr).to(T)
+    sn = _plan_next_scale(sn_ptr, rho_ptr, SN_FROM_LAG, F64, T)
     x = p_raw.to(T) + tl.load(so_ptr).to(T) * m
     mn = b1 * m + c1 * g
     qn = b2 * q + c2 * (g * g)
@@ -461,16 +471,11 @@ def _plan_adamw_kernel(p_tab, g_tab, m_tab, q_tab, blk_t, blk_o, numels, hyp, pa
     mn = tl.where(has, mn, m)
     qn = tl.where(has, qn, q)
     pn = x - sn * mn
-    write = mask
-    if HAS_FI:
-        keep = tl.load(fi_ptr) == 0
-        write = _plan_select(keep, mask)
-        mn = tl.where(keep, mn, m)
+    write, mn = _plan_unless_found_inf(fi_ptr, mask, mn, m, HAS_FI)
     tl.store(p_ptr + offs, pn.to(PT), mask=write)
     tl.store(m_ptr + offs, mn, mask=write)
     tl.store(q_ptr + offs, qn, mask=write)
-    mn = tl.where(mask, mn, 0.0)
-    tl.store(partial + tl.program_id(0), tl.sum(mn * mn, axis=0).to(tl.float64))
+    _plan_store_sq(partial, mn, mask)
 
 
 @triton.jit

@@ -13,6 +13,7 @@ from etfkern.msam import reference as ref
 from etfkern.optim import MSAM, AdamWMSAM, recompute_bn_stats
 
 from conftest import backends_for
+from test_msam import _bn_model_after_three_msam_steps
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -163,14 +164,7 @@ def test_checkpoint_recipes_resume_bitwise(cls, norm, recipe):
 # 5: unperturbed() nests harmlessly; recompute_bn_stats inside it
 # ----------------------------------------------------------------------------------------------------------
 def test_unperturbed_is_reentrant_and_bn_stats_inside_it_are_right():
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
-    opt = MSAM(model.parameters(), lr=0.1, rho=1.0)
-    x = torch.randn(32, 4)
-    for _ in range(3):
-        model(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    model, opt, x = _bn_model_after_three_msam_steps(3, torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
     stored = [p.detach().clone() for p in model.parameters()]
     with opt.unperturbed():
         true_w = [p.detach().clone() for p in model.parameters()]
