@@ -2,19 +2,21 @@
 counted on CPU (Triton interpreter launches, torch.profiler op and allocation events outside the launches), and
 the reusable launch tables (StepPlan) kept correct when gradients, hyperparameters or the parameter set change.
 
-Counts of one steady-state step, 4 tensors in 2 param groups (before = commit 6d49025's Triton path):
+Counts of one steady-state step, 4 tensors in 2 param groups, Triton backend ("before" = commit 6d49025; "ops" =
+today's default step_impl, which keeps the H200-measured kernels; "plan" = step_impl="plan"):
 
-| step (Triton backend)      | launches before -> now | torch ops before -> now | allocations before -> now |
-|----------------------------|------------------------|-------------------------|---------------------------|
-| MSAM exact                 | 4 -> 4                 | 33 -> 0                 | 22 -> 0                   |
-| MSAM lagged                | 2 -> 2                 | 22 -> 0                 | 15 -> 0                   |
-| AdamWMSAM exact            | 2 -> 4                 | 39 -> 0                 | 20 -> 0                   |
-| AdamWMSAM lagged           | 1 -> 2                 | 31 -> 0                 | 16 -> 0                   |
+| step                | launches before / ops / plan | torch ops before / ops / plan | allocations before / ops / plan |
+|---------------------|------------------------------|-------------------------------|---------------------------------|
+| MSAM exact          | 4 / 4 / 4                    | 33 / 35 / 0                   | 22 / 24 / 0                     |
+| MSAM lagged         | 2 / 2 / 2                    | 22 / 24 / 0                   | 15 / 17 / 0                     |
+| AdamWMSAM exact     | 2 / 2 / 4                    | 39 / 39 / 0                   | 20 / 21 / 0                     |
+| AdamWMSAM lagged    | 1 / 1 / 2                    | 31 / 31 / 0                   | 16 / 17 / 0                     |
 
-Before, every launch also built a hyperparameter tensor (on CUDA: a pinned host tensor and a copy) and the
-launches were one per run of tensors sharing hyperparameters (one per param group); now one launch per pass over
-every tensor of every group (per parameter dtype), plus one single-program finish kernel per pass that keeps the
-norm and the scales on the device. On CUDA every torch op was a kernel launch of its own.
+(ops: +2 torch ops for the step count MSAM now keeps on the device.) In the ops path every launch also builds a
+hyperparameter tensor (on CUDA a pinned host tensor and a copy) and launches are one per run of tensors sharing
+hyperparameters (one per param group); the plan launches once per pass over every tensor of every group (per
+parameter dtype) plus one single-program finish kernel per pass that keeps the norm and the scales on the device.
+On CUDA every torch op is a kernel launch of its own. Only the plan's counts are asserted here.
 """
 from __future__ import annotations
 
