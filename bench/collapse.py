@@ -137,7 +137,8 @@ def _sweep_update(rows: list[dict], c: int, d: int, dtype: torch.dtype, tokens: 
         except Exception as e:  # noqa: BLE001 - one failing candidate must not end the sweep
             row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
-        print(f"  update {shape} {product}: {row.get('ms', float('nan')):.2f} ms ({time.time() - t0:.1f} s)", flush=True)
+        print(f"  update {shape} {product}: {row.get('ms', float('nan')):.2f} ms ({time.time() - t0:.1f} s)",
+              flush=True)
 
 
 def _synthetic_meter(c: int, d: int, device: str) -> "etfkern.CollapseMeter":

@@ -535,7 +535,7 @@ def collapse_pair_partials(mt: torch.Tensor, s: torch.Tensor, shift: float, *, p
         hi = mt64.to(torch.bfloat16)
         rows = torch.stack([hi, (mt64 - hi.to(torch.float64)).to(torch.bfloat16)]).contiguous()
         pieces, bk = 2, (16 if interp else 64)
-    _pair_kernel[(tiles.shape[0],)](rows, nsq, s32, tiles, part, k, d, 1.0 / (k - 1), float(shift), PAIR_RECHECK,
+    _pair_kernel[(tiles.shape[0],)](rows, nsq, s32, tiles, part, k, d, 1.0 / max(k - 1, 1), float(shift), PAIR_RECHECK,
                                     PIECES=pieces, BM=bm, BK=bk, PREC="ieee" if interp else "tf32x3",
                                     UPCAST=interp, num_warps=4 if interp else 8)
     return tiles, part

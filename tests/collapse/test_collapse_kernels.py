@@ -541,6 +541,15 @@ def test_pair_op_coincident_and_near_pairs_every_backend(device, k, d, monkeypat
             _close(got, want, rtol=tol, atol=tol * k * k, msg=f"{backend} {precision}")
 
 
+def test_pair_op_single_class_kernels():
+    # one class, no pair: zeros (the Triton launcher divided by K - 1 before looking at the tiles)
+    mt = torch.randn(1, 5, dtype=torch.float64)
+    for backend in set(backends_for("collapse_pair_stats", "cpu")) - {"reference"}:
+        with etfkern.use_backend(backend):
+            got = torch.ops.etfkern.collapse_pair_stats(mt, torch.ones(1, dtype=torch.float64), 0.0)
+        assert got.tolist() == [0.0] * 6, backend
+
+
 def test_pair_op_every_pair_coincident():
     mt = torch.ones(4, 3, dtype=torch.float64)
     s = torch.ones(4, dtype=torch.float64)
@@ -659,7 +668,8 @@ def build_aligned(fn, sig, const, aligned, **options):
                        target=GPUTarget("cuda", 90, 32), options=options)
     ptx = k.asm["ptx"]
     return {"shared": k.metadata.shared, "sm90": ".target sm_90" in ptx, "cubin": len(k.asm["cubin"]) > 0,
-            "wgmma": len(re.findall(r"wgmma.mma_async", ptx)), "async_copies": len(re.findall(r"cp[.]async[.]c[ag]", ptx))}
+            "wgmma": len(re.findall(r"wgmma.mma_async", ptx)),
+            "async_copies": len(re.findall(r"cp[.]async[.]c[ag]", ptx))}
 
 
 def pair(rows, pieces, bk):
