@@ -11,11 +11,20 @@ Kernels:
   _centre_kernel          (ETFKERN_COLLAPSE_PRODUCT=mm only) per (row block, feature block): A = X - P[Y] in the
                           input's 16-bit type, the single centred operand of csrc/collapse/cpu.cpp, whose
                           A^T A (one cuBLAS GEMM per 4096-row chunk, float32 out) replaces the scatter GEMM.
-  _pair_kernel            per upper-triangle (class-block, class-block) tile: the Gram tile, then an epilogue that
-                          reduces the CDNV / GNC2 / max-angle terms of the pairs c < c' to 4 numbers. No K x K store.
+  _split_centre_kernel    (ETFKERN_COLLAPSE_PRODUCT=split|split_tri) per (row block, feature block): A = X - P[Y]
+                          centred in float64 and split into 2 or 3 bfloat16 pieces, stored K-major (transposed),
+                          zero-padded to whole K steps; the products of the pieces then run on tensor cores
+                          (cuBLAS for "split", _split_gram_kernel for "split_tri").
+  _split_gram_kernel      per (upper-triangle (d-block, d-block) tile, row split): the 3 (or 6) bfloat16 products of
+                          the pieces that float32-level accuracy needs, float32 flushed into float64 every 1024 rows.
+  _pair_kernel            per upper-triangle (class-block, class-block) tile: the Gram tile (tf32x3, or bf16x3 from
+                          hi/lo rows), then an epilogue that reduces the CDNV / GNC2 / max-angle terms of the pairs
+                          c < c' to 4 numbers and counts the pairs too close for the Gram identities (the op layer
+                          recomputes those tiles in float64). No K x K store.
   _ncc_kernel             per row block: running argmax of the classifier logits and running argmin of the distance
                           to the class means over class blocks. No N x C store.
-All reductions have a fixed order (no atomics): results are deterministic run to run.
+All reductions have a fixed order (no atomics): results are deterministic run to run. Column, row and stride
+products are 64-bit (features passed transposed have a column stride of N).
 """
 from __future__ import annotations
 
