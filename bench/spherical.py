@@ -312,7 +312,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn: Callable[[], Any], device: str, min_total_s: float = 0.25, max_reps: int = 10
+def _timed(fn: Callable[[], Any], device: str, min_total_s: float = 0.15, max_reps: int = 5
            ) -> tuple[float, float | None]:
     """(median ms, extra peak MiB | None) of fn(): one warm-up call (JIT, autotune, compile), one sizing call, then
     reps calls (enough for ~min_total_s, 1..max_reps). The peak is the CUDA allocator's maximum during the timed

@@ -247,6 +247,24 @@ def test_gpu_spherical_tiles(n, d, c, metric, loop, dtype, monkeypatch):
     _triton_vs_float64("cuda", n, d, c, dtype, metric)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d,c,metric,chunk_mib", [
+    (4100, 1040, 20000, "cos", None),  # one-read pass (fixed shift), one chunk at the default budget
+    (4100, 1040, 20000, "cos", "16"),  # several chunks (16 MiB of logits each)
+    (300, 520, 9000, "arc", "4"),  # two-pass (online max), several chunks
+])
+def test_gpu_spherical_chunked(n, d, c, metric, chunk_mib, dtype, monkeypatch):
+    """The "chunked" variant (cuBLAS GEMM per chunk + the Triton chunk pass) and the chunked nearest on a GPU,
+    against float64, as test_gpu_spherical_tiles checks the other variants."""
+    monkeypatch.setenv("ETFKERN_SPHERICAL_CLASS_LOOP", "chunked")
+    monkeypatch.setenv("ETFKERN_SPHERICAL_NEAREST", "chunked")
+    if chunk_mib:
+        monkeypatch.setenv("ETFKERN_SPHERICAL_CHUNK_MIB", chunk_mib)
+    _triton_vs_float64("cuda", n, d, c, dtype, metric)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # GPU build check without a GPU: representative launch configs (bf16 tensor-core dots the interpreter cannot run,
 # fixed shift / online max, split-C, slab mode, bank gradient, fused top-k) lower to PTX and assemble for sm_90.
