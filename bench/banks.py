@@ -9,7 +9,7 @@ at d=200, 0.0350 at d=500; published figures, not re-run here); bank_stats speed
 --sweep (cuda): only the GPU kernel sweep, ~60 s on an H200 -- every bank_pair_stats kernel
 (ETFKERN_BANK_STATS_KERNEL: rows, tiles-ieee, tiles-tf32x3) in bank_stats at C=4000/32768/131072 (d=128/1024/1024)
 against dense torch (fp32 C x C GEMM, exact order statistic) where it fits, with each candidate's deviation
-from the dense values; every ebv_dir precision (ETFKERN_EBV_DIR_PRECISION: ieee, tf32, tf32x3): its error
+from the dense values; every ebv_dir variant (ETFKERN_EBV_DIR_PRECISION: ieee, tf32x3, tf32, tf32-wide): its error
 against float64 at (4096, 256) and its step time at (20000, 1000) and (100000, 1000). Without --sweep on cuda,
 the sweep runs after the quality rows.
 """
@@ -170,21 +170,21 @@ def _sweep_dir(device: str, check: tuple[int, int], timed: list[tuple[int, int]]
     small = small.to(device)
     beta = 3.0 / banks.welch_bound(*check)
     want_dir, want_max = ref.ebv_dir(small.double(), beta)
-    for precision in banks.DOT_PRECISIONS:
-        with env_var(banks.DIR_PRECISION_ENV, precision):
+    for variant in banks.DIR_VARIANTS:
+        with env_var(banks.DIR_PRECISION_ENV, variant):
             got_dir, got_max = banks._ops.ebv_dir(small, beta)
-            row = {"op": "ebv_dir", "shape": f"C={check[0]} d={check[1]}", "impl": precision, "device": device,
+            row = {"op": "ebv_dir", "shape": f"C={check[0]} d={check[1]}", "impl": variant, "device": device,
                    "err_rowmax": float((got_max.double() - want_max).abs().max()),
                    "rel_err_dir": float((got_dir.double() - want_dir).norm() / want_dir.norm())}
             for i, (c, d) in enumerate(timed):
-                if i > 0 and precision == "ieee":
+                if i > 0 and variant == "ieee":
                     continue  # float32 FFMA: several seconds a step at (100000, 1000)
                 w = torch.nn.functional.normalize(torch.randn(c, d, device=device), dim=1)
                 b = 3.0 / banks.welch_bound(c, d)
                 # the first shape compiled the kernel (C is not specialised beyond divisibility by 16)
                 row[f"ms_C{c}"] = time_ms(lambda: banks._ops.ebv_dir(w, b), device, warmup=0 if i else 1,
                                           rep=1 if i else 3)
-                print(f"  ebv_dir {precision} C={c} d={d}: {row[f'ms_C{c}']:.1f} ms", flush=True)
+                print(f"  ebv_dir {variant} C={c} d={d}: {row[f'ms_C{c}']:.1f} ms", flush=True)
         rows.append(row)
     return rows
 

@@ -16,9 +16,10 @@
   matter): bank_stats' exact p99.9 from the pairs of one histogram bin.
 * ``ebv_dir`` (one EBV optimiser step): per (row block, feature block), online row max of |cos| and
   accumulation of P @ W_J with P = e^{beta (|cos| - running max)} sign(cos), rescaled when the max grows
-  (flash-attention style); no atomics. Dot precision ``"ieee"`` (float32 FFMA, the default: the op returns
-  float32-accurate values), ``"tf32x3"`` or ``"tf32"`` (tensor cores; TF32 alone is ~1e-3 relative: the
-  layout that ran on the H200, where it missed the op's float32 tolerances).
+  (flash-attention style); no atomics. Variants: ``"ieee"`` (float32 FFMA, the default: the op returns
+  float32-accurate values), ``"tf32"`` (TF32 tensor cores, ~1e-3 relative, 32-row blocks: the layout that ran
+  on the H200, where it missed the op's float32 tolerances), ``"tf32-wide"`` (the same in 64-row blocks, one
+  Hopper warpgroup MMA) and ``"tf32x3"`` (64-row blocks, three TF32 products of split operands: about float32).
 Inputs are computed in float32 (float64 banks are cast); outputs are cast back to the bank's dtype.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import triton.language as tl
 from ._common import triton_interpret
 
 PAIR_STATS_KERNELS = ("rows", "tiles-ieee", "tiles-tf32x3")
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+DIR_VARIANTS = ("ieee", "tf32x3", "tf32", "tf32-wide")
 
 
 def histogram_slots(bins: int) -> int:
@@ -247,31 +248,32 @@ def pair_select(bank: torch.Tensor, bins: int, lo: float, hi: float, slot: int, 
     return values, count
 
 
-def ebv_dir_config(precision: str, d: int, interpret: bool | None = None) -> dict:
-    """Launch constants of ``ebv_dir`` for ``precision`` and feature dimension ``d``."""
-    if precision not in DOT_PRECISIONS:
-        raise ValueError(f"precision must be one of {DOT_PRECISIONS}, got {precision!r}")
+def ebv_dir_config(variant: str, d: int, interpret: bool | None = None) -> dict:
+    """Launch constants of ``ebv_dir`` for ``variant`` (one of DIR_VARIANTS) and feature dimension ``d``."""
+    if variant not in DIR_VARIANTS:
+        raise ValueError(f"variant must be one of {DIR_VARIANTS}, got {variant!r}")
+    precision = variant.removesuffix("-wide")
     if triton_interpret() if interpret is None else interpret:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "BLOCK_D": max(16, min(32, triton.next_power_of_2(d))),
                 "num_warps": 4, "num_stages": 1, "PRECISION": precision}
     bd = min(256, max(16, triton.next_power_of_2(d)))
-    if precision in ("ieee", "tf32"):  # the layout that ran on the H200 with TF32 (7 s a step at (100k, 1000))
+    if variant in ("ieee", "tf32"):  # the layout that ran on the H200 with TF32 (7 s a step at (100k, 1000))
         return {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2,
                 "PRECISION": precision}
-    # tf32x3: 64-row blocks (a Hopper warpgroup MMA is 64 rows), W_J tile 64 KB per stage
+    # tf32x3, tf32-wide: 64-row blocks (a Hopper warpgroup MMA is 64 rows), W_J tile 64 KB per stage
     return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_D": bd, "num_warps": 8, "num_stages": 2,
             "PRECISION": precision}
 
 
-def ebv_dir(bank: torch.Tensor, beta: float, precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
+def ebv_dir(bank: torch.Tensor, beta: float, variant: str = "ieee") -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher for ``etfkern::ebv_dir``: grid (row blocks, feature blocks of <= 256; each feature block
-    recomputes its cosine tiles, so d <= 256 is one pass); float32 inside, ``precision`` one of DOT_PRECISIONS."""
+    recomputes its cosine tiles, so d <= 256 is one pass); float32 inside, ``variant`` one of DIR_VARIANTS."""
     w = _f32(bank)
     c, d = w.shape
     out = torch.zeros(c, d, dtype=torch.float32, device=w.device)
     rowmax = torch.zeros(c, dtype=torch.float32, device=w.device)
     if c > 0 and d > 0:
-        cfg = ebv_dir_config(precision, d)
+        cfg = ebv_dir_config(variant, d)
         grid = (triton.cdiv(c, cfg["BLOCK_M"]), triton.cdiv(d, cfg["BLOCK_D"]))
         _dir_kernel[grid](w, out, rowmax, c, d, w.stride(0), out.stride(0), float(beta), **cfg)
     return out.to(bank.dtype), rowmax.to(bank.dtype)

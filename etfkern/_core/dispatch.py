@@ -131,7 +131,9 @@ register_table("spherical_nearest", "fused", _SPHERICAL_MEASURED.get("spherical_
 #   bank_pair_stats variants: "rows" (row block x all column blocks, float32 FFMA: the layout that ran on the
 #     H200, 4.7 s at C=131072 d=1024 and 9.7 ms at C=4000 d=128, with the histogram fix of issue 15 not yet
 #     re-run), "tiles-ieee", "tiles-tf32x3" (one program per upper-triangle tile; never ran on a GPU)
-#   ebv_dir variants: "ieee" (float32 FFMA), "tf32x3", "tf32" (tensor cores; never ran on a GPU)
+#   ebv_dir variants: "ieee" (float32 FFMA, the op's float32 contract: the TF32 it replaces failed the float32
+#     tests on the H200; same layout, not yet re-run), "tf32" (32-row blocks: the layout that ran, 7 s a step at
+#     (100k, 1000); ebv_bank's optimiser uses it), "tf32-wide", "tf32x3" (64-row blocks; never ran on a GPU)
 #   features: C, d, dtype (str)
 # No rows yet: no measurement puts a tensor-core candidate ahead (bench/banks.py --device cuda sweeps them).
 # ==========================================================================================================

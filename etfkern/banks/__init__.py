@@ -14,7 +14,7 @@ Backends: "reference" (dense float64, :mod:`etfkern.banks.reference`), "cpu" (ro
 matmuls, O(strip * C) scratch, :mod:`etfkern.banks.cpu`), "triton" (tiled kernels,
 :mod:`etfkern.triton_kernels.banks`). On CUDA the Triton variant comes from the "banks" rows of
 :mod:`etfkern._core.dispatch` unless ``ETFKERN_BANK_STATS_KERNEL`` (rows | tiles-ieee | tiles-tf32x3) or
-``ETFKERN_EBV_DIR_PRECISION`` (ieee | tf32x3 | tf32) names one; the tensor-core candidates never ran on a GPU
+``ETFKERN_EBV_DIR_PRECISION`` (ieee | tf32x3 | tf32 | tf32-wide) names one; the tensor-core candidates never ran on a GPU
 (``python bench/banks.py --device cuda --sweep`` measures them against dense torch).
 """
 from __future__ import annotations
@@ -319,7 +319,7 @@ def _chirp_rows(prime: int, idx: torch.Tensor, dtype: torch.dtype = torch.float3
 # Routed ops: cpu backends (row strips of torch matmuls) and registration
 # ==========================================================================================================
 PAIR_STATS_KERNELS = ("rows", "tiles-ieee", "tiles-tf32x3")  # = etfkern.triton_kernels.banks.PAIR_STATS_KERNELS
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")  # = etfkern.triton_kernels.banks.DOT_PRECISIONS
+DIR_VARIANTS = ("ieee", "tf32x3", "tf32", "tf32-wide")  # = etfkern.triton_kernels.banks.DIR_VARIANTS
 STATS_KERNEL_ENV = "ETFKERN_BANK_STATS_KERNEL"
 DIR_PRECISION_ENV = "ETFKERN_EBV_DIR_PRECISION"
 
@@ -372,7 +372,7 @@ def _pair_select_triton(bank: torch.Tensor, bins: int, lo: float, hi: float, slo
 def _dir_triton(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     from etfkern.triton_kernels import banks as _tk
 
-    return _tk.ebv_dir(bank, beta, precision=_gpu_variant("ebv_dir", DIR_PRECISION_ENV, DOT_PRECISIONS, bank))
+    return _tk.ebv_dir(bank, beta, variant=_gpu_variant("ebv_dir", DIR_PRECISION_ENV, DIR_VARIANTS, bank))
 
 
 for _op, _cpu, _ref_fn, _tri in (("bank_pair_stats", _cpu_path.pair_stats, _ref.bank_pair_stats, _pair_stats_triton),

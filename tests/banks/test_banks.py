@@ -125,7 +125,7 @@ def test_pair_stats_kernels_match_reference(device, kernel, bins):
     histogram; C=300 on CUDA) and bins + 2 = 64 slots, where the trash slot of the pairs that do not count must be
     the 65th of a 128-slot tl.histogram."""
     tk = _kernels_on(device)
-    assert tk.PAIR_STATS_KERNELS == banks.PAIR_STATS_KERNELS and tk.DOT_PRECISIONS == banks.DOT_PRECISIONS
+    assert tk.PAIR_STATS_KERNELS == banks.PAIR_STATS_KERNELS and tk.DIR_VARIANTS == banks.DIR_VARIANTS
     assert tk.histogram_slots(62) == 128 and tk.histogram_slots(61) == 64
     c = 37 if device == "cpu" else 300
     w = _unit(c, 13, dtype=torch.float32, noncontig=True).to(device)
@@ -166,16 +166,16 @@ def test_pair_select_every_backend_matches_reference(device, c, d, noncontig, mo
                         assert int(n_few) == int(n) and torch.isinf(few).all()
 
 
-@pytest.mark.parametrize("precision", banks.DOT_PRECISIONS)
-def test_ebv_dir_precisions_match_reference(device, precision):
-    """Each ebv_dir precision against float64. The interpreter computes every dot exactly (only the plumbing is
-    checked there; the precision itself is checked in the compiled IR by the sm_90 tests); on CUDA "tf32" is held
-    to TF32's own bound (10-bit mantissa: ~1e-3 relative), the others to float32's."""
+@pytest.mark.parametrize("variant", banks.DIR_VARIANTS)
+def test_ebv_dir_variants_match_reference(device, variant):
+    """Each ebv_dir variant against float64. The interpreter computes every dot exactly (only the plumbing is
+    checked there; the precision itself is checked in the compiled IR by the sm_90 tests); on CUDA "tf32" and
+    "tf32-wide" are held to TF32's own bound (10-bit mantissa: ~1e-3 relative), the others to float32's."""
     tk = _kernels_on(device)
     w = _unit(37 if device == "cpu" else 333, 20, dtype=torch.float32).to(device)
     dir_ref, rowmax_ref = ref.ebv_dir(w.double(), 7.5)
-    got_dir, got_max = tk.ebv_dir(w, 7.5, precision=precision)
-    if device == "cpu" or precision != "tf32":
+    got_dir, got_max = tk.ebv_dir(w, 7.5, variant=variant)
+    if device == "cpu" or not variant.startswith("tf32") or variant == "tf32x3":
         torch.testing.assert_close(got_max, rowmax_ref.float(), atol=2e-5, rtol=0)
         torch.testing.assert_close(got_dir, dir_ref.float(), atol=2e-4, rtol=2e-5)
     else:  # |cos error| <= 2 * 2^-10 for unit rows (both operands cut to TF32); weights e^{7.5 cos} move ~1.5%
@@ -189,7 +189,7 @@ def test_gpu_variant_environment(monkeypatch):
     naming the variable; unset, CPU tensors get the first choice and CUDA ones the dispatch table's default."""
     w = _unit(9, 4, dtype=torch.float32)
     for env, choices, op in ((banks.STATS_KERNEL_ENV, banks.PAIR_STATS_KERNELS, "bank_pair_stats"),
-                             (banks.DIR_PRECISION_ENV, banks.DOT_PRECISIONS, "ebv_dir")):
+                             (banks.DIR_PRECISION_ENV, banks.DIR_VARIANTS, "ebv_dir")):
         monkeypatch.delenv(env, raising=False)
         assert banks._gpu_variant(op, env, choices, w) == choices[0]
         from etfkern._core import dispatch
@@ -680,7 +680,7 @@ def test_gpu_sweep_runs_on_toy_shapes():
     for r in stats:
         assert r["err_max_abs_cos"] < 1e-6 and r["err_mean_abs_cos"] < 1e-6 and r["err_p999_abs_cos"] < 1e-6, r
     dirs = [r for r in rows if r["op"] == "ebv_dir"]
-    assert [r["impl"] for r in dirs] == list(banks.DOT_PRECISIONS)
+    assert [r["impl"] for r in dirs] == list(banks.DIR_VARIANTS)
     assert all(r["err_rowmax"] < 1e-5 and r["rel_err_dir"] < 1e-5 for r in dirs)
 
 
@@ -795,8 +795,8 @@ select = {"w_ptr": "*fp32", "tile_i_ptr": "*i32", "tile_j_ptr": "*i32", "C": "i3
 for kernel in SELECT_KERNELS:
     cfg = tk.pair_stats_config("tiles-ieee" if kernel == "rows" else kernel, interpret=False)
     out[f"pair_select:{kernel}"] = build_ir(tk._pair_select_kernel, select, cfg)
-for precision, d in DIR_CONFIGS:
-    out[f"ebv_dir:{precision}:{d}"] = build_ir(tk._dir_kernel, direction, tk.ebv_dir_config(precision, d, interpret=False))
+for variant, d in DIR_CONFIGS:
+    out[f"ebv_dir:{variant}:{d}"] = build_ir(tk._dir_kernel, direction, tk.ebv_dir_config(variant, d, interpret=False))
 print(json.dumps(out))
 """
 
@@ -828,13 +828,14 @@ def test_tensor_core_candidates_compile_for_sm90(tmp_path):
     default) build for sm_90 with the precision they are named after."""
     report = _compile_bank_kernels(
         tmp_path, [("tiles-ieee", banks.GPU_HIST_BINS), ("tiles-tf32x3", banks.GPU_HIST_BINS), ("tiles-tf32x3", 1)],
-        [("tf32x3", 1000), ("tf32", 1000)], ["rows", "tiles-tf32x3"])
+        [("tf32x3", 1000), ("tf32", 1000), ("tf32-wide", 1000)], ["rows", "tiles-tf32x3"])
     assert report["pair_select:rows"]["precisions"] == ["ieee"]  # also the tiles-ieee launch
     assert report["pair_select:tiles-tf32x3"]["precisions"] == ["tf32x3"]
     assert report["pair_stats:tiles-ieee:253"]["precisions"] == ["ieee"]
     assert report["pair_stats:tiles-tf32x3:253"]["precisions"] == ["tf32x3"]
     assert report["ebv_dir:tf32x3:1000"]["precisions"] == ["tf32x3"]
     assert report["ebv_dir:tf32:1000"]["precisions"] == ["tf32"]
+    assert report["ebv_dir:tf32-wide:1000"]["precisions"] == ["tf32"]
 
 
 @pytest.mark.parametrize("method", ["auto", "optimize"])
