@@ -134,6 +134,8 @@ RATIO_COLUMNS = {
     "speed_vs_dense": "dense ms / this row's ms (> 1: this row is faster)",
     "memory_vs_dense": "this row's peak MiB / dense peak MiB (< 1: this row uses less)",
     "peak_over_logits": "this row's peak MiB / the size of the fp32 N x C logits",
+    "x_floor": "this row's ms / the time its method's minimal bytes take at the measured copy rate (1 = at the floor)",
+    "copy_frac": "achieved bandwidth of the method's minimal traffic / the measured copy rate (1 = at the floor)",
     "ratio_welch": "max |cos| / the Welch bound (1 is optimal)",
     "random_ratio_welch": "max |cos| of random unit vectors / the Welch bound",
     "vs_official": "max |cos| / the official EBV bank's (< 1: etfkern's bank is better)",
