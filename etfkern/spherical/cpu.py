@@ -60,10 +60,22 @@ def class_tile(n_rows: int, num_classes: int, budget_mib: float | None = None, d
     return max(1, min(rows, n_rows)), k
 
 
+_NORM_BLOCK = 1 << 22  # elements per row block of normalized(): its float32 temporaries stay <= 2 x 16 MiB
+
+
 def normalized(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x / max(|x|, NORM_EPS) computed in float32/64, returned in ``dtype`` (contiguous)."""
-    xf = x.to(acc_dtype(x.dtype))
-    return (xf / xf.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)).to(dtype).contiguous()
+    """x / max(|x|, NORM_EPS) computed in float32/64, returned in ``dtype`` (contiguous). Row blocks of
+    _NORM_BLOCK elements (same numbers): a (16384, 4096) bf16 x would otherwise make two 256 MiB float32 copies."""
+    acc = acc_dtype(x.dtype)
+    rows = max(1, _NORM_BLOCK // max(1, x.shape[1]))
+    if x.shape[0] <= rows:
+        xf = x.to(acc)
+        return (xf / xf.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)).to(dtype).contiguous()
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    for r0 in range(0, x.shape[0], rows):
+        xf = x[r0:r0 + rows].to(acc)
+        out[r0:r0 + rows] = xf / xf.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return out
 
 
 def z_and_slope(cos: torch.Tensor, tau: float, metric: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -76,12 +88,14 @@ def z_and_slope(cos: torch.Tensor, tau: float, metric: str) -> tuple[torch.Tenso
 
 def finish_forward(xh: torch.Tensor, bank: torch.Tensor, target: torch.Tensor, target_b: torch.Tensor,
                    lam: torch.Tensor, tau: float, metric: str, eps: float, ignore_index: int, lse: torch.Tensor,
-                   sum_z: torch.Tensor | None, a_sum: torch.Tensor | None, b_sum: torch.Tensor | None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   sum_z: torch.Tensor | None, a_sum: torch.Tensor | None, b_sum: torch.Tensor | None,
+                   colsum: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Add the target terms (O(N d)) to the class-loop results.
 
     xh (N, d) normalised x in the accumulation dtype; lse (N,); sum_z (N,) = sum_c z_ic ("arc" only, else None);
     a_sum (N, d) = sum_c p_ic s_ic w_c or None; b_sum (N, d) = sum_c s_ic w_c ("arc" with eps > 0 only).
+    colsum: sum_c w_c / tau in ``acc`` when the caller has it (row chunks of one call), else formed here for "cos"
+    with eps > 0 (a reduction in the accumulation dtype: no float32 copy of a 16-bit bank).
     Returns (loss_rows, grad_xhat or None); ignored rows give 0.
     """
     acc = xh.dtype
@@ -99,7 +113,8 @@ def finish_forward(xh: torch.Tensor, bank: torch.Tensor, target: torch.Tensor, t
     lam = lam.to(acc)
     target_z = (1 - eps) * (za if single else lam * za + (1 - lam) * zb)
     need_col = eps > 0 and (metric == "cos")
-    colsum = bank.to(acc).sum(0) / tau if need_col else None
+    if need_col and colsum is None:
+        colsum = bank.sum(0, dtype=acc) / tau
     if eps > 0:
         target_z = target_z + (eps / n_cls) * (xh @ colsum if metric == "cos" else sum_z)
     loss = torch.where(valid, lse - target_z, torch.zeros_like(lse))

@@ -267,19 +267,23 @@ def _chunked_forward(x, bank, target, target_b, lam, tau, metric, eps, ignore_in
     loss = x.new_empty(n, dtype=acc)
     grad = x.new_empty(n if need_grad else 0, d, dtype=acc)
     one_pass = metric == "cos" and bank.dtype != torch.float16 and cached_shift(bank, tau, metric) == 0.0
+    colsum = bank.sum(0, dtype=acc) / tau if one_pass and need_grad and eps > 0 else None
     for r0, r1, z in _cosine_chunks(xh, bank):
         tk.chunk_ce_rows(z, ta[r0:r1], tb[r0:r1], lam[r0:r1], lse[r0:r1], loss[r0:r1], tau, metric, eps,
                          ARC_GRAD_EPS, need_grad, False, one_pass)
-        if need_grad:  # z holds tau * dlogits, or exp(z) (one_pass)
-            grad[r0:r1] = mm_acc(z, bank, acc)
-            if one_pass:
-                grad[r0:r1].div_(lse[r0:r1].exp().unsqueeze(1))
-    if not need_grad:
-        return loss, lse, grad
-    grad.mul_(1.0 / tau)
-    if one_pass:  # grad = sum_c p_c w_c / tau so far: the target terms, as for the fused kernel's a_sum
-        grad = finish_forward(xh.to(acc), bank, target, target_b, lam, tau, metric, eps, ignore_index, lse, None,
-                              grad, None)[1]
+        if not need_grad:
+            continue
+        g = grad[r0:r1]
+        g.copy_(mm_acc(z, bank, acc))  # z holds tau * dlogits, or exp(z) (one_pass)
+        if not one_pass:
+            g.mul_(1.0 / tau)
+            continue
+        # g = sum_c p_c w_c / tau; the target terms as for the fused kernel's a_sum, on this chunk's rows only
+        # (chunk-sized temporaries: the gathered target rows)
+        g.div_(lse[r0:r1].exp().mul_(tau).unsqueeze(1))
+        t_a = target[r0:r1]
+        finish_forward(xh[r0:r1].to(acc), bank, t_a, t_a if target_b is target else target_b[r0:r1], lam[r0:r1],
+                       tau, metric, eps, ignore_index, lse[r0:r1], None, g, None, colsum)
     return loss, lse, grad
 
 

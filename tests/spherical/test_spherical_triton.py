@@ -611,3 +611,16 @@ def test_chunk_and_float64_kernels_compile_for_sm90(tmp_path):
     assert set(report) == chunks | {"chunk_bf16_cos_fwd_grad_C100", "fwd_fp64_d64_cos_fixed",
                                     "fwd_fp64_d520_arc_online_split_slab", "dw_fp64_d64_cos", "dw_fp64_d520_arc_slab",
                                     "nearest_fp64_d64_k5"}
+
+
+def test_normalized_row_blocks_give_the_same_bits(monkeypatch):
+    """normalized() in row blocks (bounded float32 temporaries for a large 16-bit x) equals the one-block result
+    bitwise, for bf16 and strided float32 inputs, with a ragged last block."""
+    from etfkern.spherical import cpu
+
+    for x in (torch.randn(100, 37).bfloat16(), torch.randn(100, 74)[:, ::2]):
+        whole = cpu.normalized(x, x.dtype)
+        monkeypatch.setattr(cpu, "_NORM_BLOCK", 37 * 7)
+        blocks = cpu.normalized(x, x.dtype)
+        monkeypatch.undo()
+        assert blocks.is_contiguous() and torch.equal(blocks, whole)
