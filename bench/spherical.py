@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import env_var, peak_mib, print_table, time_ms, write_results  # noqa: E402
+from _common import env_var, peak_mib, print_table, seconds_left, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
 from etfkern._core.measure import reset_peak_rss, proc_status_kib  # noqa: E402
@@ -272,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/*.json")
     p.add_argument("--sweep", action="store_true", help="the variant sweep on this device (default on cuda)")
     p.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget of the sweep in seconds")
+    p.add_argument("--dispatch-from", metavar="RESULTS_JSON",
+                   help="write bench/results/spherical-dispatch.json from a GPU sweep's results file (this script's, "
+                        "or bench/run_all.py's, e.g. from tools/gpu_check.sh) and exit")
     args = p.parse_args(argv)
+    if args.dispatch_from:
+        return _write_dispatch_from(args.dispatch_from)
     if args.sweep or args.device == "cuda":
         return _main_sweep(args)
     rows = run(args.quick, args.device)
@@ -398,7 +403,8 @@ def sweep(device: str, quick: bool, budget_s: float) -> list[dict[str, Any]]:
     nearest (k = 5, 2NCd), ce_fwd_bwd_bank_grad (trainable bank, 6NCd; SWEEP_SMALL only). Order: etfkern variants
     and eager over every shape first, then Liger / cut-cross-entropy, torch.compile last (its compile time is the
     largest cost), so a budget that runs out costs peers, not the variants."""
-    budget = _Budget(budget_s)
+    left = seconds_left()  # tools/gpu_check.sh's box (ETFKERN_BENCH_DEADLINE) bounds the budget too
+    budget = _Budget(min(budget_s, left - 5.0) if left is not None else budget_s)
     shapes = SWEEP_QUICK if quick else SWEEP_SHAPES
     small = shapes[-1] if quick else SWEEP_SMALL
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -496,6 +502,24 @@ def dispatch_entries(rows: list[dict[str, Any]], source: str) -> list[dict[str, 
             entries.append(dict(op="spherical_class_loop", variant=r["impl"].removeprefix("etfkern_"),
                                 evidence=evidence, source=source, when=when))
     return entries
+
+
+def _write_dispatch_from(path: str) -> int:
+    """The dispatch JSON from a saved sweep (rows of this script's file, or of run_all's "spherical" family)."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = data.get("rows") or data.get("families", {}).get("spherical", {}).get("rows") or []
+    device = data.get("environment", {}).get("device_type", "")
+    if device != "cuda" or data.get("quick"):
+        print(f"{path}: not a full GPU sweep (device_type {device!r}, quick {data.get('quick')}): no dispatch data")
+        return 1
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    source = os.path.relpath(os.path.abspath(path), root)
+    with open(DISPATCH_JSON, "w") as f:
+        json.dump({"written_by": "bench/spherical.py --dispatch-from", "source": source,
+                   "entries": dispatch_entries(rows, source)}, f, indent=2)
+    print("wrote", DISPATCH_JSON, "from", source)
+    return 0
 
 
 def _main_sweep(args) -> int:
