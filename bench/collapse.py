@@ -19,12 +19,13 @@ two_pass_f64; one_pass_gram_metrics_vs_two_pass_nc1 with etfkern computing every
 nc2_equinorm/equiangular/etf_error: one more (C' x d) Gram); one_pass_all_metrics_vs_two_pass_nc1 with every
 metric (the O(C'^2 d) pair kernel included); onehot_over_etfkern = onehot update / etfkern update.
 
-On CUDA without --quick the run is the candidate sweep (:func:`sweep`, ~75 s on an H200 once Triton's cache is
-warm): every scatter product of the Triton update (ETFKERN_COLLAPSE_PRODUCT: triton, mm, split, split_tri) against
-the plain two-pass torch (index_add + fp32 GEMM) at (C, d) = (8192, 256) and (32000, 4096) in bf16 and fp32, with
-Sigma_W's error against the float64 two-pass; then the pair kernel's precisions (ETFKERN_COLLAPSE_PAIR_PRECISION:
+On CUDA without --quick the run is the candidate sweep (:func:`sweep`, meant to fit ~75 s on an H200; never run
+yet): every scatter product of the Triton update (ETFKERN_COLLAPSE_PRODUCT: triton, mm, split, split_tri) against
+the plain two-pass torch (index_add + fp32 GEMM) at (C, d) = (32000, 4096) and (8192, 256) in bf16 and fp32, with
+Sigma_W's error against the float64 two-pass; the pair kernel's precisions (ETFKERN_COLLAPSE_PAIR_PRECISION:
 tf32x3, bf16x3) against the float64 pair path at C=32768, and compute() (all metrics, nc1 alone) at C=131072
-d=4096 (the issue-18 targets: < 3 s, < 0.5 s) when the C=32768 timing projects it under 12 s.
+d=4096 (the issue-18 targets: < 3 s, < 0.5 s) when the C=32768 timing projects it under 12 s. Targets first; each
+row is also printed as a JSON line ("ROW {...}") when measured, so a run cut short keeps what it measured.
 
     python bench/collapse.py [--quick] [--device cpu|cuda] [--threads N] [--no-write]
 """
@@ -197,14 +198,27 @@ def _sweep_pairs(rows: list[dict], device: str, d: int = 4096, sizes: tuple[int,
                     print(f"  compute {shape} {name}: {rows[-1]['ms']:.1f} ms", flush=True)
 
 
+class _EchoRows(list):
+    """A row list that prints each row as one JSON line when it is added: a sweep cut short by its time box still
+    leaves every measurement it made in the log."""
+
+    def append(self, row: dict) -> None:
+        import json
+
+        super().append(row)
+        print("ROW " + json.dumps(row, default=str), flush=True)
+
+
 def sweep(device: str) -> list[dict]:
-    """The GPU candidate sweep (see the module docstring)."""
-    rows: list[dict] = []
-    for c, d, dtype in ((8192, 256, torch.bfloat16), (8192, 256, torch.float32), (32000, 4096, torch.bfloat16),
-                        (32000, 4096, torch.float32)):
-        _sweep_update(rows, c, d, dtype, 65536, 16384, device)
+    """The GPU candidate sweep (see the module docstring), the issue-18 targets first: update at d=4096 (bf16),
+    the pair kernels and compute() at C=131072, update at d=256 (bf16), then float32 features."""
+    rows: list[dict] = _EchoRows()
+    _sweep_update(rows, 32000, 4096, torch.bfloat16, 65536, 16384, device)
     _sweep_pairs(rows, device)
-    return rows
+    _sweep_update(rows, 8192, 256, torch.bfloat16, 65536, 16384, device)
+    _sweep_update(rows, 32000, 4096, torch.float32, 65536, 16384, device)
+    _sweep_update(rows, 8192, 256, torch.float32, 65536, 16384, device)
+    return list(rows)
 
 
 def run(quick: bool, device: str) -> list[dict]:
