@@ -11,9 +11,9 @@
   order). The histogram takes no ``mask``: the compiler marks both reshapes feeding ``tt.histogram`` as
   reorderable and may reorder the values and the mask differently (it did on the H200: counts moved between
   bins); pairs that do not count go to a trash slot past the last real one instead.
-* ``pair_select`` (``etfkern::bank_pair_select``): the tiles layout appending the |cos| in a window [lo, hi) to
-  a buffer (one integer atomic per tile reserves its slots; the launcher sorts, so the slot order does not
-  matter): bank_stats' exact p99.9 from the pairs of one histogram bin.
+* ``pair_select`` (``etfkern::bank_pair_select``): the tiles layout appending the |cos| that the histogram puts
+  in one slot to a buffer (one integer atomic per tile reserves its slots; the launcher sorts, so the slot
+  order does not matter): bank_stats' exact p99.9 from the pairs of one histogram bin.
 * ``ebv_dir`` (one EBV optimiser step): per (row block, feature block), online row max of |cos| and
   accumulation of P @ W_J with P = e^{beta (|cos| - running max)} sign(cos), rescaled when the max grows
   (flash-attention style); no atomics. Variants: ``"ieee"`` (float32 FFMA, the default: the op returns
