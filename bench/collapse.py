@@ -39,7 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import env_var, print_table, sync, time_ms, write_results  # noqa: E402
+from _common import env_var, print_table, seconds_left, sync, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
 from etfkern.collapse.cpu import _product_dtype  # noqa: E402
@@ -213,11 +213,18 @@ def sweep(device: str) -> list[dict]:
     """The GPU candidate sweep (see the module docstring), the issue-18 targets first: update at d=4096 (bf16),
     the pair kernels and compute() at C=131072, update at d=256 (bf16), then float32 features."""
     rows: list[dict] = _EchoRows()
-    _sweep_update(rows, 32000, 4096, torch.bfloat16, 65536, 16384, device)
-    _sweep_pairs(rows, device)
-    _sweep_update(rows, 8192, 256, torch.bfloat16, 65536, 16384, device)
-    _sweep_update(rows, 32000, 4096, torch.float32, 65536, 16384, device)
-    _sweep_update(rows, 8192, 256, torch.float32, 65536, 16384, device)
+    steps = [lambda: _sweep_update(rows, 32000, 4096, torch.bfloat16, 65536, 16384, device),
+             lambda: _sweep_pairs(rows, device),
+             lambda: _sweep_update(rows, 8192, 256, torch.bfloat16, 65536, 16384, device),
+             lambda: _sweep_update(rows, 32000, 4096, torch.float32, 65536, 16384, device),
+             lambda: _sweep_update(rows, 8192, 256, torch.float32, 65536, 16384, device)]
+    for i, step in enumerate(steps):
+        left = seconds_left()  # tools/gpu_check.sh's time box (ETFKERN_BENCH_DEADLINE)
+        if left is not None and left < 10.0:
+            rows.append({"op": "sweep_stopped", "shape": "-", "impl": "-",
+                         "error": f"{left:.0f} s left in the time box: {len(steps) - i} sweep steps not run"})
+            break
+        step()
     return list(rows)
 
 
@@ -323,7 +330,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     rows = run(args.quick, args.device)
-    if any(r["op"].endswith("sweep") for r in rows):
+    if any(r["op"].startswith("sweep") or r["op"].endswith("sweep") for r in rows):
         print_table(rows, ["op", "shape", "impl", "ms", "vs_two_pass", "sw_rel_err_vs_f64", "rel_err_vs_f64", "error"])
         if not args.no_write:
             print("wrote", write_results("collapse", rows, args.device, {"quick": args.quick, "sweep": True}))
