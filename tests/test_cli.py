@@ -10,23 +10,7 @@ import torch
 from etfkern.cli import main as cli_main
 
 
-def test_demo_quick_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    rc = cli_main(["demo", "--quick", "--out", str(out), "--no-progress", "--samples-per-class", "12", "--dim", "64",
-                   "--epochs", "2"])
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert "NC1" in printed and "fused vs eager" in printed
-    result = json.loads((out / "metrics.json").read_text())
-    history = result["history"]
-    assert [h["epoch"] for h in history] == [1, 2]
-    for h in history:
-        for key in ("loss", "train_acc", "test_acc", "nc1", "cdnv", "nc2_etf_error", "nc4_ncc_mismatch"):
-            assert key in h and h[key] == h[key], key  # present and not NaN
-    assert history[-1]["loss"] < history[0]["loss"]  # training makes progress
-    assert result["loss_comparison"]["fused_ms"] > 0 and result["loss_comparison"]["eager_ms"] > 0
-    png = out / "metrics.png"
-    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+# the demo's end-to-end run: tests/test_demo.py
 
 
 def test_collapse_command_matches_meter(tmp_path, capsys):
