@@ -299,6 +299,8 @@ SWEEP_QUICK = [(20, 16, 70), (12, 8, 37)]  # --quick: a plumbing check (CPU: the
 CLASS_LOOP_VARIANTS = ("chunked", "mm", "fused")
 NEAREST_VARIANTS = ("chunked", "fused")
 NEAREST_K = 5
+# seconds a row may take at most (first-call JIT / autotune / compile included): a row starts only with this much left
+ROW_SECONDS = {"torch.compile": 60.0, "liger": 20.0, "cut_cross_entropy": 20.0}
 DISPATCH_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "spherical-dispatch.json")
 
 
@@ -436,8 +438,9 @@ def sweep(device: str, quick: bool, budget_s: float) -> list[dict[str, Any]]:
         if isinstance(fn, str):
             row["skipped"] = fn
             continue
-        if budget.left() <= 0:
-            row["skipped"] = f"sweep time budget ({budget_s:.0f} s) spent"
+        need = ROW_SECONDS.get(impl, 10.0)  # a row never starts unless it can end inside the budget
+        if budget.left() < need:
+            row["skipped"] = f"sweep time budget: {max(0.0, budget.left()):.0f} s left, the row needs ~{need:.0f} s"
             continue
         if shape not in inputs:  # one shape's tensors live at a time
             inputs.clear()
