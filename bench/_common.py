@@ -36,6 +36,19 @@ def env_var(var: str, value: str) -> Iterator[None]:
             os.environ[var] = old
 
 
+# Rows the running family has measured so far (emit_row); bench/run_all.py clears it before each family and keeps
+# these rows when a time box interrupts the family.
+PARTIAL_ROWS: list[dict[str, Any]] = []
+
+
+def emit_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Record ``row`` the moment it is measured: kept in PARTIAL_ROWS and printed as a ``ROW {json}`` line, so a run
+    cut short by a time box (run_all, tools/gpu_check.sh) still has it. Returns ``row``."""
+    PARTIAL_ROWS.append(row)
+    print("ROW " + json.dumps(row, default=str), flush=True)
+    return row
+
+
 def seconds_left() -> float | None:
     """Seconds until ``ETFKERN_BENCH_DEADLINE`` (a Unix time that tools/gpu_check.sh sets to the end of each family's
     time box, less a margin), or None when unset. A sweep that checks it before each new shape, and stops when too

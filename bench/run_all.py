@@ -25,6 +25,7 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import _common  # noqa: E402
 from _common import RESULTS_DIR, environment  # noqa: E402
 
 FIRST_COLUMNS = ["op", "shape", "impl", "dtype", "ms", "peak_mib"]
@@ -61,13 +62,16 @@ def run(only: list[str] | None, quick: bool, device: str, save_to: str | None = 
             continue
         print(f"== {name} ==", flush=True)
         t0 = time.perf_counter()
+        _common.PARTIAL_ROWS.clear()
         try:
             rows = _load(name, path).run(quick=quick, device=device)
             out["families"][name] = {"rows": rows, "seconds": time.perf_counter() - t0}
         except KeyboardInterrupt:  # a time box ran out: keep what finished, say what was cut short
             seconds = time.perf_counter() - t0
-            out["families"][name] = {"rows": [], "error": f"interrupted after {seconds:.0f} s (time limit or Ctrl-C)",
-                                     "seconds": seconds}
+            kept = list(_common.PARTIAL_ROWS)  # what the family measured before the cut (bench/_common.py emit_row)
+            out["families"][name] = {"rows": kept, "seconds": seconds,
+                                     "error": f"interrupted after {seconds:.0f} s (time limit or Ctrl-C); "
+                                              f"{len(kept)} rows measured before"}
             out["interrupted"] = name
             if save_to:
                 _save(out, save_to)
@@ -168,8 +172,9 @@ def render_report(result: dict[str, Any], report_path: str, chart_dir: str) -> l
         lines += [f"## {name}", ""]
         if fam.get("error"):
             lines += [f"Failed: `{fam['error']}`", ""]
+        rows = fam.get("rows", [])
+        if fam.get("error") and not rows:
             continue
-        rows = fam["rows"]
         if not rows:
             lines += ["(no rows)", ""]
             continue
@@ -196,10 +201,10 @@ def print_tables(result: dict[str, Any], file=None) -> None:
               file=file)
         if fam.get("error"):
             print(f"failed: {fam['error']}", file=file)
-            continue
         rows = fam.get("rows", [])
         if not rows:
-            print("(no rows)", file=file)
+            if not fam.get("error"):
+                print("(no rows)", file=file)
             continue
         cols = [c for c in _columns(rows) if c in FIRST_COLUMNS or c == "skipped" or ratio_meaning(c)]
         cells = [[_cell(r.get(c)) for c in cols] for r in rows]

@@ -169,14 +169,20 @@ def test_run_all_report_only_renders_every_committed_result(tmp_path):
     import glob
 
     run_all, root = _run_all()
-    files = sorted(glob.glob(os.path.join(root, "bench", "results", "*.json")))
-    assert files
-    for path in files:
-        report = tmp_path / (os.path.basename(path) + ".md")
-        assert run_all.main(["--report-only", path, "--report", str(report)]) == 0, path
-        text = report.read_text()
+    files = []
+    for path in sorted(glob.glob(os.path.join(root, "bench", "results", "**", "*.json"), recursive=True)):
         with open(path) as f:
             data = json.load(f)
+        if isinstance(data, dict) and "environment" in data:  # a benchmark result (not the demo's record, ...)
+            files.append((path, data))
+    names = {os.path.relpath(p, os.path.join(root, "bench", "results")) for p, _ in files}
+    assert {"amd-epyc-x2-2026-11-23-quick.json", "h200-2026-12-04/run_all.json",
+            "spherical_ce-amd-epyc-x2-2026-11-23.json"} <= names
+    for path, data in files:
+        report = tmp_path / (path.replace(os.sep, "_") + ".md")
+        rc = run_all.main(["--report-only", path, "--report", str(report)])
+        assert rc == (1 if any(f.get("error") for f in data.get("families", {}).values()) else 0), path
+        text = report.read_text()
         for family in data.get("families", {data.get("family")}):
             assert f"## {family}" in text, (path, family)
         assert "| op |" in text or "| shape |" in text, path
@@ -305,6 +311,7 @@ def test_run_all_interrupt_keeps_finished_families(tmp_path, monkeypatch):
 
         def run(self, quick, device):
             if self.behaviour == "interrupt":
+                run_all._common.emit_row({"op": "x", "shape": "2", "impl": "etfkern", "ms": 2.0})
                 raise KeyboardInterrupt
             return [{"op": "x", "shape": "1", "impl": "etfkern", "ms": 1.0}]
 
@@ -316,6 +323,13 @@ def test_run_all_interrupt_keeps_finished_families(tmp_path, monkeypatch):
     assert list(on_disk["families"]) == ["banks", "collapse"] and on_disk["interrupted"] == "collapse"
     assert on_disk["families"]["banks"]["rows"] and "interrupted after" in on_disk["families"]["collapse"]["error"]
     assert result["interrupted"] == "collapse"
+    # the row the cut family emitted before the interrupt is kept, and the report shows it under the failure line
+    assert on_disk["families"]["collapse"]["rows"] == [{"op": "x", "shape": "2", "impl": "etfkern", "ms": 2.0}]
+    assert "1 rows measured before" in on_disk["families"]["collapse"]["error"]
+    report = tmp_path / "R.md"
+    run_all.render_report(result, str(report), str(tmp_path / "charts"))
+    text = report.read_text()
+    assert "Failed: `interrupted after" in text and "| x | 2 | etfkern | 2 |" in text
 
 
 def test_run_all_charts_have_no_empty_panels_and_a_linear_axis_from_zero(tmp_path, monkeypatch):

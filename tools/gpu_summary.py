@@ -119,10 +119,7 @@ def summarize(work: str) -> str:
         for family, fam in data.get("families", {}).items():
             seconds = fam.get("seconds")
             head = f"  {family}: " + (f"{len(fam.get('rows', []))} rows in {seconds:.0f} s" if seconds else "")
-            if fam.get("error"):
-                lines.append(head + f" -- {fam['error']}")
-                continue
-            lines.append(head)
+            lines.append(head + (f" -- {fam['error']}" if fam.get("error") else ""))
             lines += [f"    {line}" for line in headline_ratios(family, fam.get("rows", []))]
     return "\n".join(lines) + "\n"
 
