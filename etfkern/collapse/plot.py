@@ -121,7 +121,7 @@ def plot_metrics(history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[
         if not numeric:
             ax.set_xticks(positions)
             ax.set_xticklabels([str(v) for v in steps], fontsize=7, rotation=45)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(which="both", labelsize=7)  # log axes label minor ticks too
         ax.set_title(key, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.grid(alpha=0.3)
