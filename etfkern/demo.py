@@ -252,14 +252,17 @@ def plot_history(history: list[dict[str, Any]], path: str, *, floor: dict[str, f
             ys = [comparison[g[1 + offset]] for g in groups]
             bars = ax.bar(xs, ys, width=0.36, color=color, label=impl)
             ax.bar_label(bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.3g}" for v in ys], fontsize=8)
-        ax.axhline(comparison["logits_mib"], color="gray", linestyle="--", linewidth=1,
-                   label=f"the logits alone: {comparison['logits_mib']:.0f} MiB")
+        ax.hlines(comparison["logits_mib"], 0.55, 1.45, colors="gray", linestyles="--", linewidth=1,
+                  label=f"the N x C logits alone: {comparison['logits_mib']:.0f} MiB")
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels([g[0] for g in groups], fontsize=8)
-        ax.set_yscale("log")
+        top = max(comparison[key] for g in groups for key in g[1:]) * 1.25
+        ax.set_ylim(0, max(top, 1.1 * comparison["logits_mib"]))  # linear from 0: bar lengths are the ratios
+        ax.set_ylabel("ms / MiB", fontsize=8)
+        ax.tick_params(which="both", labelsize=7)
         ax.set_title(f"loss at vocabulary scale: N={comparison['rows']}, C={comparison['classes']}, "
                      f"d={comparison['dim']}", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
         ax.grid(alpha=0.3, axis="y")
     else:
         ax.axis("off")

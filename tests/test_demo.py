@@ -124,7 +124,8 @@ def test_plot_history_marks_nan_and_uses_log_axes(tmp_path):
                        title="t")
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG_MAGIC
     loss_ax, acc_ax, nc1_ax, nc2_ax, nc3_ax, cmp_ax = fig.axes
-    assert nc1_ax.get_yscale() == "log" and loss_ax.get_yscale() == "log" and cmp_ax.get_yscale() == "log"
+    assert nc1_ax.get_yscale() == "log" and loss_ax.get_yscale() == "log"
+    assert cmp_ax.get_yscale() == "linear" and cmp_ax.get_ylim()[0] == 0  # bars from 0: lengths are the ratios
     marks = [line for line in nc1_ax.get_lines() if line.get_marker() == "x"]
     assert len(marks) == 1 and list(marks[0].get_xdata()) == [2]
     assert not [line for line in nc2_ax.get_lines() if line.get_marker() == "x"]  # no NaN there, no mark
