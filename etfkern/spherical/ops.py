@@ -87,8 +87,10 @@ spherical_cos_tiles = define(
 #   fused    the Triton class-loop kernel (_ce_fwd_kernel / _ce_dw_kernel): logits never in memory
 #   mm       tiles of torch GEMMs + torch elementwise (cos_tiles): "cos" with the fixed shift only, x-gradient only
 #   chunked  rows in chunks (memory budget): per chunk one cuBLAS GEMM writes the cosines, ONE Triton pass
-#            (_chunk_ce_kernel) turns them into lse, loss and dlogits in place, and GEMMs give the x̂-gradient
-#            (dlogits @ W) here and dW (dlogits^T @ x̂ g) in the bank-gradient op. Every metric and option.
+#            (_chunk_ce_kernel) turns them into lse, loss and dlogits in place (one read of each row for "cos"
+#            with the fixed shift, two otherwise), and GEMMs give the x̂-gradient (dlogits @ W) here and dW
+#            (dlogits^T @ x̂ g) in the bank-gradient op (not fused into the forward: the op contract returns
+#            grad_xhat only, and dW needs the upstream row weights). Every metric and option. Never ran on a GPU.
 CLASS_LOOP_ENV = "ETFKERN_SPHERICAL_CLASS_LOOP"
 CLASS_LOOP_VARIANTS = ("fused", "mm", "chunked")
 NEAREST_ENV = "ETFKERN_SPHERICAL_NEAREST"
