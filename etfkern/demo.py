@@ -6,7 +6,7 @@ A small MLP learns synthetic Gaussian clusters through :class:`etfkern.nn.EBVHea
 epoch (epoch 0 = the initialisation) a :class:`etfkern.CollapseMeter` measures the penultimate features as the head
 sees them (unit vectors: the loss normalises them), so NC1 / CDNV (within-class variability), NC2 (distance of the
 centred class means to a simplex ETF), NC3 (means vs. bank rows) and NC4 (classifier vs. nearest class mean) can be
-seen falling. Then the fused loss is timed against eager torch at vocabulary scale (10,000 classes).
+seen falling (definitions: docs/metrics.md). Then the fused loss is timed against eager torch at vocabulary scale (10,000 classes).
 Writes ``metrics.json``, ``metrics.png`` (curated panels) and ``collapse_metrics.png``
 (:func:`etfkern.collapse.plot_metrics`, every metric) into the output folder; prints a table and a short reading.
 

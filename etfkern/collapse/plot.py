@@ -79,7 +79,7 @@ def plot_metrics(history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[
     logarithmic when its positive values span a decade or more. NaN/inf values are marked with a red x at the
     bottom of their panel (and counted in its legend), never dropped silently.
     Raises ValueError for unknown keys / mismatched lengths, ImportError (saying how to install it) without
-    matplotlib. The metric definitions are in docs/ (see the README's collapse section).
+    matplotlib. What every metric means, with its formula and paper: docs/metrics.md.
     """
     from etfkern.collapse import METRIC_KEYS
 
