@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
@@ -224,6 +225,11 @@ def _is_ours(impl: str) -> bool:
     return impl.startswith(("etfkern", "msam", "adamw_msam", "bank_stats", "auto")) or impl.startswith("structured")
 
 
+def _finite(v: Any) -> bool:
+    """A real measurement: a number, not NaN/inf (a row that measured no memory writes NaN)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _short(v: float) -> str:
     """3 significant digits without exponents: 0.0577, 9.67, 459, 1,530."""
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"
@@ -235,9 +241,9 @@ def _chart(name: str, rows: list[dict[str, Any]], chart_dir: str, env: dict[str,
     run are listed with the reason. etfkern's bars are blue, peers grey. Returns the PNG path, or None."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        if "impl" in r and (isinstance(r.get("ms"), (int, float)) or r.get("skipped")):
+        if "impl" in r and (_finite(r.get("ms")) or r.get("skipped")):
             groups.setdefault((r.get("op", ""), _cell(r.get("shape")), r.get("dtype") or ""), []).append(r)
-    groups = {k: v for k, v in groups.items() if sum(isinstance(r.get("ms"), (int, float)) for r in v) >= 1}
+    groups = {k: v for k, v in groups.items() if any(_finite(r.get("ms")) for r in v)}
     ops = CHART_OPS.get(name, ())
     wanted = sorted((k for k in groups if k[0] in ops), key=lambda k: ops.index(k[0]))  # one op per row: even panels
     keys = (wanted or list(groups))[:MAX_PANELS]
@@ -262,14 +268,14 @@ def _chart(name: str, rows: list[dict[str, Any]], chart_dir: str, env: dict[str,
         labels, values, colors, notes = [], [], [], []
         for r in group:
             labels.append(str(r["impl"]))
-            ms = r.get("ms") if isinstance(r.get("ms"), (int, float)) else None
+            ms = r.get("ms") if _finite(r.get("ms")) else None
             values.append(ms or 0.0)
             colors.append("#1f77b4" if _is_ours(str(r["impl"])) else "#9a9a9a")
             if ms is None:
                 notes.append(f"not run: {r.get('skipped') or r.get('error') or 'no time'}")
             else:
                 peak = r.get("peak_mib")
-                notes.append(f"{_short(ms)} ms" + (f", {_short(peak)} MiB" if isinstance(peak, (int, float)) else ""))
+                notes.append(f"{_short(ms)} ms" + (f", {_short(peak)} MiB" if _finite(peak) else ""))
         y = list(range(len(group)))[::-1]
         ax.barh(y, values, color=colors, height=0.7)
         ax.set_yticks(y)

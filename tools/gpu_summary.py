@@ -8,6 +8,7 @@ WORK_DIR holds stages.tsv (stage, exit code, seconds, note), junit_gpu.xml (pyte
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import xml.etree.ElementTree as ET
@@ -65,7 +66,8 @@ def headline_ratios(family: str, rows: list[dict[str, Any]], limit: int = 8) -> 
     for op, ours, peers in HEADLINES.get(family, []):
         groups: dict[tuple, dict[str, float]] = {}
         for r in rows:
-            if r.get("op") == op and isinstance(r.get("ms"), (int, float)) and r.get("impl"):
+            ms = r.get("ms")
+            if r.get("op") == op and isinstance(ms, (int, float)) and math.isfinite(ms) and r.get("impl"):
                 key = (_shape(r.get("shape")), r.get("dtype") or "")
                 groups.setdefault(key, {})[r["impl"]] = float(r["ms"])
         for (shape, dtype), times in groups.items():
