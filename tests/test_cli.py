@@ -355,3 +355,32 @@ def test_run_all_charts_have_no_empty_panels_and_a_linear_axis_from_zero(tmp_pat
     first = [t.get_text() for t in axes[0].get_yticklabels()]
     assert sorted(first) == sorted(["etfkern", "eager", "torch.compile", "liger"])
     assert any("not run: GPU only" in t.get_text() for t in axes[0].texts)
+
+
+def test_bench_command_prints_the_result_table(tmp_path, capsys, monkeypatch):
+    """`python -m etfkern bench` runs bench/run_all.py, which prints each family's table (not only file paths).
+    The subprocess is replaced by run_all in this process, with a family that returns fixed rows."""
+    import subprocess
+
+    run_all, _ = _run_all()
+    rows = [{"op": "step", "shape": "1M", "impl": "sgd_fused", "ms": 2.0, "x_sgd_fused": 1.0},
+            {"op": "step", "shape": "1M", "impl": "msam_exact", "ms": 3.0, "x_sgd_fused": 1.5}]
+    monkeypatch.setattr(run_all, "_load", lambda name, path: type("Family", (), {"run": lambda self, quick, device: rows})())
+    calls = []
+
+    def fake_call(cmd, *a, **k):
+        calls.append(cmd)
+        assert cmd[1].endswith(os.path.join("bench", "run_all.py"))
+        return run_all.main(cmd[2:])
+
+    monkeypatch.setattr(subprocess, "call", fake_call)
+    argv = ["bench", "msam", "--quick", "--device", "cpu", "--out", str(tmp_path / "r.json"),
+            "--report", str(tmp_path / "R.md")]
+    assert cli_main(argv) == 0
+    assert calls and calls[0][2:] == ["--quick", "--only", "msam", "--device", "cpu", "--out", str(tmp_path / "r.json"),
+                                      "--report", str(tmp_path / "R.md")]
+    out = capsys.readouterr().out.splitlines()
+    header = out.index(next(line for line in out if line.startswith("op ")))
+    assert out[header].split() == ["op", "shape", "impl", "ms", "x_sgd_fused"]
+    assert out[header + 2].split() == ["step", "1M", "msam_exact", "3", "1.5"]
+    assert any(line.startswith("results: ") for line in out) and any(line.startswith("report: ") for line in out)
