@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64 inputs, float32 for everything else (fp32, bf16, fp16)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_dtype_of(tensors) -> torch.dtype:
+    """float64 when any of ``tensors`` is float64, else float32 (one accumulator shared by several tensors)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
 _TRUE_WORDS = ("1", "true", "on", "yes", "y")  # what Triton's own getenv_bool accepts (case-insensitive)
 
 

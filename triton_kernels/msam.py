@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import acc_dtype, acc_dtype_of
+
 BLOCK = 1024
 FINISH_BLOCK = 1024
 _TL = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
@@ -218,7 +220,7 @@ def _runs(params: Sequence[Tensor], *hyper: Sequence) -> list[tuple[int, int]]:
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return acc_dtype(p.dtype)
 
 
 def _check(op: str, params, grads, states) -> None:
@@ -235,8 +237,7 @@ def _check(op: str, params, grads, states) -> None:
                                  f"params[{i}] {tuple(p.shape)}")
 
 
-def _out_dtype(bufs: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(b.dtype == torch.float64 for b in bufs) else torch.float32
+_out_dtype = acc_dtype_of  # the norm's dtype: float64 when any buffer is float64
 
 
 def _scalar(t: Tensor | None, dtype: torch.dtype, device: torch.device) -> Tensor | None:

@@ -1,9 +1,7 @@
-"""Dtype rules shared by every family and its reference."""
+"""Dtype rules shared by every family and its reference (defined once, in triton_kernels/_common.py, which the
+kernels also use and which imports nothing of etfkern)."""
 from __future__ import annotations
 
-import torch
+from etfkern.triton_kernels._common import acc_dtype, acc_dtype_of
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 for float64 inputs, float32 for everything else (fp32, bf16, fp16)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["acc_dtype", "acc_dtype_of"]

@@ -33,6 +33,7 @@ import torch
 
 from etfkern._core import backend as _backend
 from etfkern._core import dispatch as _dispatch
+from etfkern._core.dtypes import acc_dtype
 from etfkern.banks import cpu as _cpu_path
 from etfkern.banks import ops as _ops
 from etfkern.banks import reference as _ref
@@ -388,7 +389,7 @@ for _op, _cpu, _ref_fn, _tri in (("bank_pair_stats", _cpu_path.pair_stats, _ref.
 # Statistics
 # ==========================================================================================================
 def _unit_rows(bank: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float64 if bank.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(bank.dtype)
     w = bank.detach().to(dtype)
     return (w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)).contiguous()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from etfkern._core.dtypes import acc_dtype
+
 
 def _row_chunk(d: int, budget: int = 1 << 22) -> int:
     return max(1, budget // max(d, 1))
@@ -15,7 +17,7 @@ def _product_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the per-batch scatter products: float64 for float64 features, else float32 (the centred
     operand is formed in float64 first; sums across chunks and batches are float64). The GPU kernels do the
     same with tensor-core operands."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return acc_dtype(dtype)
 
 
 def _update_cpu(features: torch.Tensor, inv: torch.Tensor, m_old: torch.Tensor,

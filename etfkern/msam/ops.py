@@ -3,8 +3,7 @@
 Each op routes through :mod:`etfkern._core.backend`; see ``etfkern/msam/reference.py`` for the math."""
 from __future__ import annotations
 
-import torch
-
+from etfkern._core.dtypes import acc_dtype_of
 from etfkern._core.library import define
 
 
@@ -12,8 +11,7 @@ from etfkern._core.library import define
 # Pass 2: undo + update + perturb in one sweep, in place; returns the squared norm of the new momentum (the
 # lagged mode's norm for the next step). scale_old/scale_new are 0-dim device tensors: no host sync.
 def _msam_norm_fake(params, grads, bufs, scale, *rest):
-    dtype = torch.float64 if any(b.dtype == torch.float64 for b in bufs) else torch.float32
-    return scale.new_empty((), dtype=dtype)
+    return scale.new_empty((), dtype=acc_dtype_of(bufs))
 
 
 def _msam_sgd_fake(params, grads, bufs, scale_old, *rest):

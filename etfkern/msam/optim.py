@@ -54,6 +54,7 @@ from torch import Tensor
 
 from etfkern._core import backend as _backend
 from etfkern._core import dispatch as _dispatch
+from etfkern._core.dtypes import acc_dtype, acc_dtype_of
 from etfkern.msam import ops as _ops  # noqa: F401  (schemas)
 from etfkern.msam import reference as ref
 
@@ -73,7 +74,7 @@ _G_SIZE = 5
 
 
 def _state_dtype(p: Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return acc_dtype(p.dtype)
 
 
 try:  # DTensor (FSDP2 / tensor parallel parameters); absent in torch builds without distributed
@@ -350,7 +351,7 @@ class _MSAMBase(torch.optim.Optimizer):
         if gathered is None:
             return loss
         device = gathered.locs[0].device
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in gathered.locs) else torch.float32
+        dtype = acc_dtype_of(gathered.locs)
         for t in (grad_scale, found_inf):
             if t is not None and t.numel() != 1:
                 raise ValueError(f"grad_scale and found_inf must have one element, got shape {tuple(t.shape)}")
@@ -630,7 +631,7 @@ class _MSAMBase(torch.optim.Optimizer):
                 self.state[p][key] = value.detach().to(device=loc.device, dtype=_state_dtype(loc),
                                                        copy=True).contiguous()
         device = _local(params[0]).device if params else torch.device("cpu")
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        dtype = acc_dtype_of(params)
         G = torch.zeros(_G_SIZE, device=device, dtype=dtype)
         for i, key in enumerate(("scale", "lagged_sq", "step")):
             G[i] = globals_[key]

@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from etfkern._core.dtypes import acc_dtype_of
+
 EPS_NORM = 1e-12
 
 
@@ -29,8 +31,7 @@ def _skip(found_inf: Tensor | None, device: torch.device) -> Tensor | None:
     return None if found_inf is None else (found_inf.to(device).reshape(-1)[0] != 0)
 
 
-def _out_dtype(bufs: Sequence[Tensor]) -> torch.dtype:
-    return torch.float64 if any(b.dtype == torch.float64 for b in bufs) else torch.float32
+_out_dtype = acc_dtype_of  # the norm's dtype: float64 when any buffer is float64
 
 
 def msam_sq_norm(params: Sequence[Tensor], grads: Sequence[Tensor], bufs: Sequence[Tensor], scale: Tensor,

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from etfkern._core.dtypes import acc_dtype  # noqa: F401 (the ops return row results in it)
+
 NORM_EPS = 1e-12
 ARC_GRAD_EPS = 1e-6
 METRICS = ("cos", "arc")
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the ops return row results in: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
