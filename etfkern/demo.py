@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 # (key in a history row, label) of the per-epoch table
 _TABLE = (("loss", "loss"), ("train_acc", "train"), ("test_acc", "test"), ("nc1", "NC1"), ("cdnv", "CDNV"),
-          ("nc2_etf_error", "NC2-ETF"), ("nc3", "NC3"), ("nc4_ncc_mismatch", "NC4"))
+          ("nc2_etf_error", "NC2-ETF"), ("nc3", "NC3"), ("ncc_mismatch", "NC4"))
 COLLAPSE_FACTOR = 10.0  # "an order of magnitude": NC1 and CDNV must end at least this many times below epoch 0
 
 
@@ -112,7 +112,7 @@ def measure_epoch(epoch: int, model: torch.nn.Module, head: torch.nn.Module, dat
     return {"epoch": epoch, "loss": loss,
             "train_acc": float((head.predict(feats) == labels).float().mean()),
             "test_acc": float((head.predict(test_feats) == y_test.to(device)).float().mean()),
-            "nc4_ncc_mismatch": ncc_mismatch(unit, meter.means, head.bank), **metrics}
+            "ncc_mismatch": ncc_mismatch(unit, meter.means, head.bank), **metrics}
 
 
 def bank_floor(bank: torch.Tensor) -> dict[str, float]:
@@ -188,7 +188,7 @@ def read_result(history: list[dict[str, Any]], floor: dict[str, float], cfg: Dem
                   f"give {floor['nc2_etf_error']:.4f}, the floor here")
     lines.append(f"  NC2  ETF error {first['nc2_etf_error']:.3f} -> {last['nc2_etf_error']:.3f} ({target})")
     lines.append(f"  NC3  {first['nc3']:.3f} -> {last['nc3']:.4f}: the class means line up with their fixed bank rows; "
-                 f"NC4 {last['nc4_ncc_mismatch']:.4f}: the head's choice is the nearest class mean")
+                 f"NC4 {last['ncc_mismatch']:.4f}: the head's choice is the nearest class mean")
     if collapsed:
         lines.append(f"  => neural collapse: NC1 and CDNV fell {COLLAPSE_FACTOR:.0f}x or more and NC2 moved toward the "
                      + ("simplex." if simplex else "bank's geometry."))
@@ -219,7 +219,7 @@ def plot_history(history: list[dict[str, Any]], path: str, *, floor: dict[str, f
     panels = [
         ("training loss (true weights)", [("loss", "spherical CE")], None),
         ("accuracy and NC4", [("train_acc", "train accuracy"), ("test_acc", "test accuracy"),
-                              ("nc4_ncc_mismatch", "NC4: classifier != nearest mean")], "fraction"),
+                              ("ncc_mismatch", "NC4: classifier != nearest mean")], "fraction"),
         ("NC1: within-class variability", [("nc1", "NC1 = tr(Sw Sb+)/C"), ("cdnv", "CDNV")], None),
         ("NC2: class means vs simplex ETF", [("nc2_etf_error", "ETF error"), ("nc2_equinorm", "equinorm"),
                                              ("nc2_equiangular", "equiangular"), ("nc2_maxangle", "max-angle")], None),
@@ -375,7 +375,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = True, plots: bool = True,
                  "epoch")
         png = os.path.join(cfg.out, "metrics.png")
         plot_history(history, png, floor=floor, comparison=speed, title=title)
-        keys = [k for k in METRIC_KEYS if k in history[0] and k != "num_classes_seen"] + ["nc4_ncc_mismatch"]
+        keys = [k for k in METRIC_KEYS if k in history[0] and k != "num_classes_seen"] + ["ncc_mismatch"]
         all_png = os.path.join(cfg.out, "collapse_metrics.png")
         plot_metrics(history, all_png, x=[h["epoch"] for h in history], keys=keys, xlabel="epoch",
                      title="every CollapseMeter metric per epoch (etfkern.collapse.plot_metrics)")

@@ -38,7 +38,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     history = result["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]  # epoch 0: the initialisation
     for h in history:
-        for key in ("loss", "train_acc", "test_acc", "nc1", "cdnv", "nc2_etf_error", "nc3", "nc4_ncc_mismatch"):
+        for key in ("loss", "train_acc", "test_acc", "nc1", "cdnv", "nc2_etf_error", "nc3", "ncc_mismatch"):
             assert key in h and h[key] == h[key], key  # present and not NaN
     assert history[-1]["loss"] < history[0]["loss"]  # training makes progress
     assert result["loss_comparison"]["fused_ms"] > 0 and result["loss_comparison"]["eager_ms"] > 0
@@ -57,7 +57,7 @@ def test_demo_reaches_collapse_and_says_so(tmp_path):
     assert summary["fit_epoch"] is not None and last["train_acc"] == 1.0
     assert last["nc1"] * 10 <= first["nc1"] and last["cdnv"] * 10 <= first["cdnv"]  # an order of magnitude
     assert last["nc2_etf_error"] < 0.5 * first["nc2_etf_error"]  # toward the simplex (16 classes in 16-d)
-    assert last["nc3"] < first["nc3"] and last["nc4_ncc_mismatch"] <= 0.01
+    assert last["nc3"] < first["nc3"] and last["ncc_mismatch"] <= 0.01
     assert summary["collapsed"] is True and summary["simplex_possible"] is True
     assert result["bank_floor"]["nc2_etf_error"] < 1e-5  # orthonormal bank: centred, an exact simplex
     printed = "\n".join(lines)
@@ -88,7 +88,7 @@ def test_demo_without_training_reports_no_collapse(tmp_path):
 def test_read_result_on_a_known_history():
     def row(epoch, acc, nc1, cdnv, etf):
         return {"epoch": epoch, "train_acc": acc, "test_acc": acc, "nc1": nc1, "cdnv": cdnv, "nc2_etf_error": etf,
-                "nc3": 1.0, "nc4_ncc_mismatch": 0.0}
+                "nc3": 1.0, "ncc_mismatch": 0.0}
 
     history = [row(0, 0.01, 50.0, 0.2, 1.2), row(1, 0.9, 5.0, 0.1, 0.9), row(2, 1.0, 1.0, 0.05, 0.5),
                row(3, 1.0, 0.5, 0.02, 0.2)]
@@ -113,7 +113,7 @@ def test_read_result_on_a_known_history():
 def test_plot_history_marks_nan_and_uses_log_axes(tmp_path):
     pytest.importorskip("matplotlib")
     keys = ("loss", "train_acc", "test_acc", "nc1", "cdnv", "nc2_etf_error", "nc2_equinorm", "nc2_equiangular",
-            "nc2_maxangle", "nc3", "unc3", "nc4_ncc_mismatch")
+            "nc2_maxangle", "nc3", "unc3", "ncc_mismatch")
     history = [{"epoch": e, **{k: 10.0 ** -e for k in keys}} for e in range(4)]
     for h in history:
         h["train_acc"] = 0.5 if h["epoch"] == 0 else 1.0  # fit from epoch 1
