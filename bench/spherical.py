@@ -1,6 +1,6 @@
 """Benchmark: fused spherical cross-entropy (and nearest) vs eager torch, torch.compile, Liger, cut-cross-entropy.
 
-    python bench/spherical.py --device cuda [--budget-s 150]    the GPU sweep (issue 21), ~150 s on an H200
+    python bench/spherical.py --device cuda [--budget-s 170]    the GPU sweep (issue 21), ~170 s on an H200
     python bench/spherical.py [--quick] [--device cpu] [--no-write] [--sweep]
 
 GPU sweep (``--device cuda``, or ``--sweep``): bf16, every class-loop variant (ETFKERN_SPHERICAL_CLASS_LOOP = fused,
@@ -252,7 +252,7 @@ def _bench_shape(n: int, d: int, c: int, device: str, dtype: torch.dtype, quick:
     return rows
 
 
-def run(quick: bool, device: str, budget_s: float = 150.0) -> list[dict[str, Any]]:
+def run(quick: bool, device: str, budget_s: float = 170.0) -> list[dict[str, Any]]:
     """All rows for ``device`` ("cpu" or "cuda"); quick = fewer/smaller shapes and repetitions. CUDA: the sweep."""
     if device == "cuda":
         return sweep(device, quick, budget_s)
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-write", action="store_true", help="do not write bench/results/*.json")
     p.add_argument("--sweep", action="store_true", help="the variant sweep on this device (default on cuda)")
-    p.add_argument("--budget-s", type=float, default=150.0, help="wall-clock budget of the sweep in seconds")
+    p.add_argument("--budget-s", type=float, default=170.0, help="wall-clock budget of the sweep in seconds")
     p.add_argument("--dispatch-from", metavar="RESULTS_JSON",
                    help="write bench/results/spherical-dispatch.json from a GPU sweep's results file (this script's, "
                         "or bench/run_all.py's, e.g. from tools/gpu_check.sh) and exit")

@@ -16,7 +16,7 @@
 #   2 tests        pytest -k "(cuda or gpu) and not cuda_build" -n 6 --dist loadfile, junit_gpu.xml
 #                  (GPU_CHECK_BOX_TESTS=120 s; GPU_CHECK_TEST_WORKERS, GPU_CHECK_PYTEST_ARGS)
 #   3 bench-*      python bench/run_all.py --only <family> --device cuda per family, full sizes:
-#                  spherical 150 s, collapse 75 s, msam 60 s, banks 60 s (GPU_CHECK_BOX_<FAMILY>;
+#                  spherical 180 s, collapse 60 s, msam 45 s, banks 60 s (GPU_CHECK_BOX_<FAMILY>;
 #                  GPU_CHECK_FAMILIES="spherical collapse msam banks"); a family cut short is recorded as such;
 #                  ETFKERN_BENCH_DEADLINE (Unix time, box end - 15 s) lets a sweep stop in time on its own
 #     report       the families merged into run_all.json + REPORT.md + charts/ (bench/run_all.py --merge)
@@ -141,7 +141,7 @@ stage tests "${GPU_CHECK_BOX_TESTS:-120}" "$PY" -m pytest -q -p no:cacheprovider
   ${GPU_CHECK_PYTEST_ARGS:-} tests || failed=1
 
 # ---- 3. benchmarks, one time box per family ----------------------------------------------------------------------
-declare -A BOX=([spherical]=150 [collapse]=75 [msam]=60 [banks]=60)
+declare -A BOX=([spherical]=180 [collapse]=60 [msam]=45 [banks]=60)
 for family in $FAMILIES; do
   var="GPU_CHECK_BOX_${family^^}"
   box=${!var:-${BOX[$family]:-60}}

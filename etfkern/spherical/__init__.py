@@ -27,6 +27,7 @@ unless ``validate=True`` (eager ValueError, one host sync) or ``validate=False``
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 
 import torch
@@ -198,8 +199,37 @@ def _bank_finite_checks(bank: torch.Tensor, name: str = "bank", recheck: bool = 
         _BANK_NORMS.pop(id(bank), None)
     elif _cached(_FINITE_BANKS, bank) is not None:
         return []
-    return [(lambda: torch.isfinite(bank).all(), f"{name} must be finite (found NaN or inf)",
-             lambda: _remember(_FINITE_BANKS, bank))]
+    def passed() -> None:
+        _remember(_FINITE_BANKS, bank)
+        _warn_if_not_unit(bank, name)
+
+    return [(lambda: torch.isfinite(bank).all(), f"{name} must be finite (found NaN or inf)", passed)]
+
+
+UNIT_ROW_ATOL = 1e-3  # a fixed bank whose row norms differ from 1 by more than this gets one warning
+_WARNED_NOT_UNIT: dict[int, weakref.ref] = {}
+
+
+def _warn_if_not_unit(bank: torch.Tensor, name: str) -> None:
+    """Warn once per bank when a fixed CPU bank's rows are not unit vectors (the ops use rows as given, so the
+    logits become |w_c| cos / tau: a randn bank is almost always a mistake). Not checked for a trainable bank
+    (its rows drift off the sphere legitimately) nor on CUDA (the check would cost a host sync per bank
+    version; ``etfkern.banks.check_unit_bank`` checks any bank explicitly)."""
+    if bank.requires_grad or bank.device.type != "cpu" or bank.numel() == 0:
+        return
+    seen = _WARNED_NOT_UNIT.get(id(bank))
+    if seen is not None and seen() is bank:
+        return
+    err = float((torch.linalg.vector_norm(bank.detach(), dim=1, dtype=acc_dtype(bank.dtype)) - 1).abs().max())
+    if err > UNIT_ROW_ATOL:
+        if len(_WARNED_NOT_UNIT) >= 64:
+            _WARNED_NOT_UNIT.pop(next(iter(_WARNED_NOT_UNIT)))
+        _WARNED_NOT_UNIT[id(bank)] = weakref.ref(bank)
+        warnings.warn(f"etfkern: {name} rows are not unit vectors (max | |w_c| - 1 | = {err:.3g}); the ops use rows "
+                      f"as given, so the logits are |w_c| cos / tau. Normalise with "
+                      f"torch.nn.functional.normalize({name}, dim=1) if that is not intended "
+                      f"(etfkern.banks.check_unit_bank checks a bank). Warned once per bank.", UserWarning,
+                      stacklevel=4)
 
 
 def _max_row_norm(bank: torch.Tensor, recheck: bool = False) -> torch.Tensor:

@@ -992,3 +992,18 @@ def test_arc_tau_pass_is_chunked_and_exact(monkeypatch):
     monkeypatch.setattr(sph, "_TAU_PASS_MIB", 1e-6)  # one row per chunk
     torch.testing.assert_close(tau_grad(), whole, atol=1e-12, rtol=1e-12)
     assert seen.count((1, 11)) == 7  # the tau pass: 7 one-row chunks (the forward's own class loop aside)
+
+
+def test_non_unit_fixed_bank_warns_once_and_unit_or_trainable_banks_do_not():
+    import warnings
+
+    x, target = torch.randn(6, 8), torch.randint(0, 5, (6,))
+    raw = torch.randn(5, 8)  # rows of norm ~2.8: a forgotten normalisation
+    with pytest.warns(UserWarning, match="not unit vectors"):
+        etfkern.spherical_cross_entropy(x, raw, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        etfkern.spherical_cross_entropy(x, raw, target)  # once per bank
+        etfkern.nearest(x, torch.nn.functional.normalize(torch.randn(5, 8), dim=1))  # unit rows: silent
+        trainable = torch.randn(5, 8, requires_grad=True)  # trainable banks leave the sphere legitimately
+        etfkern.spherical_cross_entropy(x, trainable, target).backward()
