@@ -52,9 +52,27 @@ TOL: dict[torch.dtype, tuple[float, float]] = {
 TORCH_ERROR_FACTOR = 2.0
 
 
-def tol(dtype: torch.dtype) -> tuple[float, float]:
-    """(atol, rtol) for results computed from ``dtype`` inputs (see TOL)."""
-    return TOL[dtype]
+# Per-op tables where an op's accumulation differs from the default (same (atol, rtol) shape; "*" = any other
+# dtype). The families' shared tolerance helpers read them here; one-off bounds stay next to the test that states why.
+OP_TOL: dict[str, dict] = {
+    # spherical CE loss / x-gradient / bank-gradient against float64 autograd (16/32-bit inputs accumulate in fp32)
+    "spherical": {torch.float64: (1e-10, 1e-9), "*": (2e-4, 2e-4)},
+    # one MSAM/AdamWMSAM kernel step against the float64 step (the state is fp32 for 16/32-bit parameters)
+    "msam_step": {torch.float64: (1e-12, 1e-12), torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-2, 2e-2)},
+    # collapse_update (relative to the output's scale): "triton" multiplies in float32 (float64 inputs too, after
+    # centring in float64); the CPU path's d x d scatter takes float32 products for 16/32-bit features
+    "collapse_update/triton": {torch.float64: (2e-6, 2e-6), "*": (2e-5, 2e-5)},
+    "collapse_update/cpu/sw_delta": {torch.float64: (1e-10, 1e-10), "*": (2e-6, 2e-6)},
+    "collapse_update/cpu": {"*": (1e-10, 1e-10)},
+}
+
+
+def tolerance(dtype: torch.dtype, op: str | None = None) -> tuple[float, float]:
+    """(atol, rtol) for results of ``op`` (a key of OP_TOL; None = the default TOL) computed from ``dtype``."""
+    if op is None:
+        return TOL[dtype]
+    table = OP_TOL[op]
+    return table[dtype] if dtype in table else table["*"]
 
 
 def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, *, scale: float = 1.0,

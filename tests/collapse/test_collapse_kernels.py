@@ -12,18 +12,15 @@ import torch
 import etfkern
 from etfkern.collapse import cpu as collapse_cpu
 from etfkern.collapse import reference as ref
-from conftest import backends_for, compile_triton_for_sm90
+from conftest import backends_for, compile_triton_for_sm90, tolerance
 from test_collapse import _close, _clustered  # the meter tests' helpers (one copy)
 
 
 def _tol(backend: str, dtype: torch.dtype, output: str = "sw_delta") -> float:
-    if backend == "triton" and dtype != torch.float64:
-        return 2e-5  # float32 tensor-core operands (exact fp32 in the interpreter), float64 sums
+    """The relative tolerance of collapse_update's ``output`` (conftest.OP_TOL)."""
     if backend == "triton":
-        return 2e-6  # float64 inputs are centred in float64 but multiplied in float32
-    if output == "sw_delta" and dtype != torch.float64:
-        return 2e-6  # CPU: centred in float64, scatter products in float32 for 16/32-bit features
-    return 1e-10
+        return tolerance(dtype, "collapse_update/triton")[1]
+    return tolerance(dtype, "collapse_update/cpu/sw_delta" if output == "sw_delta" else "collapse_update/cpu")[1]
 
 
 def _update_inputs(n: int, k: int, d: int):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TOL, backends_for, compile_triton_for_sm90
+from conftest import TOL, backends_for, compile_triton_for_sm90, tolerance
 
 import etfkern
 import etfkern.spherical as sph
@@ -57,7 +57,8 @@ def _explicit_loss(x, bank, target, tau, metric, eps, ignore_index, reduction, t
 
 
 def _tol(dtype):
-    return dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-4, rtol=2e-4)
+    atol, rtol = tolerance(dtype, "spherical")
+    return dict(atol=atol, rtol=rtol)
 
 
 # ------------------------------------------------------------------------------------------------------------
