@@ -40,9 +40,10 @@ def families() -> dict[str, str]:
 
 
 def _load(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    # Registered under its file's own name (bench/ is on sys.path, here and in a spawned child), so functions it
+    # hands to spawned processes pickle by reference and the child can import them.
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    # Registered under its file name so that functions it hands to spawned processes pickle by reference.
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module

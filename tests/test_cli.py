@@ -384,3 +384,23 @@ def test_bench_command_prints_the_result_table(tmp_path, capsys, monkeypatch):
     assert out[header].split() == ["op", "shape", "impl", "ms", "x_sgd_fused"]
     assert out[header + 2].split() == ["step", "1M", "msam_exact", "3", "1.5"]
     assert any(line.startswith("results: ") for line in out) and any(line.startswith("report: ") for line in out)
+
+
+def test_run_all_loads_families_under_names_a_spawned_child_can_import():
+    """bench/spherical.py measures CPU peak memory in a SPAWNED child, which unpickles the target function by its
+    module name: run_all must register each family under a name importable from bench/ (the bench_<family> names
+    of the old file layout made every such child fail with ModuleNotFoundError and the memory column NaN)."""
+    import importlib.util
+    import sys
+
+    run_all, root = _run_all()
+    bench = os.path.join(root, "bench")
+    for name, path in run_all.families().items():
+        module = run_all._load(name, path)
+        sys.path.insert(0, bench)
+        try:
+            spec = importlib.util.find_spec(module.__name__)
+        finally:
+            sys.path.remove(bench)
+            sys.modules.pop(module.__name__, None)  # leave no bench module registered in this test process
+        assert spec is not None and os.path.samefile(spec.origin, path), (name, module.__name__)
