@@ -21,13 +21,14 @@ import math
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import env_var, peak_mib, print_table, seconds_left, time_ms, write_results  # noqa: E402
+from _common import emit_row, env_var, peak_mib, print_table, seconds_left, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
 from etfkern import banks  # noqa: E402
@@ -224,34 +225,55 @@ def sweep(device: str = "cuda", tiny: bool = False) -> list[dict]:
 
 
 def run(quick: bool, device: str) -> list[dict]:
+    """Every row for ``device``. Each row is kept the moment it is measured (emit_row) and starts only when the
+    time box of tools/gpu_check.sh (seconds_left) leaves it the seconds it may need, so a box that runs out keeps
+    what was measured instead of losing the family's rows."""
+    rows: list[dict] = []
+
+    def take(new_rows: list[dict]) -> None:
+        for r in new_rows:
+            rows.append(emit_row(r))
+
     # on a GPU the kernel sweep goes first: it is what a time-boxed run (tools/gpu_check.sh) must not miss
-    rows = sweep(device) if device == "cuda" and not quick else []
-    rows += [
-        _target_row("auto", 2000, 64, device, quick, "<= 1.05 x Welch"),
-        _vs_official(_target_row("auto", 1000, 100, device, quick,
-                                 f"< {OFFICIAL_EBV_C1000[100]} (official EBV) in 120 s"), 100),
-        _target_row("auto", 100_000, 1024, device, quick, "<= 1.01 x Welch in seconds",
-                    random_peer=quick, subset=10_000 if quick else None),
+    if device == "cuda" and not quick:
+        take(sweep(device))
+    optimiser_s = 130.0  # rows whose optimiser runs its 120 s time budget
+    steps: list[tuple[float, str, Callable[[], list[dict]]]] = [
+        (10.0, "auto C=2000 d=64", lambda: [_target_row("auto", 2000, 64, device, quick, "<= 1.05 x Welch")]),
+        (10.0, "auto C=1000 d=100", lambda: [_vs_official(_target_row(
+            "auto", 1000, 100, device, quick, f"< {OFFICIAL_EBV_C1000[100]} (official EBV) in 120 s"), 100)]),
+        (45.0, "auto C=100000 d=1024", lambda: [_target_row(
+            "auto", 100_000, 1024, device, quick, "<= 1.01 x Welch in seconds", random_peer=quick,
+            subset=10_000 if quick else None)]),
     ]
     if not quick:
         for d_official in (200, 500):  # the other shipped banks, same 120 s budget
-            rows.append(_vs_official(_target_row("auto", 1000, d_official, device, quick,
-                                                 f"< {OFFICIAL_EBV_C1000[d_official]} (official EBV)",
-                                                 random_peer=False), d_official))
-        rows.append(_optimizer_from_random_row(device, 300))
+            steps.append((optimiser_s, f"auto C=1000 d={d_official}", lambda d_official=d_official: [_vs_official(
+                _target_row("auto", 1000, d_official, device, quick,
+                            f"< {OFFICIAL_EBV_C1000[d_official]} (official EBV)", random_peer=False), d_official)]))
+        steps.append((60.0, "optimiser from random", lambda: [_optimizer_from_random_row(device, 300)]))
         # no structured start below 2x Welch exists at (10k, 64): the optimiser (120 s time budget) does all the
         # work; at (5000, 128) the chirp bank of p = 61 starts at 1.47 x Welch
-        rows.append(_target_row("auto", 10_000, 64, device, quick, "(optimiser, 120 s budget)"))
-        rows.append(_target_row("auto", 5000, 128, device, quick, "(chirp start + optimiser, 120 s budget)"))
+        steps.append((optimiser_s, "auto C=10000 d=64", lambda: [_target_row(
+            "auto", 10_000, 64, device, quick, "(optimiser, 120 s budget)")]))
+        steps.append((optimiser_s, "auto C=5000 d=128", lambda: [_target_row(
+            "auto", 5000, 128, device, quick, "(chirp start + optimiser, 120 s budget)")]))
     # the GPU target's shape: the structured start alone (chirp bank of p = 499, 1/sqrt(499)); its statistics on
     # the first 20,000 rows (the value is a theorem; the subset shows it is attained)
-    rows.append(_target_row("structured start (steps=0)", 100_000, 1000, device, quick,
-                            "<= 1.5 x Welch (start alone, any device)", random_peer=False, subset=20_000,
-                            method="optimize", steps=0))
+    steps.append((30.0, "structured start C=100000 d=1000", lambda: [_target_row(
+        "structured start (steps=0)", 100_000, 1000, device, quick, "<= 1.5 x Welch (start alone, any device)",
+        random_peer=False, subset=20_000, method="optimize", steps=0)]))
     if device == "cuda":
-        rows.append(_target_row("auto", 100_000, 1000, device, quick, "<= 1.5 x Welch in 120 s (GPU)",
-                                random_peer=False))
-    rows += _stats_speed_rows(device, quick)
+        steps.append((optimiser_s, "auto C=100000 d=1000 (GPU)", lambda: [_target_row(
+            "auto", 100_000, 1000, device, quick, "<= 1.5 x Welch in 120 s (GPU)", random_peer=False)]))
+    steps.append((30.0, "bank_stats speed", lambda: _stats_speed_rows(device, quick)))
+    for i, (need_s, label, make) in enumerate(steps):
+        left = seconds_left()
+        if left is not None and left < need_s:
+            print(f"  time box: skipping {label} and {len(steps) - i - 1} later rows ({left:.0f} s left, about "
+                  f"{need_s:.0f} s needed)", flush=True)
+            break
+        take(make())
     return rows
 
 
