@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import env_var, peak_mib, print_table, seconds_left, time_ms, write_results  # noqa: E402
+from _common import emit_row, env_var, peak_mib, print_table, seconds_left, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
 from etfkern._core.measure import reset_peak_rss, proc_status_kib  # noqa: E402
@@ -437,10 +437,12 @@ def sweep(device: str, quick: bool, budget_s: float) -> list[dict[str, Any]]:
         fn = impls.get(impl, _etfkern)
         if isinstance(fn, str):
             row["skipped"] = fn
+            emit_row(row)
             continue
         need = ROW_SECONDS.get(impl, 10.0)  # a row never starts unless it can end inside the budget
         if budget.left() < need:
             row["skipped"] = f"sweep time budget: {max(0.0, budget.left()):.0f} s left, the row needs ~{need:.0f} s"
+            emit_row(row)
             continue
         if shape not in inputs:  # one shape's tensors live at a time
             inputs.clear()
@@ -454,11 +456,13 @@ def sweep(device: str, quick: bool, budget_s: float) -> list[dict[str, Any]]:
                 ms, extra = _timed(_row_case(op, impl, fn, x0, bank, target, op == "ce_fwd_bwd_bank_grad"), device)
         except Exception as exc:  # noqa: BLE001 - OOM of a materialising peer, an unsupported case: record it
             row["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            emit_row(row)
             if device == "cuda":
                 torch.cuda.empty_cache()
             continue
         row.update(ms=ms, tflops=flop / (ms * 1e-3) / 1e12, flop_model=f"{flop // (n * c * d)}NCd", extra_mib=extra,
                    budget_mib=max(256.0, n * c * 4 / 16 / 2**20))
+        emit_row(row)  # kept even if a time box cuts the sweep later (the ratios are added to the same dict)
     inputs.clear()
     _add_ratios(rows)
     return rows
