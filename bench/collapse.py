@@ -39,7 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import env_var, print_table, seconds_left, sync, time_ms, write_results  # noqa: E402
+from _common import emit_row, env_var, print_table, seconds_left, sync, time_ms, write_results  # noqa: E402
 
 import etfkern  # noqa: E402
 from etfkern.collapse.cpu import _product_dtype  # noqa: E402
@@ -199,14 +199,11 @@ def _sweep_pairs(rows: list[dict], device: str, d: int = 4096, sizes: tuple[int,
 
 
 class _EchoRows(list):
-    """A row list that prints each row as one JSON line when it is added: a sweep cut short by its time box still
-    leaves every measurement it made in the log."""
+    """A row list that keeps each row the moment it is added (emit_row: printed as a JSON line and kept by run_all
+    when a time box cuts the sweep short)."""
 
     def append(self, row: dict) -> None:
-        import json
-
-        super().append(row)
-        print("ROW " + json.dumps(row, default=str), flush=True)
+        super().append(emit_row(row))
 
 
 def sweep(device: str) -> list[dict]:
