@@ -134,11 +134,22 @@ register_table("spherical_nearest", "fused", _SPHERICAL_MEASURED.get("spherical_
 #   ebv_dir variants: "ieee" (float32 FFMA, the op's float32 contract: the TF32 it replaces failed the float32
 #     tests on the H200; same layout, not yet re-run), "tf32" (32-row blocks: the layout that ran, 7 s a step at
 #     (100k, 1000); ebv_bank's optimiser uses it), "tf32-wide", "tf32x3" (64-row blocks; never ran on a GPU)
+#     "mm", "mm-ieee" (per row chunk: cuBLAS Gram, one Triton epilogue, cuBLAS P @ W; "mm" with TF32 GEMMs;
+#     never ran on a GPU)
+#   bank_pair_stats also "mm-ieee", "mm-tf32x3" (cuBLAS Gram of upper-triangle row chunks + Triton epilogue;
+#     never ran on a GPU)
+#   "ebv_optimiser_dir": the ebv_dir variant ebv_bank's optimiser runs (a descent direction: any precision, the
+#     result is rescored exactly); default "tf32", the one measured (7 s a step at (100k, 1000))
 #   features: C, d, dtype (str)
-# No rows yet: no measurement puts a tensor-core candidate ahead (bench/banks.py --device cuda sweeps them).
+# Rows measured by bench/banks.py --device cuda come first: it writes bench/results/banks-dispatch.json (per
+# measured shape the fastest variant that passed its accuracy check, citing its result file). No hand-written
+# rows: no measurement puts a candidate ahead of the defaults yet.
 # ==========================================================================================================
-register_table("bank_pair_stats", "rows", [])
-register_table("ebv_dir", "ieee", [])
+BANKS_DISPATCH_JSON = "bench/results/banks-dispatch.json"
+_BANKS_MEASURED = load_measured(BANKS_DISPATCH_JSON)
+register_table("bank_pair_stats", "rows", _BANKS_MEASURED.get("bank_pair_stats", []))
+register_table("ebv_dir", "ieee", _BANKS_MEASURED.get("ebv_dir", []))
+register_table("ebv_optimiser_dir", "tf32", _BANKS_MEASURED.get("ebv_optimiser_dir", []))
 
 
 # ==========================================================================================================

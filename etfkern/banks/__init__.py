@@ -326,7 +326,9 @@ DIR_PRECISION_ENV = "ETFKERN_EBV_DIR_PRECISION"
 
 
 _variant_override = threading.local()  # op -> variant for this thread (the optimiser's ebv_dir steps)
-OPTIMISER_DIR_PRECISION = "tf32"  # the ebv_dir layout the optimiser ran with on the H200 (issue 18: 7 s a step)
+# The optimiser's ebv_dir: not a variant name but "the fastest measured one, any precision" (dispatch op
+# "ebv_optimiser_dir"; the optimiser rescores its result exactly). ETFKERN_EBV_DIR_PRECISION still overrides.
+OPTIMISER_DIR_PRECISION = "optimiser"
 
 
 @contextlib.contextmanager
@@ -346,6 +348,9 @@ def _gpu_variant(op: str, env: str, choices: tuple[str, ...], bank: torch.Tensor
     if os.environ.get(env, "").strip():
         return _backend.kernel_variant(env, choices, os.environ[env].strip().lower())
     inside = getattr(_variant_override, op, None)
+    if inside == OPTIMISER_DIR_PRECISION:
+        return _dispatch.choose_variant("ebv_optimiser_dir", C=int(bank.shape[0]), d=int(bank.shape[1]),
+                                        dtype=_dispatch.dtype_name(bank.dtype))[0]
     if inside is not None:
         return inside
     if bank.device.type != "cuda":
