@@ -319,8 +319,9 @@ def _chirp_rows(prime: int, idx: torch.Tensor, dtype: torch.dtype = torch.float3
 # ==========================================================================================================
 # Routed ops: cpu backends (row strips of torch matmuls) and registration
 # ==========================================================================================================
-PAIR_STATS_KERNELS = ("rows", "tiles-ieee", "tiles-tf32x3")  # = etfkern.triton_kernels.banks.PAIR_STATS_KERNELS
-DIR_VARIANTS = ("ieee", "tf32x3", "tf32", "tf32-wide")  # = etfkern.triton_kernels.banks.DIR_VARIANTS
+# = etfkern.triton_kernels.banks.PAIR_STATS_KERNELS / DIR_VARIANTS ("mm*": cuBLAS GEMM per chunk + Triton epilogue)
+PAIR_STATS_KERNELS = ("rows", "tiles-ieee", "tiles-tf32x3", "mm-ieee", "mm-tf32x3")
+DIR_VARIANTS = ("ieee", "tf32x3", "tf32", "tf32-wide", "mm", "mm-ieee")
 STATS_KERNEL_ENV = "ETFKERN_BANK_STATS_KERNEL"
 DIR_PRECISION_ENV = "ETFKERN_EBV_DIR_PRECISION"
 
@@ -412,7 +413,7 @@ def _histogram_plan(u: torch.Tensor) -> tuple[int, int]:
     epilogue; 2048 would need 4096) x 3 passes, the last two replaced by one ``bank_pair_select`` pass when the
     pairs of the first pass's bin fit SELECT_CAPACITY. Both resolve p99.9 to <= P999_RESOLUTION."""
     if _backend.choose("bank_pair_stats", u.device) == "triton" and \
-            _gpu_variant("bank_pair_stats", STATS_KERNEL_ENV, PAIR_STATS_KERNELS, u).startswith("tiles"):
+            _gpu_variant("bank_pair_stats", STATS_KERNEL_ENV, PAIR_STATS_KERNELS, u).startswith(("tiles", "mm")):
         return GPU_HIST_BINS, 3
     return HIST_BINS, 2
 

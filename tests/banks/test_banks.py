@@ -797,13 +797,26 @@ for kernel in SELECT_KERNELS:
     out[f"pair_select:{kernel}"] = build_ir(tk._pair_select_kernel, select, cfg)
 for variant, d in DIR_CONFIGS:
     out[f"ebv_dir:{variant}:{d}"] = build_ir(tk._dir_kernel, direction, tk.ebv_dir_config(variant, d, interpret=False))
+chunk = {"g_ptr": "*fp32", "R": "i32", "CW": "i32", "stride_g": "i32", "span": "i32", "lo": "fp32", "scale": "fp32",
+         "top": "fp32"}
+for kernel, bins in MM_KERNEL_BINS:  # the "mm" epilogues (their GEMMs are torch's)
+    cfg = tk._launch_consts(tk.pair_stats_config(kernel, interpret=False), NB=tk.histogram_slots(bins))
+    out[f"pair_chunk:{kernel}:{bins}"] = build_ir(tk._pair_chunk_kernel, {
+        **chunk, "nslots": "i32", "max_ptr": "*fp32", "sum_ptr": "*fp64", "hist_ptr": "*i64", "first_out": "i32"}, cfg)
+    out[f"pair_select_chunk:{kernel}"] = build_ir(tk._pair_select_chunk_kernel, {
+        **chunk, "slot": "fp32", "capacity": "i32", "count_ptr": "*i64", "out_ptr": "*fp32"},
+        tk._launch_consts(tk.pair_stats_config(kernel, interpret=False)))
+for variant in MM_DIR:
+    out[f"ebv_dir_chunk:{variant}"] = build_ir(tk._dir_chunk_kernel, {
+        "g_ptr": "*fp32", "rowmax_ptr": "*fp32", "C": "i32", "stride_g": "i32", "row0": "i32", "beta": "fp32"},
+        tk.ebv_dir_config(variant, 1000, interpret=False))
 print(json.dumps(out))
 """
 
 
-def _compile_bank_kernels(tmp_path, kernel_bins, dir_configs, select_kernels=()) -> dict:
+def _compile_bank_kernels(tmp_path, kernel_bins, dir_configs, select_kernels=(), mm_kernel_bins=(), mm_dir=()) -> dict:
     script = (f"KERNEL_BINS = {kernel_bins!r}\nDIR_CONFIGS = {dir_configs!r}\nSELECT_KERNELS = {list(select_kernels)!r}\n"
-              + _AOT_SCRIPT)
+              f"MM_KERNEL_BINS = {list(mm_kernel_bins)!r}\nMM_DIR = {list(mm_dir)!r}\n" + _AOT_SCRIPT)
     report = compile_triton_for_sm90(script, tmp_path)
     for name, r in report.items():
         # issue 15: a masked tl.histogram miscounted on the H200 (values and mask reordered differently)
@@ -836,6 +849,20 @@ def test_tensor_core_candidates_compile_for_sm90(tmp_path):
     assert report["ebv_dir:tf32x3:1000"]["precisions"] == ["tf32x3"]
     assert report["ebv_dir:tf32:1000"]["precisions"] == ["tf32"]
     assert report["ebv_dir:tf32-wide:1000"]["precisions"] == ["tf32"]
+
+
+def test_mm_epilogues_compile_for_sm90(tmp_path):
+    """The Triton epilogues of the "mm" kernels (ETFKERN_BANK_STATS_KERNEL=mm-ieee|mm-tf32x3,
+    ETFKERN_EBV_DIR_PRECISION=mm|mm-ieee; never by default), every launch configuration: bank_stats' GPU plan (253
+    bins), bank_max_abs_cos (1 bin), the select pass, the ebv_dir epilogue. No dot product inside (the GEMMs are
+    torch's) and no masked histogram."""
+    mm_stats = [k for k in banks.PAIR_STATS_KERNELS if k.startswith("mm")]
+    mm_dir = [v for v in banks.DIR_VARIANTS if v.startswith("mm")]
+    report = _compile_bank_kernels(tmp_path, [], [], mm_kernel_bins=[(k, b) for k in mm_stats
+                                                                     for b in (banks.GPU_HIST_BINS, 1)], mm_dir=mm_dir)
+    assert len(report) == 3 * len(mm_stats) + len(mm_dir) == 8
+    for name, r in report.items():
+        assert r["precisions"] == [], (name, r)
 
 
 @pytest.mark.parametrize("method", ["auto", "optimize"])

@@ -1,0 +1,292 @@
+"""The "mm" bank kernels (issue 18): a torch GEMM per chunk of rows + one Triton epilogue per chunk.
+
+bank_pair_stats / bank_pair_select "mm-ieee" and "mm-tf32x3", ebv_dir "mm" and "mm-ieee", against the float64
+references in etfkern.banks.reference (Triton interpreter on CPU, compiled kernels + cuBLAS on CUDA), at odd
+shapes, with one chunk and with many (ETFKERN_BANK_CHUNK_MIB forces tiny chunks); the TF32 split and the chunk
+plan on their own. The sm_90 build of the epilogues is in test_banks.py (test_mm_epilogues_compile_for_sm90).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import etfkern
+from etfkern import banks
+from etfkern.banks import reference as ref
+
+MM_STATS = tuple(k for k in banks.PAIR_STATS_KERNELS if k.startswith("mm"))
+MM_DIR = tuple(v for v in banks.DIR_VARIANTS if v.startswith("mm"))
+CHUNK_ENV = "ETFKERN_BANK_CHUNK_MIB"
+
+
+def _tk():
+    pytest.importorskip("triton")
+    from etfkern.triton_kernels import banks as tk
+
+    return tk
+
+
+def _unit(c: int, d: int, device: str = "cpu", noncontig: bool = False) -> torch.Tensor:
+    w = torch.randn(d, c, dtype=torch.float64).T if noncontig else torch.randn(c, d, dtype=torch.float64)
+    return (w / w.norm(dim=1, keepdim=True)).to(device)
+
+
+def _chunk_env(monkeypatch, c: int, rows: int | None) -> None:
+    """ETFKERN_BANK_CHUNK_MIB for chunks of ``rows`` full-width rows (None: the default budget, one chunk here)."""
+    if rows is None:
+        monkeypatch.delenv(CHUNK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(CHUNK_ENV, repr(rows * c * 4 / 2**20))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plumbing: the TF32 split, the chunk plan, the matmul precision switch
+# ----------------------------------------------------------------------------------------------------------
+def test_split_tf32_is_exact():
+    tk = _tk()
+    w = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,)).float(),
+                   torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-40, -3e-42, 3.4e38, float(torch.finfo(torch.float32).tiny)])])
+    hi, lo = tk.split_tf32(w)
+    assert hi.dtype == lo.dtype == torch.float32
+    assert torch.equal((hi + lo).view(torch.int32), w.view(torch.int32))  # bitwise, signed zeros included
+    assert ((hi.view(torch.int32) & 0x1FFF) == 0).all()  # 13 low mantissa bits clear: a TF32 number
+    assert torch.equal(lo.double(), w.double() - hi.double())  # lo is exact, not rounded
+    normal = w.abs() >= torch.finfo(torch.float32).tiny  # below it hi may be 0 and lo the whole subnormal
+    assert (lo.abs() < hi.abs() * 2.0**-10)[normal].all() and normal.sum() > 1000
+    two_d = torch.randn(5, 3).T  # non-contiguous input
+    hi2, lo2 = tk.split_tf32(two_d)
+    assert torch.equal(hi2 + lo2, two_d)
+    with pytest.raises(ValueError, match="float32"):
+        tk.split_tf32(w.double())
+
+
+@pytest.mark.parametrize("c", [1, 2, 7, 100])
+@pytest.mark.parametrize("mib", [1e-6, 1e-4, 1e-3, 1024.0])
+def test_chunk_plan_covers_every_row_once_within_budget(c, mib):
+    tk = _tk()
+    budget = int(mib * 2**20) // 4
+    for triangle in (True, False):
+        plan = tk.chunk_plan(c, triangle, mib)
+        rows = [r for r0, r1 in plan for r in range(r0, r1)]
+        assert rows == list(range(c - 1 if triangle else c))
+        for r0, r1 in plan:
+            width = c - r0 if triangle else c
+            assert r1 - r0 == 1 or (r1 - r0) * width <= budget
+            # chunks are as tall as the budget allows (the last one may be shorter)
+            assert r1 == (c - 1 if triangle else c) or (r1 - r0 + 1) * width > budget
+    if c > 1:
+        assert len(tk.chunk_plan(c, True, 1024.0)) == 1  # a bank that fits is ONE chunk
+
+
+def test_chunk_budget_environment(monkeypatch):
+    tk = _tk()
+    assert tk.CHUNK_ENV == CHUNK_ENV
+    monkeypatch.delenv(tk.CHUNK_ENV, raising=False)
+    assert tk.chunk_mib() == tk.DEFAULT_CHUNK_MIB == 1024.0
+    monkeypatch.setenv(tk.CHUNK_ENV, "0.5")
+    assert tk.chunk_mib() == 0.5
+    w = _unit(9, 4).float()
+    for bad in ("0", "-1", "lots", "nan", "inf"):
+        monkeypatch.setenv(tk.CHUNK_ENV, bad)
+        with pytest.raises(ValueError, match=tk.CHUNK_ENV):
+            tk.chunk_mib()
+        with pytest.raises(ValueError, match=tk.CHUNK_ENV):
+            tk.ebv_dir(w, 2.0, variant="mm")
+        with pytest.raises(ValueError, match=tk.CHUNK_ENV):
+            tk.pair_stats(w, 4, 0.0, 1.0, kernel="mm-ieee")
+
+
+def test_cuda_matmul_precision_sets_and_restores_torch_flag():
+    """The switch sets torch's CUDA matmul flag inside the block and restores it after, also on an exception, and
+    leaves the legacy allow_tf32 readable (torch refuses to read it after a mix of the two APIs). Off CUDA it does
+    nothing. Only the flag is checked here (no GPU): the GEMMs' precision is the GPU sweep's accuracy check."""
+    tk = _tk()
+    flags = torch.backends.cuda.matmul
+    new_api = hasattr(flags, "fp32_precision")
+    read = (lambda: flags.fp32_precision) if new_api else (lambda: flags.allow_tf32)
+    before = read()
+    legacy_before = flags.allow_tf32
+    for precision, want in (("tf32", "tf32" if new_api else True), ("ieee", "ieee" if new_api else False)):
+        with tk.cuda_matmul_precision(torch.device("cuda"), precision):
+            assert read() == want
+        assert read() == before and flags.allow_tf32 == legacy_before
+        with pytest.raises(RuntimeError, match="boom"):
+            with tk.cuda_matmul_precision("cuda", precision):
+                raise RuntimeError("boom")
+        assert read() == before and flags.allow_tf32 == legacy_before
+        with tk.cuda_matmul_precision(torch.device("cpu"), precision):
+            assert read() == before
+    with pytest.raises(ValueError, match="precision"):
+        with tk.cuda_matmul_precision("cuda", "bf16"):
+            pass
+    assert read() == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bank_pair_stats / bank_pair_select
+# ----------------------------------------------------------------------------------------------------------
+STATS_BINS = ((62, 0.1, 0.9), (banks.GPU_HIST_BINS, 0.0, 1.0), (1, 0.0, 2.0))
+
+
+def _near_edges(a: torch.Tensor, bins: int, lo: float, hi: float, margin: float) -> int:
+    """How many of the float64 values ``a`` (>= 0) lie within ``margin`` of a bin edge lo + k (hi - lo) / bins,
+    0 <= k <= bins, other than 0 itself: the only values float32 may move to another slot."""
+    x = (a - lo) * (bins / (hi - lo))
+    k = x.round()
+    edge = lo + k * ((hi - lo) / bins)
+    return int((((x - k).abs() < margin * bins / (hi - lo)) & (k >= 0) & (k <= bins) & (edge > margin)).sum())
+
+
+def _bank_off_edges(c: int, d: int, device: str, noncontig: bool) -> torch.Tensor:
+    """Unit rows (seeded) none of whose pairs lies within 2e-6 of a bin edge of STATS_BINS (a float32 product
+    may land on the other side of such an edge), so that the histograms must equal the reference's exactly.
+    d = 1: rows of random length in (0.01, 0.99) and sign (unit rows would make every |<w_i, w_j>| = 1)."""
+    for seed in range(50):
+        torch.manual_seed(seed)
+        w = _unit(c, d, device, noncontig)
+        if d == 1:
+            w = w * (0.01 + 0.98 * torch.rand(c, 1, dtype=torch.float64, device=device))
+        a = (w @ w.T).abs()[tuple(torch.triu_indices(c, c, offset=1, device=device))]
+        if all(_near_edges(a, *spec, 2e-6) == 0 for spec in STATS_BINS):
+            return w
+    raise AssertionError("no seed keeps the pairs off the bin edges")
+
+
+# (C, d, rows per chunk or None for one chunk, non-contiguous): C not a multiple of the chunk or the tiles, d odd,
+# C = 1, C = 2, d = 1, one row per chunk
+STATS_SHAPES = [(37, 13, None, False), (37, 13, 5, True), (53, 1, None, False), (29, 7, 1, False), (2, 1, None, False),
+                (2, 3, 1, False), (1, 5, None, False)]
+
+
+@pytest.mark.parametrize("kernel", MM_STATS)
+@pytest.mark.parametrize("c,d,rows,noncontig", STATS_SHAPES)
+def test_mm_pair_stats_match_reference(device, monkeypatch, kernel, c, d, rows, noncontig):
+    """max and float64 sum within float32 accuracy, and the histogram IDENTICAL to the reference's (no pair within
+    2e-6 of a bin edge), for bins + 2 = 64 slots (the trash slot is the 65th of 128), the GPU plan's 253 and
+    bank_max_abs_cos' 1."""
+    tk = _tk()
+    if device == "cuda":
+        c = {37: 301, 53: 257}.get(c, c)
+    _chunk_env(monkeypatch, c, rows)
+    w = _bank_off_edges(c, d, device, noncontig)
+    pairs = c * (c - 1) // 2
+    for bins, lo, hi in STATS_BINS:
+        want = ref.bank_pair_stats(w, bins, lo, hi)
+        mx, total, hist = tk.pair_stats(w.float(), bins, lo, hi, kernel=kernel)
+        assert mx.dtype == total.dtype == torch.float64 and hist.dtype == torch.int64 and hist.shape == (bins + 2,)
+        assert int(hist.sum()) == pairs
+        torch.testing.assert_close(mx, want[0], atol=2e-6, rtol=0)
+        torch.testing.assert_close(total, want[1], atol=2e-6 * max(pairs, 1), rtol=2e-6)
+        assert torch.equal(hist, want[2]), (kernel, bins, hist, want[2])
+
+
+@pytest.mark.parametrize("kernel", MM_STATS)
+@pytest.mark.parametrize("c,d,rows", [(37, 13, None), (41, 5, 6), (2, 1, None), (1, 4, None)])
+def test_mm_pair_select_matches_reference(device, monkeypatch, kernel, c, d, rows):
+    """The sorted values of one histogram slot and their count, one chunk or many; more than ``capacity`` of them
+    gives the count and only +inf."""
+    tk = _tk()
+    _chunk_env(monkeypatch, c, rows)
+    w = _unit(c, d, device)
+    bins, lo, hi = 8, 0.1, 0.9
+    hist = ref.bank_pair_stats(w, bins, lo, hi)[2]
+    for slot in (0, 2, 5, bins + 1):
+        want, want_n = ref.bank_pair_select(w, bins, lo, hi, slot, 1000)
+        got, n = tk.pair_select(w.float(), bins, lo, hi, slot, 1000, kernel=kernel)
+        assert got.dtype == torch.float64 and got.shape == (1000,) and n.dtype == torch.int64
+        assert int(n) == int(want_n) == int(hist[slot]), (kernel, slot)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+        if int(n) > 1:
+            few, n_few = tk.pair_select(w.float(), bins, lo, hi, slot, int(n) - 1, kernel=kernel)
+            assert int(n_few) == int(n) and torch.isinf(few).all()
+
+
+@pytest.mark.parametrize("kernel", MM_STATS)
+@pytest.mark.parametrize("capacity", [banks.SELECT_CAPACITY, 0])
+def test_bank_stats_p999_on_mm_kernels(monkeypatch, kernel, capacity):
+    """bank_stats through the op layer with ETFKERN_BANK_STATS_KERNEL=mm-*: the tiled plan (253 bins, then the
+    pairs of the p99.9 bin sorted: the exact order statistic; or, above SELECT_CAPACITY, two more histogram
+    passes), in several chunks."""
+    _tk()
+    monkeypatch.setenv(banks.STATS_KERNEL_ENV, kernel)
+    monkeypatch.setattr(banks, "SELECT_CAPACITY", capacity)
+    c, d = 120, 7
+    _chunk_env(monkeypatch, c, 17)
+    calls = []
+    real_select = banks._ops.bank_pair_select
+    monkeypatch.setattr(banks._ops, "bank_pair_select", lambda *a: calls.append(a[1:]) or real_select(*a))
+    b = torch.randn(c, d, dtype=torch.float32)
+    with etfkern.use_backend("triton"):
+        assert banks._histogram_plan(b) == (banks.GPU_HIST_BINS, 3)
+        st = etfkern.bank_stats(b)
+    u = b.double() / b.double().norm(dim=1, keepdim=True)
+    a = (u @ u.T).abs()[tuple(torch.triu_indices(c, c, offset=1))]
+    exact_p = torch.sort(a).values[math.ceil(0.999 * a.numel()) - 1].item()
+    assert abs(st["max_abs_cos"] - a.max().item()) < 1e-6
+    assert abs(st["mean_abs_cos"] - a.mean().item()) < 1e-6
+    if capacity:
+        assert len(calls) == 1 and calls[0][0] == banks.GPU_HIST_BINS
+        assert abs(st["p999_abs_cos"] - exact_p) < 1e-6
+    else:
+        assert calls == []
+        assert exact_p - 1e-6 <= st["p999_abs_cos"] <= exact_p + banks.P999_RESOLUTION + 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ebv_dir
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", MM_DIR)
+@pytest.mark.parametrize("c,d,rows,noncontig", [(37, 13, None, False), (37, 13, 4, True), (29, 1, 1, False),
+                                                (2, 3, None, False), (1, 5, None, False), (17, 40, 16, False)])
+def test_mm_ebv_dir_matches_reference(device, monkeypatch, variant, c, d, rows, noncontig):
+    """Direction and rowmax against float64 (float32 bounds; "mm" on CUDA runs TF32 GEMMs: TF32's bound), one
+    chunk or many (ragged last chunk), float32 and float64 banks (outputs in the bank's dtype)."""
+    tk = _tk()
+    _chunk_env(monkeypatch, c, rows)
+    w = _unit(c, d, device, noncontig)
+    beta = 7.5
+    dir_ref, rowmax_ref = ref.ebv_dir(w, beta)
+    for dtype in (torch.float32, torch.float64):
+        got_dir, got_max = tk.ebv_dir(w.to(dtype), beta, variant=variant)
+        assert got_dir.dtype == got_max.dtype == dtype and got_dir.shape == (c, d) and got_max.shape == (c,)
+        if device == "cuda" and variant == "mm":  # |cos error| <= 2 * 2^-10 for unit rows (TF32 operands)
+            torch.testing.assert_close(got_max.double(), rowmax_ref, atol=3e-3, rtol=0)
+            scale = float(dir_ref.abs().max()) if c > 1 else 1.0
+            torch.testing.assert_close(got_dir.double(), dir_ref, atol=3e-2 * scale, rtol=3e-2)
+        else:
+            torch.testing.assert_close(got_max.double(), rowmax_ref, atol=2e-5, rtol=0)
+            torch.testing.assert_close(got_dir.double(), dir_ref, atol=2e-4, rtol=2e-5)
+
+
+@pytest.mark.parametrize("variant,rows", [("mm", None), ("mm-ieee", 50)])
+def test_mm_ebv_dir_ties_zeros_and_large_beta(monkeypatch, variant, rows):
+    """Kerdock rows (|cos| in {0, 1/4}: ties at the max, exact zeros whose sign is 0) at beta = 200 (e^{-50} for
+    the zero pairs; e^{+150} for the diagonal if it were not masked before the exp), through the op layer, in one
+    chunk and in 50 + 50 + 44 rows: dir_i = sum over tied j of sign(c_ij) w_j."""
+    _tk()
+    w = etfkern.ebv_bank(144, 16, method="kerdock", dtype=torch.float32)
+    g = w.double() @ w.double().T
+    want = ((g.abs() > 0.2).double() * torch.sign(g)).fill_diagonal_(0.0) @ w.double()
+    torch.testing.assert_close(ref.ebv_dir(w.double(), 200.0)[0], want, atol=1e-12, rtol=0)
+    monkeypatch.setenv(banks.DIR_PRECISION_ENV, variant)
+    _chunk_env(monkeypatch, 144, rows)
+    with etfkern.use_backend("triton"):
+        got_dir, got_max = banks._ops.ebv_dir(w, 200.0)
+    assert torch.isfinite(got_dir).all()
+    torch.testing.assert_close(got_max.double(), torch.full((144,), 0.25, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_dir.double(), want, atol=1e-4, rtol=0)
+
+
+def test_mm_variants_are_registered_but_not_defaults():
+    """Selectable through the environment variables; the mirrors agree; no default names them (never ran on a
+    GPU: the dispatch table's defaults are the measured layouts)."""
+    tk = _tk()
+    from etfkern._core import dispatch
+
+    assert tk.PAIR_STATS_KERNELS == banks.PAIR_STATS_KERNELS and tk.DIR_VARIANTS == banks.DIR_VARIANTS
+    assert set(MM_STATS) == {"mm-ieee", "mm-tf32x3"} and set(MM_DIR) == {"mm", "mm-ieee"}
+    for op in ("bank_pair_stats", "ebv_dir", "ebv_optimiser_dir"):
+        assert not dispatch.TABLE[op][0].startswith("mm"), op
+    assert not banks.PAIR_STATS_KERNELS[0].startswith("mm") and not banks.DIR_VARIANTS[0].startswith("mm")
