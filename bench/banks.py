@@ -2,21 +2,31 @@
 banks measured in the same run and the official EBV generator's shipped banks (C=1000: 0.1350 at d=100, 0.0800
 at d=200, 0.0350 at d=500; published figures, not re-run here); bank_stats speed and memory against a dense C x C computation.
 
-    python bench/banks.py [--quick] [--device cpu|cuda] [--sweep]
+    python bench/banks.py [--quick] [--device cpu|cuda] [--sweep] [--dispatch-from RESULT.json]
 
 --quick: the (C=100k, d=1024) bank's statistics are measured on its first 10,000 rows only (the full pass is
 ~10^13 flops: minutes on a small CPU); the row says so in "measured_on".
---sweep (cuda): only the GPU kernel sweep (about 1-2 minutes on an H200, Triton compiles included; it skips what
-the ETFKERN_BENCH_DEADLINE time box of tools/gpu_check.sh leaves no time for) -- every bank_pair_stats kernel
-(ETFKERN_BANK_STATS_KERNEL: rows, tiles-ieee, tiles-tf32x3) in bank_stats at C=4000/32768/131072 (d=128/1024/1024)
-against dense torch (fp32 C x C GEMM, exact order statistic) where it fits, with each candidate's deviation
-from the dense values; every ebv_dir variant (ETFKERN_EBV_DIR_PRECISION: ieee, tf32x3, tf32, tf32-wide): its error
-against float64 at (4096, 256) and its step time at (20000, 1000) and (100000, 1000). Without --sweep on cuda,
-the sweep runs before the quality rows.
+--sweep (cuda): only the GPU kernel sweep (issue 18; it skips, with a "skipped" row, what the ETFKERN_BENCH_DEADLINE
+time box of tools/gpu_check.sh leaves no time for), in order of what the targets need: the "mm" candidates
+first at every target -- bank_stats at C=4000 d=128 against dense torch (fp32 C x C GEMM, exact order statistic),
+bank_stats at C=131072 d=1024 (target < 0.5 s), one ebv_dir step at (100000, 1000) (the optimiser's; 120 s
+budget) -- then the older layouts there, then C=32768 d=1024. Every bank_pair_stats kernel
+(ETFKERN_BANK_STATS_KERNEL) gets an accuracy check on the bank's first 4096 rows against float64 (max |cos|
+within 1e-6, histogram equal but for pairs within 1e-6 of a bin edge); every ebv_dir variant
+(ETFKERN_EBV_DIR_PRECISION) one on the first 2048 rows as a bank of their own (rowmax within 2e-6, direction
+within 1e-4 relative), and its step time over all rows, or, when a step on the first 20,000 rows scaled by
+(C/m)^2 says more than 2 s, that estimate (the row's "timed_on" says which).
+A full CUDA run (with or without --sweep, not --quick) writes the sweep's rows to
+bench/results/banks-sweep-<device>-<date>.json and bench/results/banks-dispatch.json citing them: per measured
+shape the fastest accurate bank_pair_stats kernel, the fastest accurate float32 ebv_dir variant (ieee, tf32x3,
+mm-ieee) and the fastest ebv_dir variant of all for ebv_bank's optimiser ("ebv_optimiser_dir"), the rows
+etfkern/_core/dispatch.py loads. --dispatch-from rewrites that file from a saved full GPU run (this script's
+result file or run_all's). Without --sweep on cuda, the sweep runs before the quality rows.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -32,6 +42,7 @@ from _common import emit_row, env_var, peak_mib, print_table, seconds_left, time
 
 import etfkern  # noqa: E402
 from etfkern import banks  # noqa: E402
+from etfkern.banks import reference as ref  # noqa: E402
 
 # aassxun/Equiangular-Basis-Vectors shipped banks at C=1000, max |cos| by d (published figures, BACKGROUND.md)
 OFFICIAL_EBV_C1000 = {100: 0.1350, 200: 0.0800, 500: 0.0350}
@@ -127,107 +138,256 @@ def _dense_stats(w: torch.Tensor) -> dict:
     return {"max_abs_cos": mx, "mean_abs_cos": mean, "p999_abs_cos": p999}
 
 
-def _time_for(need_s: float, rows: list[dict], op: str, shape: str, impl: str) -> bool:
-    """False (and a row with "skipped" saying why) when the time box of tools/gpu_check.sh leaves less than
-    ``need_s`` seconds."""
+def _skip_row(need_s: float, op: str, shape: str, impl: str) -> dict | None:
+    """A row with "skipped" saying why when the time box of tools/gpu_check.sh leaves less than ``need_s`` seconds,
+    else None."""
     left = seconds_left()
     if left is None or left >= need_s:
-        return True
-    rows.append({"op": op, "shape": shape, "impl": impl,
-                 "skipped": f"{left:.0f} s left of the time box, about {need_s:.0f} s needed"})
+        return None
     print(f"  skipped {op} {impl} {shape}: {left:.0f} s left", flush=True)
-    return False
+    return {"op": op, "shape": shape, "impl": impl,
+            "skipped": f"{left:.0f} s left of the time box, about {need_s:.0f} s needed"}
 
 
-def _sweep_stats(shapes: list[tuple[int, int]], device: str,
-                 kernels: tuple[str, ...] = banks.PAIR_STATS_KERNELS) -> list[dict]:
-    rows = []
-    for c, d in shapes:
-        if not _time_for(5.0 if c < 50_000 else 12.0, rows, "bank_stats", f"C={c} d={d}", "(every kernel)"):
-            continue
-        w = torch.nn.functional.normalize(torch.randn(c, d, generator=torch.Generator().manual_seed(1)), dim=1)
-        w = w.to(device)
-        big = c >= 100_000
-        dense_ms, want = None, None
-        if big:  # the fp32 Gram matrix alone is 4 C^2 bytes (69 GB at 131072), kthvalue copies it
-            rows.append({"op": "bank_stats", "shape": f"C={c} d={d}", "impl": "dense torch C x C", "device": device,
-                         "ms": None, "note": "does not fit (C x C float32 plus kthvalue's copy)"})
+# ----------------------------------------------------------------------------------------------------------
+# The GPU sweep (issue 18): every variant at the issue's target shapes, each with an accuracy check; the fastest
+# accurate ones become bench/results/banks-dispatch.json (read by etfkern/_core/dispatch.py)
+# ----------------------------------------------------------------------------------------------------------
+DISPATCH_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "banks-dispatch.json")
+ACCURACY_ABS = 1e-6  # bank_pair_stats: max |cos| within this of float64; histogram moves only within it of an edge
+STATS_ACCURACY_ROWS = 4096  # the accuracy checks run on the first rows of the bank (float64 recompute, dense)
+DIR_ACCURACY_ROWS = 2048
+DIR_TIMED_ROWS = 20_000  # a slow ebv_dir step is timed on this many rows and scaled by (C/m)^2
+FULL_STEP_S = 2.0  # ... and timed in full when that estimate is at most this
+DIR_REL_ERR = 1e-4  # ebv_dir accurate: rowmax within 2 * ACCURACY_ABS, direction within this (relative, Frobenius)
+FLOAT32_DIR_VARIANTS = ("ieee", "tf32x3", "mm-ieee")  # may serve ebv_dir's float32 contract
+# (kind, (C, d), variant) in order of what the targets need, so that a time box cut short still answers them: the
+# "mm" candidates at every target (dense-fits bank_stats, the C=131072 bank_stats, the optimiser step), then the
+# older layouts for comparison, then the mid shape
+_TARGET_JOBS = (
+    [("stats", (4000, 128), k) for k in ("mm-tf32x3", "mm-ieee")]
+    + [("stats", (131_072, 1024), k) for k in ("mm-tf32x3", "mm-ieee")]
+    + [("dir", (100_000, 1000), v) for v in ("mm", "mm-ieee")]
+    + [("stats", (4000, 128), k) for k in ("rows", "tiles-tf32x3", "tiles-ieee")]
+    + [("dir", (100_000, 1000), v) for v in ("tf32", "tf32x3", "tf32-wide", "ieee")]
+    + [("stats", (131_072, 1024), k) for k in ("tiles-tf32x3", "tiles-ieee", "rows")]
+    + [("stats", (32768, 1024), k) for k in banks.PAIR_STATS_KERNELS])
+
+
+def _unit_bank(c: int, d: int, device: str, seed: int) -> torch.Tensor:
+    """(c, d) float32 unit rows, seeded, generated on ``device`` (134M Gaussians at C=131072 d=1024)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(c, d, generator=gen, device=device), dim=1)
+
+
+def _near_edges(a: torch.Tensor, bins: int, lo: float, hi: float, margin: float) -> int:
+    """How many of the float64 values ``a`` (>= 0) lie within ``margin`` of a bin edge lo + k (hi - lo) / bins
+    (0 < edge, 0 <= k <= bins): the only pairs a result within ``margin`` may count in another slot."""
+    x = (a - lo) * (bins / (hi - lo))
+    k = x.round()
+    edge = lo + k * ((hi - lo) / bins)
+    return int((((x - k).abs() < margin * bins / (hi - lo)) & (k >= 0) & (k <= bins) & (edge > margin)).sum())
+
+
+def _stats_accuracy(w: torch.Tensor, kernel: str, rows: int) -> dict:
+    """bank_pair_stats of ``kernel`` (bank_stats' first pass: 253 bins over [0, 1]) on the first ``rows`` rows
+    against a float64 recompute: accurate when max |cos| is within ACCURACY_ABS and the histogram equals the
+    float64 one except for pairs within ACCURACY_ABS of a bin edge (each may move one slot: 2 per pair)."""
+    sub = w[:rows].contiguous()
+    bins = banks.GPU_HIST_BINS
+    want_max, want_sum, want_hist = ref.bank_pair_stats(sub, bins, 0.0, 1.0)
+    u = sub.double()
+    a = (u @ u.T).abs()[tuple(torch.triu_indices(rows, rows, offset=1, device=sub.device))]
+    near = _near_edges(a, bins, 0.0, 1.0, ACCURACY_ABS)
+    del u, a
+    with env_var(banks.STATS_KERNEL_ENV, kernel):
+        mx, total, hist = banks._ops.bank_pair_stats(sub, bins, 0.0, 1.0)
+    max_err = abs(float(mx) - float(want_max))
+    moves = int((hist.cpu() - want_hist.cpu()).abs().sum())
+    return {"acc_rows": rows, "acc_max_err": max_err,
+            "acc_mean_rel_err": abs(float(total) - float(want_sum)) / max(float(want_sum), 1e-300),
+            "acc_hist_moves": moves, "acc_near_edge_pairs": near,
+            "accurate": max_err <= ACCURACY_ABS and moves <= 2 * near}
+
+
+def _dense_stats_row(w: torch.Tensor, device: str) -> tuple[dict, dict | None]:
+    """The dense torch peer of bank_stats at w's shape (fp32 C x C GEMM, exact order statistic) and its values;
+    a row saying why when it does not fit."""
+    c, d = w.shape
+    row = {"op": "bank_stats", "shape": f"C={c} d={d}", "impl": "dense torch C x C", "C": c, "d": d,
+           "device": device, "ms": None}
+    if c >= 100_000:  # the fp32 Gram matrix alone is 4 C^2 bytes (69 GB at 131072), kthvalue copies it
+        return {**row, "note": "does not fit (C x C float32 plus kthvalue's copy)"}, None
+    try:
+        want = _dense_stats(w)
+        want["ms"] = time_ms(lambda: _dense_stats(w), device, warmup=0, rep=3)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        return {**row, "note": f"failed: {type(exc).__name__}"}, None
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return {**row, **want}, want
+
+
+def _stats_row(w: torch.Tensor, kernel: str, device: str, dense: dict | None, acc_rows: int) -> dict:
+    """bank_stats with ETFKERN_BANK_STATS_KERNEL=kernel: time, values, deviation from the dense peer, accuracy."""
+    c, d = w.shape
+    big = c >= 100_000
+    with env_var(banks.STATS_KERNEL_ENV, kernel):
+        got = etfkern.bank_stats(w)  # also the warm-up (compiles)
+        ms = time_ms(lambda: etfkern.bank_stats(w), device, warmup=0, rep=1 if big else 3)
+    row = {"op": "bank_stats", "shape": f"C={c} d={d}", "impl": f"bank_stats {kernel}", "variant": kernel, "C": c,
+           "d": d, "dtype": "float32", "device": device, "ms": ms, "max_abs_cos": got["max_abs_cos"],
+           "mean_abs_cos": got["mean_abs_cos"], "p999_abs_cos": got["p999_abs_cos"]}
+    if dense is not None:
+        row["speed_vs_dense"] = dense["ms"] / ms
+        for key in ("max_abs_cos", "mean_abs_cos", "p999_abs_cos"):
+            row[f"err_{key}"] = abs(got[key] - dense[key])
+    row.update(_stats_accuracy(w, kernel, min(c, acc_rows)))
+    print(f"  bank_stats {kernel} C={c} d={d}: {ms:.1f} ms, accurate {row['accurate']}", flush=True)
+    return row
+
+
+def _dir_row(w: torch.Tensor, variant: str, device: str, acc_rows: int, timed_rows: int) -> dict:
+    """One ebv_dir step (the optimiser's first beta, 3 / Welch) with ETFKERN_EBV_DIR_PRECISION=variant: accuracy
+    on the first ``acc_rows`` rows as a bank of their own against float64; the step time over all C rows, or,
+    when a step on the first ``timed_rows`` rows scaled by (C/m)^2 exceeds FULL_STEP_S, that estimate (the row's
+    "timed_on" says which, as etfkern.banks._step_seconds estimates it)."""
+    c, d = w.shape
+    beta = 3.0 / banks.welch_bound(c, d)
+    sub = w[:acc_rows].contiguous()
+    want_dir, want_max = ref.ebv_dir(sub.double(), beta)
+    row = {"op": "ebv_dir", "shape": f"C={c} d={d}", "impl": variant, "variant": variant, "C": c, "d": d,
+           "dtype": "float32", "device": device, "beta": beta}
+    with env_var(banks.DIR_PRECISION_ENV, variant):
+        got_dir, got_max = banks._ops.ebv_dir(sub, beta)  # also compiles
+        row["err_rowmax"] = float((got_max.double() - want_max).abs().max())
+        row["rel_err_dir"] = float((got_dir.double() - want_dir).norm() / want_dir.norm())
+        row["accurate"] = row["err_rowmax"] <= 2 * ACCURACY_ABS and row["rel_err_dir"] <= DIR_REL_ERR
+        del want_dir, got_dir
+        m = min(c, timed_rows)
+        part = w[:m].contiguous()
+        est_ms = time_ms(lambda: banks._ops.ebv_dir(part, beta), device, warmup=1, rep=1) * (c / m) ** 2
+        if m == c or est_ms <= FULL_STEP_S * 1e3:
+            row["ms"] = est_ms if m == c else time_ms(lambda: banks._ops.ebv_dir(w, beta), device, warmup=1, rep=1)
+            row["timed_on"] = f"all {c} rows"
         else:
-            try:
-                want = _dense_stats(w)
-                dense_ms = time_ms(lambda: _dense_stats(w), device, warmup=0, rep=3)
-                rows.append({"op": "bank_stats", "shape": f"C={c} d={d}", "impl": "dense torch C x C",
-                             "device": device, "ms": dense_ms, **want})
-            except (torch.OutOfMemoryError, RuntimeError) as exc:
-                rows.append({"op": "bank_stats", "shape": f"C={c} d={d}", "impl": "dense torch C x C",
-                             "device": device, "ms": None, "note": f"failed: {type(exc).__name__}"})
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        for kernel in kernels:
-            if not _time_for(5.0 if c < 50_000 else (25.0 if kernel == "rows" else 12.0), rows, "bank_stats",
-                             f"C={c} d={d}", f"bank_stats {kernel}"):
-                continue
-            with env_var(banks.STATS_KERNEL_ENV, kernel):
-                got = etfkern.bank_stats(w)  # also the warm-up (compiles)
-                ms = time_ms(lambda: etfkern.bank_stats(w), device, warmup=0, rep=1 if big else 3)
-            row = {"op": "bank_stats", "shape": f"C={c} d={d}", "impl": f"bank_stats {kernel}", "device": device,
-                   "ms": ms, "max_abs_cos": got["max_abs_cos"], "mean_abs_cos": got["mean_abs_cos"],
-                   "p999_abs_cos": got["p999_abs_cos"]}
-            if want is not None:
-                row["speed_vs_dense"] = dense_ms / ms
-                for key in ("max_abs_cos", "mean_abs_cos", "p999_abs_cos"):
-                    row[f"err_{key}"] = abs(got[key] - want[key])
-            rows.append(row)
-            print(f"  bank_stats {kernel} C={c} d={d}: {ms:.1f} ms", flush=True)
-    return rows
+            row["ms"] = est_ms
+            row["timed_on"] = f"rows 0..{m}, scaled by (C/m)^2 = {(c / m) ** 2:.1f} (a full step would take seconds)"
+    row["steps_in_120s"] = int(120e3 // row["ms"]) if row["ms"] > 0 else None
+    print(f"  ebv_dir {variant} C={c} d={d}: {row['ms']:.1f} ms a step ({row['timed_on']}), accurate "
+          f"{row['accurate']}", flush=True)
+    return row
 
 
-def _sweep_dir(device: str, check: tuple[int, int], timed: list[tuple[int, int]]) -> list[dict]:
-    from etfkern.banks import reference as ref
-
-    rows = []
-    small = torch.nn.functional.normalize(torch.randn(*check, generator=torch.Generator().manual_seed(2)), dim=1)
-    small = small.to(device)
-    beta = 3.0 / banks.welch_bound(*check)
-    want_dir, want_max = ref.ebv_dir(small.double(), beta)
-    for variant in banks.DIR_VARIANTS:
-        with env_var(banks.DIR_PRECISION_ENV, variant):
-            got_dir, got_max = banks._ops.ebv_dir(small, beta)
-            row = {"op": "ebv_dir", "shape": f"C={check[0]} d={check[1]}", "impl": variant, "device": device,
-                   "err_rowmax": float((got_max.double() - want_max).abs().max()),
-                   "rel_err_dir": float((got_dir.double() - want_dir).norm() / want_dir.norm())}
-            for i, (c, d) in enumerate(timed):
-                if i > 0 and variant == "ieee":
-                    continue  # float32 FFMA: several seconds a step at (100000, 1000)
-                if not _time_for(5.0 if i == 0 else 20.0, rows, "ebv_dir", f"C={c} d={d}", variant):
-                    continue
-                w = torch.nn.functional.normalize(torch.randn(c, d, device=device), dim=1)
-                b = 3.0 / banks.welch_bound(c, d)
-                # the first shape compiled the kernel (C is not specialised beyond divisibility by 16)
-                row[f"ms_C{c}"] = time_ms(lambda: banks._ops.ebv_dir(w, b), device, warmup=0 if i else 1,
-                                          rep=1 if i else 3)
-                print(f"  ebv_dir {variant} C={c} d={d}: {row[f'ms_C{c}']:.1f} ms", flush=True)
-        rows.append(row)
-    return rows
-
-
-def sweep(device: str = "cuda", tiny: bool = False) -> list[dict]:
-    """The GPU kernel sweep (see the module docstring): candidates vs dense torch, same run. ``tiny``: toy shapes
-    (a smoke test of this code on the Triton interpreter)."""
+def sweep(device: str = "cuda", tiny: bool = False, emit: Callable[[dict], dict] = emit_row) -> list[dict]:
+    """The GPU kernel sweep (module docstring): every variant of bank_pair_stats (in bank_stats, against dense torch
+    where it fits) and of ebv_dir at the issue's targets, each with its accuracy check; rows go through ``emit``
+    the moment they are measured. ``tiny``: toy shapes with every variant in registry order (a smoke test of this
+    code on the Triton interpreter)."""
     if tiny:
-        return _sweep_stats([(40, 8)], device) + _sweep_dir(device, (33, 8), [(48, 8), (64, 8)])
-    # most telling first, so that a time box cut short still answers the targets: vs dense at C=4000; the
-    # C=131072 target (tensor cores first); the optimiser step; then the mid shape
-    return (_sweep_stats([(4000, 128)], device)
-            + _sweep_stats([(131_072, 1024)], device, ("tiles-tf32x3", "tiles-ieee", "rows"))
-            + _sweep_dir(device, (4096, 256), [(20_000, 1000), (100_000, 1000)])
-            + _sweep_stats([(32768, 1024)], device))
+        jobs = [("stats", (40, 8), k) for k in banks.PAIR_STATS_KERNELS] + \
+               [("dir", (64, 8), v) for v in banks.DIR_VARIANTS]
+        acc_stats, acc_dir, timed = 40, 33, 48
+    else:
+        jobs, acc_stats, acc_dir, timed = _TARGET_JOBS, STATS_ACCURACY_ROWS, DIR_ACCURACY_ROWS, DIR_TIMED_ROWS
+    rows: list[dict] = []
+    bank_of: dict[tuple, torch.Tensor] = {}
+    dense_of: dict[tuple, dict | None] = {}
+    for kind, (c, d), variant in jobs:
+        shape = f"C={c} d={d}"
+        big = c >= 50_000
+        need = (5.0 if not big else 25.0 if variant in ("rows", "tiles-ieee", "tiles-tf32x3") else 8.0) \
+            if kind == "stats" else (6.0 if variant.startswith("mm") else 10.0)
+        skipped = _skip_row(need, "bank_stats" if kind == "stats" else "ebv_dir", shape, variant)
+        if skipped:
+            rows.append(emit(skipped))
+            continue
+        if (c, d) not in bank_of:
+            bank_of = {(c, d): _unit_bank(c, d, device, seed=1 if kind == "stats" else 2)}  # one big bank at a time
+        w = bank_of[(c, d)]
+        if kind == "stats":
+            if (c, d) not in dense_of:
+                dense_row, dense_of[(c, d)] = _dense_stats_row(w, device)
+                rows.append(emit(dense_row))
+            rows.append(emit(_stats_row(w, variant, device, dense_of[(c, d)], acc_stats)))
+        else:
+            rows.append(emit(_dir_row(w, variant, device, acc_dir, timed)))
+    return rows
 
 
-def run(quick: bool, device: str) -> list[dict]:
+def _around(v: int) -> list[int]:
+    """[lo, hi): the values within a factor sqrt(2) of the measured one (a dispatch entry's reach)."""
+    return [int(v / 2**0.5), int(v * 2**0.5) + 1]
+
+
+def dispatch_entries(rows: list[dict], source: str) -> list[dict]:
+    """The dispatch table's data (etfkern/_core/dispatch.py load_measured): per measured shape (C, d) the fastest
+    variant for "bank_pair_stats" among those whose accuracy check passed, for "ebv_dir" among the accurate
+    float32-capable ones (FLOAT32_DIR_VARIANTS) and for "ebv_optimiser_dir" among all (the optimiser rescores its
+    result exactly); each citing ``source``. Rows without a time ("skipped", failed) never count."""
+    picks = (("bank_stats", "bank_pair_stats", lambda r: r["accurate"]),
+             ("ebv_dir", "ebv_dir", lambda r: r["accurate"] and r["variant"] in FLOAT32_DIR_VARIANTS),
+             ("ebv_dir", "ebv_optimiser_dir", lambda r: True))
+    entries = []
+    for op, dispatch_op, eligible in picks:
+        measured = [r for r in rows if r.get("op") == op and "variant" in r and isinstance(r.get("ms"), (int, float))
+                    and math.isfinite(r["ms"])]
+        for c, d in sorted({(r["C"], r["d"]) for r in measured}):
+            here = sorted((r for r in measured if (r["C"], r["d"]) == (c, d)), key=lambda r: r["ms"])
+            ok = [r for r in here if eligible(r)]
+            if not ok:
+                continue
+            best = ok[0]
+            others = "; ".join(f"{r['variant']} {r['ms']:.1f}{'' if eligible(r) else ' (not eligible)'}"
+                               for r in here if r is not best)
+            evidence = (f"{op} C={c} d={d} float32: {best['variant']} {best['ms']:.1f} ms"
+                        + (f" ({best['timed_on']})" if "timed_on" in best else "") + (f"; {others}" if others else ""))
+            entries.append({"op": dispatch_op, "variant": best["variant"], "evidence": evidence, "source": source,
+                            "when": {"C": _around(c), "d": _around(d), "dtype": "float32"}})
+    return entries
+
+
+def write_dispatch(rows: list[dict], source: str, path: str | None = None) -> str:
+    """Write the dispatch JSON (``dispatch_entries``) for ``rows`` measured in the result file ``source`` to
+    ``path`` (default DISPATCH_JSON); returns the path."""
+    path = path or DISPATCH_JSON
+    with open(path, "w") as f:
+        json.dump({"written_by": "bench/banks.py", "source": source, "entries": dispatch_entries(rows, source)},
+                  f, indent=2)
+    return path
+
+
+def _repo_relative(path: str) -> str:
+    return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _dispatch_from(path: str) -> int:
+    """The dispatch JSON from a saved full GPU run (this script's file, or run_all's with a "banks" family)."""
+    with open(path) as f:
+        data = json.load(f)
+    rows = data.get("rows") or data.get("families", {}).get("banks", {}).get("rows") or []
+    device = data.get("environment", {}).get("device_type", "")
+    if device != "cuda" or data.get("quick"):
+        print(f"{path}: not a full GPU run (device_type {device!r}, quick {data.get('quick')}): no dispatch data")
+        return 1
+    print("wrote", write_dispatch(rows, _repo_relative(path)), "from", path)
+    return 0
+
+
+def _write_sweep(rows: list[dict], device: str) -> str:
+    """A full GPU sweep's rows to bench/results/banks-sweep-<device>-<date>.json and the dispatch JSON citing it;
+    returns the former's path."""
+    path = write_results("banks-sweep", rows, device, extra={"quick": False, "sweep": True})
+    print(f"wrote {path}\nwrote {write_dispatch(rows, _repo_relative(path))}", flush=True)
+    return path
+
+
+def run(quick: bool, device: str, dispatch: bool = True) -> list[dict]:
     """Every row for ``device``. Each row is kept the moment it is measured (emit_row) and starts only when the
     time box of tools/gpu_check.sh (seconds_left) leaves it the seconds it may need, so a box that runs out keeps
-    what was measured instead of losing the family's rows."""
+    what was measured instead of losing the family's rows. A full CUDA run (not ``quick``) starts with the kernel
+    sweep and, with ``dispatch``, writes its rows and bench/results/banks-dispatch.json right after it."""
     rows: list[dict] = []
 
     def take(new_rows: list[dict]) -> None:
@@ -236,7 +396,10 @@ def run(quick: bool, device: str) -> list[dict]:
 
     # on a GPU the kernel sweep goes first: it is what a time-boxed run (tools/gpu_check.sh) must not miss
     if device == "cuda" and not quick:
-        take(sweep(device))
+        swept = sweep(device)  # emits each row as measured
+        rows.extend(swept)
+        if dispatch:
+            _write_sweep(swept, device)
     optimiser_s = 130.0  # rows whose optimiser runs its 120 s time budget
     steps: list[tuple[float, str, Callable[[], list[dict]]]] = [
         (10.0, "auto C=2000 d=64", lambda: [_target_row("auto", 2000, 64, device, quick, "<= 1.05 x Welch")]),
@@ -281,24 +444,33 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--no-write", action="store_true", help="print only, write no results file")
+    p.add_argument("--no-write", action="store_true", help="print only, write no results or dispatch file")
     p.add_argument("--sweep", action="store_true", help="cuda: only the GPU kernel sweep (~60 s on an H200)")
     p.add_argument("--out", default=None, metavar="JSON", help="also write the result JSON here (e.g. under $OUT)")
+    p.add_argument("--dispatch-from", default=None, metavar="JSON",
+                   help="write bench/results/banks-dispatch.json from a saved full GPU run (this script's result "
+                        "file or run_all's) and exit")
     args = p.parse_args()
+    if args.dispatch_from:
+        raise SystemExit(_dispatch_from(args.dispatch_from))
     if args.sweep and args.device != "cuda":
         p.error("--sweep needs --device cuda")
-    rows = sweep() if args.sweep else run(args.quick, args.device)
+    rows = sweep() if args.sweep else run(args.quick, args.device, dispatch=not args.no_write)
     for op, columns in (("ebv_bank", ["shape", "impl", "seconds", "max_abs_cos", "welch", "ratio_welch",
                                       "random_ratio_welch", "target", "measured_on"]),
                         ("bank_stats", ["shape", "impl", "ms", "peak_mib", "speed_vs_dense", "memory_vs_dense",
-                                        "err_max_abs_cos", "err_mean_abs_cos", "err_p999_abs_cos"]),
-                        ("ebv_dir", ["shape", "impl", "err_rowmax", "rel_err_dir", "ms_C20000", "ms_C100000"])):
+                                        "err_max_abs_cos", "err_mean_abs_cos", "err_p999_abs_cos", "accurate",
+                                        "acc_max_err", "acc_hist_moves", "acc_near_edge_pairs", "skipped"]),
+                        ("ebv_dir", ["shape", "impl", "ms", "timed_on", "steps_in_120s", "err_rowmax", "rel_err_dir",
+                                     "accurate", "skipped"])):
         if any(r["op"] == op for r in rows):
             print_table([r for r in rows if r["op"] == op], columns)
     if not args.no_write:
-        extra = {"quick": args.quick, "sweep": args.sweep}
-        path = write_results('banks-sweep' if args.sweep else 'banks', rows, args.device, extra=extra)
-        print(f"wrote {path}")
+        if args.sweep:
+            path = _write_sweep(rows, args.device)
+        else:
+            path = write_results("banks", rows, args.device, extra={"quick": args.quick, "sweep": False})
+            print(f"wrote {path}")
         if args.out:
             import shutil
 

@@ -222,7 +222,7 @@ def _chunk_tile(g_ptr, rows, cols, rmask, cmask, stride_g):
     return v, (rows[:, None] < cols[None, :]) & rmask[:, None] & cmask[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_out"])  # one compile for every chunk
 def _pair_chunk_kernel(g_ptr, R, CW, stride_g, span, lo, scale, top, nslots, max_ptr, sum_ptr, hist_ptr, first_out,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
     """Epilogue of one upper-triangle chunk (rows r0:r0+R against columns r0:r0+CW, in g (R, CW) float32).
@@ -268,7 +268,7 @@ def _pair_select_chunk_kernel(g_ptr, R, CW, stride_g, span, lo, scale, top, slot
         _append_kept(v, valid & (_slot_of(v, lo, scale, top) == slot), count_ptr, out_ptr, capacity)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row0"])  # one compile for every chunk
 def _dir_chunk_kernel(g_ptr, rowmax_ptr, C, stride_g, row0, beta, BLOCK_N: tl.constexpr):
     """Epilogue of one chunk of ``ebv_dir`` "mm", in place: program i owns row i of g (R, C) float32, the cosines
     of bank row r = row0 + i with every row j. rowmax_r = max_{j != r} |g_ij| (0 without such j), then

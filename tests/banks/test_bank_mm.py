@@ -290,3 +290,98 @@ def test_mm_variants_are_registered_but_not_defaults():
     for op in ("bank_pair_stats", "ebv_dir", "ebv_optimiser_dir"):
         assert not dispatch.TABLE[op][0].startswith("mm"), op
     assert not banks.PAIR_STATS_KERNELS[0].startswith("mm") and not banks.DIR_VARIANTS[0].startswith("mm")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bench/banks.py: the dispatch entries its GPU sweep writes
+# ----------------------------------------------------------------------------------------------------------
+def _bench():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "banks.py")
+    spec = importlib.util.spec_from_file_location("bench_banks_dispatch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stats(c, d, variant, ms, accurate=True):
+    return {"op": "bank_stats", "shape": f"C={c} d={d}", "impl": f"bank_stats {variant}", "variant": variant, "C": c,
+            "d": d, "dtype": "float32", "ms": ms, "accurate": accurate}
+
+
+def _dir(c, d, variant, ms, accurate=True, timed_on="all rows"):
+    return {"op": "ebv_dir", "shape": f"C={c} d={d}", "impl": variant, "variant": variant, "C": c, "d": d,
+            "dtype": "float32", "ms": ms, "accurate": accurate, "timed_on": timed_on}
+
+
+def test_dispatch_entries_pick_the_fastest_eligible_variant(tmp_path):
+    """Synthetic sweep rows -> the dispatch file: bank_pair_stats takes the fastest ACCURATE kernel per shape;
+    ebv_dir the fastest accurate one of ieee / tf32x3 / mm-ieee; ebv_optimiser_dir the fastest of all. Dense
+    peers, skipped and failed rows never count; etfkern/_core/dispatch.py reads what is written and applies each
+    row within a factor sqrt(2) of its shape only."""
+    import json
+
+    from etfkern._core import dispatch
+
+    bench = _bench()
+    rows = [{"op": "bank_stats", "shape": "C=4000 d=128", "impl": "dense torch C x C", "C": 4000, "d": 128, "ms": 0.1},
+            _stats(4000, 128, "mm-tf32x3", 0.2, accurate=False), _stats(4000, 128, "mm-ieee", 0.3),
+            _stats(4000, 128, "rows", 9.7),
+            {"op": "bank_stats", "shape": "C=131072 d=1024", "impl": "rows", "skipped": "1 s left"},
+            _stats(131072, 1024, "mm-tf32x3", 180.0), _stats(131072, 1024, "mm-ieee", 450.0),
+            _stats(131072, 1024, "tiles-ieee", float("nan")),
+            _dir(100000, 1000, "mm", 110.0), _dir(100000, 1000, "tf32", 7000.0, timed_on="rows 0..20000, scaled"),
+            _dir(100000, 1000, "mm-ieee", 900.0, accurate=False), _dir(100000, 1000, "tf32x3", 1500.0),
+            _dir(100000, 1000, "ieee", 30000.0),
+            _dir(2000, 64, "mm", 1.0, accurate=False)]  # no accurate float32 variant at this shape: no ebv_dir row
+    entries = bench.dispatch_entries(rows, "bench/results/banks-sweep-x.json")
+    got = {(e["op"], e["when"]["C"][0]): e["variant"] for e in entries}
+    assert got == {("bank_pair_stats", 2828): "mm-ieee", ("bank_pair_stats", 92681): "mm-tf32x3",
+                   ("ebv_dir", 70710): "tf32x3", ("ebv_optimiser_dir", 70710): "mm",
+                   ("ebv_optimiser_dir", 1414): "mm"}
+    for e in entries:
+        assert e["source"] == "bench/results/banks-sweep-x.json" and e["when"]["dtype"] == "float32"
+        assert set(e) == {"op", "variant", "evidence", "source", "when"}
+    stats_4000 = next(e for e in entries if e["op"] == "bank_pair_stats" and e["when"]["C"][0] == 2828)
+    assert stats_4000["evidence"].startswith("bank_stats C=4000 d=128 float32: mm-ieee 0.3 ms")
+    assert "mm-tf32x3 0.2 (not eligible)" in stats_4000["evidence"] and "rows 9.7" in stats_4000["evidence"]
+    assert "dense" not in stats_4000["evidence"]
+
+    path = tmp_path / "banks-dispatch.json"
+    bench.write_dispatch(rows, "bench/results/banks-sweep-x.json", str(path))
+    data = json.loads(path.read_text())
+    assert data["written_by"] == "bench/banks.py" and data["source"] == "bench/results/banks-sweep-x.json"
+    assert data["entries"] == entries
+    measured = dispatch.load_measured(str(path))
+    assert {op: len(r) for op, r in measured.items()} == {"bank_pair_stats": 2, "ebv_dir": 1, "ebv_optimiser_dir": 2}
+
+    def pick(op, c, d):
+        return next((r.variant for r in measured[op] if r.matches({"C": c, "d": d, "dtype": "float32"})), None)
+
+    assert pick("bank_pair_stats", 4000, 128) == "mm-ieee" and pick("bank_pair_stats", 131072, 1024) == "mm-tf32x3"
+    assert pick("bank_pair_stats", 20000, 128) is None and pick("bank_pair_stats", 4000, 1024) is None
+    assert pick("ebv_dir", 100000, 1000) == "tf32x3" and pick("ebv_optimiser_dir", 100000, 1000) == "mm"
+    for op, choices in (("bank_pair_stats", banks.PAIR_STATS_KERNELS), ("ebv_dir", banks.DIR_VARIANTS),
+                        ("ebv_optimiser_dir", banks.DIR_VARIANTS)):
+        assert all(r.variant in choices for r in measured[op])
+
+
+def test_dispatch_from_accepts_only_a_full_gpu_run(tmp_path, monkeypatch):
+    import json
+
+    bench = _bench()
+    written = tmp_path / "banks-dispatch.json"
+    monkeypatch.setattr(bench, "DISPATCH_JSON", str(written))
+    rows = [_stats(4000, 128, "mm-ieee", 0.3)]
+    for name, data, code in (
+            ("cpu.json", {"environment": {"device_type": "cpu"}, "rows": rows}, 1),
+            ("quick.json", {"environment": {"device_type": "cuda"}, "quick": True, "rows": rows}, 1),
+            ("run_all.json", {"environment": {"device_type": "cuda"}, "families": {"banks": {"rows": rows}}}, 0)):
+        (tmp_path / name).write_text(json.dumps(data))
+        assert bench._dispatch_from(str(tmp_path / name)) == code
+        assert written.exists() == (code == 0)
+    entries = json.loads(written.read_text())["entries"]
+    assert [(e["op"], e["variant"]) for e in entries] == [("bank_pair_stats", "mm-ieee")]
+    assert entries[0]["source"].endswith("run_all.json")
