@@ -3,11 +3,11 @@
 bank_pair_stats / bank_pair_select "mm-ieee" and "mm-tf32x3", ebv_dir "mm" and "mm-ieee", against the float64
 references in etfkern.banks.reference (Triton interpreter on CPU, compiled kernels + cuBLAS on CUDA), at odd
 shapes, with one chunk and with many (ETFKERN_BANK_CHUNK_MIB forces tiny chunks); the TF32 split and the chunk
-plan on their own. The sm_90 build of the epilogues is in test_banks.py (test_mm_epilogues_compile_for_sm90).
+plan on their own; the GPU sweep's dispatch entries. In test_banks.py: the sm_90 build of the epilogues
+(test_mm_epilogues_compile_for_sm90), bank_stats' p99.9 plan on them (test_bank_stats_tiled_plan_matches_dense) and
+every registered variant in the older parametrised tests.
 """
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -201,37 +201,6 @@ def test_mm_pair_select_matches_reference(device, monkeypatch, kernel, c, d, row
         if int(n) > 1:
             few, n_few = tk.pair_select(w.float(), bins, lo, hi, slot, int(n) - 1, kernel=kernel)
             assert int(n_few) == int(n) and torch.isinf(few).all()
-
-
-@pytest.mark.parametrize("kernel", MM_STATS)
-@pytest.mark.parametrize("capacity", [banks.SELECT_CAPACITY, 0])
-def test_bank_stats_p999_on_mm_kernels(monkeypatch, kernel, capacity):
-    """bank_stats through the op layer with ETFKERN_BANK_STATS_KERNEL=mm-*: the tiled plan (253 bins, then the
-    pairs of the p99.9 bin sorted: the exact order statistic; or, above SELECT_CAPACITY, two more histogram
-    passes), in several chunks."""
-    _tk()
-    monkeypatch.setenv(banks.STATS_KERNEL_ENV, kernel)
-    monkeypatch.setattr(banks, "SELECT_CAPACITY", capacity)
-    c, d = 120, 7
-    _chunk_env(monkeypatch, c, 17)
-    calls = []
-    real_select = banks._ops.bank_pair_select
-    monkeypatch.setattr(banks._ops, "bank_pair_select", lambda *a: calls.append(a[1:]) or real_select(*a))
-    b = torch.randn(c, d, dtype=torch.float32)
-    with etfkern.use_backend("triton"):
-        assert banks._histogram_plan(b) == (banks.GPU_HIST_BINS, 3)
-        st = etfkern.bank_stats(b)
-    u = b.double() / b.double().norm(dim=1, keepdim=True)
-    a = (u @ u.T).abs()[tuple(torch.triu_indices(c, c, offset=1))]
-    exact_p = torch.sort(a).values[math.ceil(0.999 * a.numel()) - 1].item()
-    assert abs(st["max_abs_cos"] - a.max().item()) < 1e-6
-    assert abs(st["mean_abs_cos"] - a.mean().item()) < 1e-6
-    if capacity:
-        assert len(calls) == 1 and calls[0][0] == banks.GPU_HIST_BINS
-        assert abs(st["p999_abs_cos"] - exact_p) < 1e-6
-    else:
-        assert calls == []
-        assert exact_p - 1e-6 <= st["p999_abs_cos"] <= exact_p + banks.P999_RESOLUTION + 1e-6
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -203,13 +203,16 @@ def test_gpu_variant_environment(monkeypatch):
         monkeypatch.delenv(env)
 
 
+@pytest.mark.parametrize("kernel,chunk_rows", [("tiles-tf32x3", None), ("mm-ieee", 17), ("mm-tf32x3", 17)])
 @pytest.mark.parametrize("capacity", [banks.SELECT_CAPACITY, 0])
-def test_bank_stats_tiled_plan_matches_dense(capacity, monkeypatch):
-    """bank_stats on the tiled kernels: one 253-bin histogram pass, then the pairs of the bin holding p99.9 sorted
-    (the exact order statistic), or, when they exceed SELECT_CAPACITY, two more histogram passes (resolution
-    1/253^3)."""
+def test_bank_stats_tiled_plan_matches_dense(capacity, kernel, chunk_rows, monkeypatch):
+    """bank_stats on the tiled kernels and the "mm" ones (in chunks of 17 full-width rows: 8 chunks of the upper
+    triangle): one 253-bin histogram pass, then the pairs of the bin holding p99.9 sorted (the exact order
+    statistic), or, when they exceed SELECT_CAPACITY, two more histogram passes (resolution 1/253^3)."""
     _interpreter_kernels()
-    monkeypatch.setenv(banks.STATS_KERNEL_ENV, "tiles-tf32x3")
+    monkeypatch.setenv(banks.STATS_KERNEL_ENV, kernel)
+    if chunk_rows:
+        monkeypatch.setenv("ETFKERN_BANK_CHUNK_MIB", repr(chunk_rows * 120 * 4 / 2**20))
     monkeypatch.setattr(banks, "SELECT_CAPACITY", capacity)
     calls = []
     real_select = banks._ops.bank_pair_select
