@@ -16,13 +16,18 @@ import etfkern
 from etfkern import banks
 from etfkern.banks import reference as ref
 
+from conftest import backends_for
+
 MM_STATS = tuple(k for k in banks.PAIR_STATS_KERNELS if k.startswith("mm"))
 MM_DIR = tuple(v for v in banks.DIR_VARIANTS if v.startswith("mm"))
 CHUNK_ENV = "ETFKERN_BANK_CHUNK_MIB"
 
 
-def _tk():
+def _tk(device: str | None = None):
+    """The Triton bank launchers; skips where they cannot run on ``device`` ("cpu": only in the interpreter)."""
     pytest.importorskip("triton")
+    if device == "cpu" and "triton" not in backends_for("bank_pair_stats", "cpu"):
+        pytest.skip("no Triton interpreter here (CUDA machine): the kernels run on CPU tensors only in it")
     from etfkern.triton_kernels import banks as tk
 
     return tk
@@ -163,14 +168,16 @@ STATS_SHAPES = [(37, 13, None, False), (37, 13, 5, True), (53, 1, None, False), 
 @pytest.mark.parametrize("kernel", MM_STATS)
 @pytest.mark.parametrize("c,d,rows,noncontig", STATS_SHAPES)
 def test_mm_pair_stats_match_reference(device, monkeypatch, kernel, c, d, rows, noncontig):
-    """max and float64 sum within float32 accuracy, and the histogram IDENTICAL to the reference's (no pair within
-    2e-6 of a bin edge), for bins + 2 = 64 slots (the trash slot is the 65th of 128), the GPU plan's 253 and
-    bank_max_abs_cos' 1."""
-    tk = _tk()
+    """max and float64 sum within float32 accuracy, and the histogram IDENTICAL to the reference's, for bins + 2 =
+    64 slots (the trash slot is the 65th of 128), the GPU plan's 253 and bank_max_abs_cos' 1. On CPU the bank has
+    no pair within 2e-6 of a bin edge; on CUDA (C=301: several epilogue programs and column tiles, ~45k pairs, so
+    some lie that close) each such pair may move one slot, nothing else may."""
+    tk = _tk(device)
     if device == "cuda":
         c = {37: 301, 53: 257}.get(c, c)
     _chunk_env(monkeypatch, c, rows)
-    w = _bank_off_edges(c, d, device, noncontig)
+    w = _bank_off_edges(c, d, device, noncontig) if device == "cpu" else _unit(c, d, device, noncontig)
+    a = (w @ w.T).abs()[tuple(torch.triu_indices(c, c, offset=1, device=device))]
     pairs = c * (c - 1) // 2
     for bins, lo, hi in STATS_BINS:
         want = ref.bank_pair_stats(w, bins, lo, hi)
@@ -179,7 +186,9 @@ def test_mm_pair_stats_match_reference(device, monkeypatch, kernel, c, d, rows, 
         assert int(hist.sum()) == pairs
         torch.testing.assert_close(mx, want[0], atol=2e-6, rtol=0)
         torch.testing.assert_close(total, want[1], atol=2e-6 * max(pairs, 1), rtol=2e-6)
-        assert torch.equal(hist, want[2]), (kernel, bins, hist, want[2])
+        near = _near_edges(a, bins, lo, hi, 2e-6)
+        assert device == "cuda" or near == 0  # CPU (_bank_off_edges): the histograms must be equal
+        assert int((hist - want[2]).abs().sum()) <= 2 * near, (kernel, bins, near, hist, want[2])
 
 
 @pytest.mark.parametrize("kernel", MM_STATS)
@@ -187,7 +196,7 @@ def test_mm_pair_stats_match_reference(device, monkeypatch, kernel, c, d, rows, 
 def test_mm_pair_select_matches_reference(device, monkeypatch, kernel, c, d, rows):
     """The sorted values of one histogram slot and their count, one chunk or many; more than ``capacity`` of them
     gives the count and only +inf."""
-    tk = _tk()
+    tk = _tk(device)
     _chunk_env(monkeypatch, c, rows)
     w = _unit(c, d, device)
     bins, lo, hi = 8, 0.1, 0.9
@@ -212,7 +221,7 @@ def test_mm_pair_select_matches_reference(device, monkeypatch, kernel, c, d, row
 def test_mm_ebv_dir_matches_reference(device, monkeypatch, variant, c, d, rows, noncontig):
     """Direction and rowmax against float64 (float32 bounds; "mm" on CUDA runs TF32 GEMMs: TF32's bound), one
     chunk or many (ragged last chunk), float32 and float64 banks (outputs in the bank's dtype)."""
-    tk = _tk()
+    tk = _tk(device)
     _chunk_env(monkeypatch, c, rows)
     w = _unit(c, d, device, noncontig)
     beta = 7.5
@@ -234,7 +243,7 @@ def test_mm_ebv_dir_ties_zeros_and_large_beta(monkeypatch, variant, rows):
     """Kerdock rows (|cos| in {0, 1/4}: ties at the max, exact zeros whose sign is 0) at beta = 200 (e^{-50} for
     the zero pairs; e^{+150} for the diagonal if it were not masked before the exp), through the op layer, in one
     chunk and in 50 + 50 + 44 rows: dir_i = sum over tied j of sign(c_ij) w_j."""
-    _tk()
+    _tk("cpu")
     w = etfkern.ebv_bank(144, 16, method="kerdock", dtype=torch.float32)
     g = w.double() @ w.double().T
     want = ((g.abs() > 0.2).double() * torch.sign(g)).fill_diagonal_(0.0) @ w.double()
