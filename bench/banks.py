@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import emit_row, env_var, peak_mib, print_table, seconds_left, time_ms, write_results  # noqa: E402
+from _common import (emit_row, env_var, peak_mib, print_table, seconds_left, sync, time_ms,  # noqa: E402
+                     write_results)
 
 import etfkern  # noqa: E402
 from etfkern import banks  # noqa: E402
@@ -174,6 +175,18 @@ _TARGET_JOBS = (
     + [("stats", (32768, 1024), k) for k in banks.PAIR_STATS_KERNELS])
 
 
+def _sweep_ms(fn: Callable[[], object], device: str) -> float:
+    """ms of one call of ``fn`` (already warmed up / compiled): that call's wall time when it takes over 50 ms,
+    else the median of time_ms. (On CUDA time_ms is triton's do_bench, which runs ``fn`` at least 8 times: about
+    a minute for a 4.7 s bank_stats at C=131072, more than the sweep's whole time box.)"""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    once = (time.perf_counter() - t0) * 1e3
+    return once if once > 50.0 else time_ms(fn, device, warmup=1, rep=5)
+
+
 def _unit_bank(c: int, d: int, device: str, seed: int) -> torch.Tensor:
     """(c, d) float32 unit rows, seeded, generated on ``device`` (134M Gaussians at C=131072 d=1024)."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -220,7 +233,7 @@ def _dense_stats_row(w: torch.Tensor, device: str) -> tuple[dict, dict | None]:
         return {**row, "note": "does not fit (C x C float32 plus kthvalue's copy)"}, None
     try:
         want = _dense_stats(w)
-        want["ms"] = time_ms(lambda: _dense_stats(w), device, warmup=0, rep=3)
+        want["ms"] = _sweep_ms(lambda: _dense_stats(w), device)
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         return {**row, "note": f"failed: {type(exc).__name__}"}, None
     finally:
@@ -232,10 +245,9 @@ def _dense_stats_row(w: torch.Tensor, device: str) -> tuple[dict, dict | None]:
 def _stats_row(w: torch.Tensor, kernel: str, device: str, dense: dict | None, acc_rows: int) -> dict:
     """bank_stats with ETFKERN_BANK_STATS_KERNEL=kernel: time, values, deviation from the dense peer, accuracy."""
     c, d = w.shape
-    big = c >= 100_000
     with env_var(banks.STATS_KERNEL_ENV, kernel):
         got = etfkern.bank_stats(w)  # also the warm-up (compiles)
-        ms = time_ms(lambda: etfkern.bank_stats(w), device, warmup=0, rep=1 if big else 3)
+        ms = _sweep_ms(lambda: etfkern.bank_stats(w), device)
     row = {"op": "bank_stats", "shape": f"C={c} d={d}", "impl": f"bank_stats {kernel}", "variant": kernel, "C": c,
            "d": d, "dtype": "float32", "device": device, "ms": ms, "max_abs_cos": got["max_abs_cos"],
            "mean_abs_cos": got["mean_abs_cos"], "p999_abs_cos": got["p999_abs_cos"]}
@@ -267,9 +279,9 @@ def _dir_row(w: torch.Tensor, variant: str, device: str, acc_rows: int, timed_ro
         del want_dir, got_dir
         m = min(c, timed_rows)
         part = w[:m].contiguous()
-        est_ms = time_ms(lambda: banks._ops.ebv_dir(part, beta), device, warmup=1, rep=1) * (c / m) ** 2
+        est_ms = _sweep_ms(lambda: banks._ops.ebv_dir(part, beta), device) * (c / m) ** 2  # compiled above
         if m == c or est_ms <= FULL_STEP_S * 1e3:
-            row["ms"] = est_ms if m == c else time_ms(lambda: banks._ops.ebv_dir(w, beta), device, warmup=1, rep=1)
+            row["ms"] = est_ms if m == c else _sweep_ms(lambda: banks._ops.ebv_dir(w, beta), device)
             row["timed_on"] = f"all {c} rows"
         else:
             row["ms"] = est_ms
