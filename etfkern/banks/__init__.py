@@ -13,9 +13,10 @@ ever stored. Pairwise work goes through three routed ops defined in :mod:`etfker
 Backends: "reference" (dense float64, :mod:`etfkern.banks.reference`), "cpu" (row strips of chunked torch
 matmuls, O(strip * C) scratch, :mod:`etfkern.banks.cpu`), "triton" (tiled kernels,
 :mod:`etfkern.triton_kernels.banks`). On CUDA the Triton variant comes from the "banks" rows of
-:mod:`etfkern._core.dispatch` unless ``ETFKERN_BANK_STATS_KERNEL`` (rows | tiles-ieee | tiles-tf32x3) or
-``ETFKERN_EBV_DIR_PRECISION`` (ieee | tf32x3 | tf32 | tf32-wide) names one; the tensor-core candidates never ran on a GPU
-(``python bench/banks.py --device cuda --sweep`` measures them against dense torch).
+:mod:`etfkern._core.dispatch` unless ``ETFKERN_BANK_STATS_KERNEL`` (PAIR_STATS_KERNELS below) or
+``ETFKERN_EBV_DIR_PRECISION`` (DIR_VARIANTS) names one; the tensor-core candidates and the "mm" ones (cuBLAS GEMM per
+chunk of <= ETFKERN_BANK_CHUNK_MIB + one Triton epilogue) never ran on a GPU (``python bench/banks.py --device cuda
+--sweep`` measures them against dense torch).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ from etfkern.banks import reference as _ref
 __all__ = ["simplex_etf", "ebv_bank", "sparse_etf", "bank_stats", "save_bank", "load_bank", "welch_bound",
            "kerdock_size", "chirp_size", "check_unit_bank"]
 
-AUTO_KEEP_RATIO = 1.5  # ebv_bank(method="auto") keeps a structured start within this factor of the Welch bound
+AUTO_KEEP_RATIO = 1.25  # ebv_bank(method="auto") keeps a structured start within this factor of the Welch bound
 HIST_BINS = 2048  # bank_stats: coarse bins over [0, 1], then the same number of fine bins inside one coarse bin
 P999_RESOLUTION = 1.0 / HIST_BINS**2  # p99.9 is the upper edge of a fine bin: error in [0, 2.4e-7]
 GPU_HIST_BINS = 253  # the tiled Triton kernels: 3 passes of 253 bins (resolution 1/253^3 ~ 6.2e-8)
@@ -551,15 +552,30 @@ def _step_seconds(w: torch.Tensor, beta: float) -> float:
 
 
 def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, start_max: float | None,
-              time_budget_s: float | None = None, t_start: float | None = None) -> tuple[torch.Tensor, float]:
-    """Projected gradient descent on the unit sphere of F = (1/beta) log sum_{i != j} e^{beta |c_ij|}, beta
-    annealed geometrically from 3/Welch to 300/Welch; each row moves along its normalised Riemannian gradient
-    (from one ``ebv_dir`` pass per step) by an angle annealed from lr to 0.003 lr.
+              time_budget_s: float | None = None, t_start: float | None = None,
+              gen: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """Heavy-ball descent on the unit sphere of F = (1/beta) log sum_{i != j} e^{beta |c_ij|}, beta annealed
+    geometrically from 3/Welch to 1000/Welch. Each step: one ``ebv_dir`` pass, each row's Riemannian gradient
+    normalised to length 1 (every row counts alike), velocity v <- 0.9 v + that direction, row -= eta v and
+    renormalised, with eta annealed geometrically from lr * Welch to 0.01 lr * Welch (so a row first moves by up
+    to ~lr * Welch / 0.1 radians, whatever the shape). The same schedule serves structured and Gaussian starts:
+    on CPU it beat the former one (no momentum, angle lr -> 0.003 lr radians, beta 3 -> 300 / Welch) at every
+    shape measured, e.g. 300 steps from the chirp start at (1000, 60): 1.483 -> 1.428 x Welch (former 1.444),
+    padded Kerdock (1000, 100): 1.317 -> 1.283-1.294 (former: no gain), Gaussian (640, 64): 1.408 (former 1.431);
+    bench/results/ebv-warmstart-cpu-2026-12-04.md has the log. A start at its own optimum (the Kerdock bank at
+    (2000, 256), 1.07 x Welch) is not improved. Before the first step every row gets a seeded Gaussian kick of
+    ~0.1 Welch radians (``gen``; default seed 0): a zero-padded structured start spans only a subspace (64 of
+    100 dimensions for the padded Kerdock bank at (1000, 100)), which the gradient never leaves except through
+    rounding noise; with the kick, 100 steps take the chirp start at (400, 36) to 1.419-1.421 x Welch
+    (1.454-1.457 without), the padded Kerdock (140, 30) to 1.331 (no gain without).
 
-    ``time_budget_s`` counts from ``t_start`` (a ``time.perf_counter()`` value; default: now). The loop stops
-    before another step plus the final scoring (reserved as two more steps) would overrun it (then the result
-    depends on the machine's speed); it does not start when one step alone is estimated to take longer than
-    what is left (a warning says so; the start is returned, with its max |cos| if known, else NaN).
+    ``time_budget_s`` counts from ``t_start`` (a ``time.perf_counter()`` value; default: now). From the second
+    step on (the first may compile a kernel), the schedule is shortened to the steps that still fit at the last
+    step's pace, less two reserved for the final scoring, so that the annealing still ends at its final beta and
+    step (then the result depends on the machine's speed, and a RuntimeWarning says so); the loop stops before
+    another step plus the final scoring would overrun the budget. It does not start when one step alone is
+    estimated to take longer than what is left (a warning says so; the start is returned, with its max |cos| if
+    known, else NaN).
     Returns the iterate with the smallest max |cos| seen (the start included) and that value."""
     from tqdm.auto import tqdm
 
@@ -579,13 +595,21 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
                           "time_budget_s=None to optimise anyway)", RuntimeWarning, stacklevel=3)
             return w, float("nan") if start_max is None else start_max
     best, best_max = w.clone(), float("inf") if start_max is None else start_max
+    if gen is None:
+        gen = torch.Generator().manual_seed(0)
+    kick = torch.randn(c, d, generator=gen, dtype=torch.float32).to(w.device)
+    w = w + (0.1 * welch / math.sqrt(d)) * kick
+    w = (w / w.norm(dim=1, keepdim=True)).contiguous()
+    del kick
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(range(steps), desc=f"ebv_bank C={c} d={d}", disable=not progress, leave=False)
+    velocity = torch.zeros_like(w)
+    planned = steps  # the schedule's length: shortened when the time budget cannot fit every step
     for step in bar:
         t_step = time.perf_counter()
-        frac = step / max(1, steps - 1)
-        beta = (3.0 / welch) * 100.0 ** frac
+        frac = step / max(1, planned - 1)
+        beta = (3.0 / welch) * (1000.0 / 3.0) ** frac
         with _variant("ebv_dir", OPTIMISER_DIR_PRECISION):  # a descent direction; the result is rescored below
             g, rowmax = _ops.ebv_dir(w, beta)
         cur = float(rowmax.max())
@@ -593,17 +617,25 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
             best, best_max = w.clone(), cur
         bar.set_postfix(max_cos=f"{cur:.5f}", best=f"{best_max:.5f}", refresh=False)
         g = g - (g * w).sum(dim=1, keepdim=True) * w  # Riemannian gradient: drop the radial part
-        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)  # every row moves by the same angle
-        w = w - (lr * 0.003 ** frac) * g
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-30)  # every row's direction counts alike
+        velocity.mul_(0.9).add_(g)  # heavy ball; v is not transported to the new tangent space (as measured)
+        w = w - (lr * welch * 0.01 ** frac) * velocity
         w = (w / w.norm(dim=1, keepdim=True)).contiguous()
         now = time.perf_counter()
-        # reserve: the next step and the final scoring (up to 3 max |cos| passes, each ~half a step)
-        if time_budget_s is not None and step + 1 < steps and now - t0 + 3 * (now - t_step) > time_budget_s:
-            warnings.warn(f"ebv_bank: time budget of {time_budget_s:g} s reached after {step + 1}/{steps} steps "
-                          "(another step and the final scoring would overrun it); returning the best iterate so "
-                          "far (pass time_budget_s=None for all steps)", RuntimeWarning, stacklevel=3)
+        if time_budget_s is not None and step + 1 < planned:
+            # steps that still fit at this step's pace, less 2 for the final scoring (up to 3 max |cos| passes,
+            # each ~half a step); too few: the annealing is compressed so that it still ends at its final beta
+            # and step (a run cut mid-schedule ends in its low-beta phase, above the start)
+            fit = math.floor((time_budget_s - (now - t0)) / max(now - t_step, 1e-9)) - 2
+            if step > 0 or fit <= 0:
+                planned = max(step + 1, min(planned, step + 1 + fit))
+        if step + 1 >= planned:
             break
     bar.close()
+    if planned < steps:
+        warnings.warn(f"ebv_bank: time budget of {time_budget_s:g} s reached after {planned}/{steps} steps (the "
+                      "annealing schedule was shortened to fit it); returning the best iterate (pass "
+                      "time_budget_s=None for all steps)", RuntimeWarning, stacklevel=3)
     # The per-step maxima may come from TF32 products (GPU): re-measure the candidates exactly before choosing.
     with _phase(progress, f"ebv_bank C={c} d={d}: exact max |cos| of the start, the last and the best iterate"):
         start_exact = bank_max_abs_cos(bank) if start_max is None else start_max
@@ -632,19 +664,22 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
       when C <= d^2/2. Only the C chosen rows are generated (O(C*d) memory).
     * ``method="optimize"``: starts from the best structured bank available (see ``_structured_start``: the
       Kerdock bank of a smaller power of 4, or the chirp bank of the largest odd prime p <= d/2 with
-      2p(p+1) >= C, coherence 1/sqrt(p) ~ 1.42 x Welch at (100k, 1000)) and runs ``steps`` projected-gradient
-      steps on the annealed soft-max of |cos| over all pairs (one tiled ``ebv_dir`` pass per step, never a
-      C x C matrix; float32, on ``device``); returns the iterate with the smallest max |cos| (never worse than
-      the start). ``steps=0`` returns the structured start itself.
-    * ``method="auto"``: the structured start when it is within AUTO_KEEP_RATIO = 1.5x the Welch bound, else
-      ``optimize`` (also when only a Gaussian start exists, e.g. (10k, 64)). The rule is measured: from a
-      structured start the annealed optimiser first leaves it (its early low-beta steps raise max |cos| to
-      1.5-2x the start) and only comes back at the end, so what a start near its optimum gets is time spent
-      for nothing -- kept starts: (2000, 256) Kerdock 1.07x Welch, no gain in 625 steps (30 s on CPU);
-      (1000, 100) padded Kerdock 1.317x, 1.315x after 1000 steps (38 s); (5000, 128) chirp 1.47x, no gain;
-      optimised starts: (1000, 200) chirp 1.60x -> 1.23x; (1000, 500) padded Kerdock 1.98x -> 1.09x.
-      ``auto`` thus takes the time of building the start (well under a second up to (100k, 1000) on CPU)
-      whenever the optimiser has not been seen to beat it, and the optimiser's budget otherwise.
+      2p(p+1) >= C, coherence 1/sqrt(p) ~ 1.42 x Welch at (100k, 1000)) and runs ``steps`` heavy-ball
+      steps on the annealed soft-max of |cos| over all pairs (see ``_optimize``; one tiled ``ebv_dir`` pass per
+      step, never a C x C matrix; float32, on ``device``); returns the iterate with the smallest max |cos|
+      (never worse than the start). ``steps=0`` returns the structured start itself.
+    * ``method="auto"``: the structured start when it is within AUTO_KEEP_RATIO = 1.25x the Welch bound, else
+      ``optimize`` from it (also when only a Gaussian start exists, e.g. (10k, 64)). Measured on CPU, 300 steps
+      from the start (log and commands: bench/results/ebv-warmstart-cpu-2026-12-04.md): kept starts gain
+      nothing or next to nothing -- Kerdock (2000, 256) 1.07x; padded Kerdock (1000, 80) 1.165x,
+      (1500, 90) 1.223x; (140, 20) 1.203x -> 1.195x --; optimised: padded Kerdock (800, 90) 1.258x -> 1.248x,
+      (1000, 100) 1.317x -> 1.283-1.294x (3 seeds); chirp (400, 36) 1.524x -> 1.389x,
+      (1000, 60) 1.483x -> 1.428x, (2500, 90) 1.473x -> 1.457x, (5000, 128) 1.467x -> 1.460x. The chirp
+      starts' gain shrinks as C/d grows (11, 17, 28, 39 above): at
+      (100k, 1000) (C/d = 100, chirp start 1.423x) little is to be expected, and the result is never worse
+      than the start. ``auto`` thus spends the optimiser's budget on every start above 1.25x Welch; where one
+      step alone would overrun ``time_budget_s`` (e.g. (100k, 1000) on CPU) it returns the start with the
+      RuntimeWarning below.
 
     ``steps`` (optimiser) defaults to min(1000, max(20, budget / (C^2 d))), budget 6.4e11 on CPU (~100 steps
     at (10k, 64)) and 3e15 on GPU (300 at (100k, 1000)). ``time_budget_s`` (default 120 s, None: no limit)
@@ -654,7 +689,8 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     When one step alone is estimated (from a timed pass over a row subset) to exceed what is left, e.g.
     (100k, 1000) on a CPU, the optimiser does not start: a RuntimeWarning says so and the structured start is
     returned.
-    ``lr``: initial step, radians per row. ``progress``: tqdm bar (default: when stderr is a tty).
+    ``lr``: initial step in units of the Welch bound (row -= lr * Welch * v, v the heavy-ball velocity, |v| < 10;
+    annealed to 0.01 lr). ``progress``: tqdm bar (default: when stderr is a tty).
     Returns (C, d) ``dtype`` on ``device`` (CPU by default).
     """
     t_call = time.perf_counter()
@@ -689,7 +725,7 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
         start, _, start_max = _structured_start(num_classes, dim, gen, torch.float32, device)
     if method == "auto" and start_max is not None and start_max <= AUTO_KEEP_RATIO * welch_bound(num_classes, dim):
         return _unit_rows_as(start, dtype)  # see "auto" above: the optimiser does not improve such a start
-    best, _ = _optimize(start, steps, lr, progress, start_max, time_budget_s, t_call)
+    best, _ = _optimize(start, steps, lr, progress, start_max, time_budget_s, t_call, gen)
     return _unit_rows_as(best, dtype)
 
 
