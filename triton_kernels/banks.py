@@ -222,7 +222,7 @@ def _chunk_tile(g_ptr, rows, cols, rmask, cmask, stride_g):
     return v, (rows[:, None] < cols[None, :]) & rmask[:, None] & cmask[None, :]
 
 
-@triton.jit(do_not_specialize=["first_out"])  # one compile for every chunk
+@triton.jit(do_not_specialize=["R", "CW", "first_out"])  # one compile for every chunk (see chunk_plan)
 def _pair_chunk_kernel(g_ptr, R, CW, stride_g, span, lo, scale, top, nslots, max_ptr, sum_ptr, hist_ptr, first_out,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr):
     """Epilogue of one upper-triangle chunk (rows r0:r0+R against columns r0:r0+CW, in g (R, CW) float32).
@@ -252,7 +252,7 @@ def _pair_chunk_kernel(g_ptr, R, CW, stride_g, span, lo, scale, top, nslots, max
     _histogram_store(hist_ptr, h, nslots, NB)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "CW"])
 def _pair_select_chunk_kernel(g_ptr, R, CW, stride_g, span, lo, scale, top, slot, capacity, count_ptr, out_ptr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """``_pair_select_kernel`` over one chunk of the "mm" layout (the programs of ``_pair_chunk_kernel``)."""
@@ -318,13 +318,15 @@ def chunk_plan(c: int, triangle: bool, budget_mib: float | None = None) -> list[
     """Row chunks (r0, r1) of a "mm" pass over C rows: chunk rows r0:r1 are multiplied against rows r0:C
     (``triangle``: the pairs i < j all lie there; the last row has none and is left out) or against all C rows,
     and the (r1 - r0, width) float32 product fits ``budget_mib`` (default :func:`chunk_mib`), with at least one
-    row. Pure host arithmetic: no device work, no sync."""
+    row; as many rows as fit, in multiples of 16 when 16 fit (then every chunk's width, the epilogue's row stride,
+    has the same alignment: one Triton compile serves every chunk). Pure host arithmetic: no device work."""
     budget = int((chunk_mib() if budget_mib is None else budget_mib) * 2**20) // 4
     end = c - 1 if triangle else c
     plan, r0 = [], 0
     while r0 < end:
         width = c - r0 if triangle else c
-        r1 = min(end, r0 + max(1, budget // width))
+        fit = budget // width
+        r1 = min(end, r0 + (fit // 16 * 16 if fit >= 16 else max(1, fit)))
         plan.append((r0, r1))
         r0 = r1
     return plan

@@ -67,8 +67,8 @@ def test_split_tf32_is_exact():
         tk.split_tf32(w.double())
 
 
-@pytest.mark.parametrize("c", [1, 2, 7, 100])
-@pytest.mark.parametrize("mib", [1e-6, 1e-4, 1e-3, 1024.0])
+@pytest.mark.parametrize("c", [1, 2, 7, 100, 1000])
+@pytest.mark.parametrize("mib", [1e-6, 1e-4, 1e-3, 0.05, 1024.0])
 def test_chunk_plan_covers_every_row_once_within_budget(c, mib):
     tk = _tk()
     budget = int(mib * 2**20) // 4
@@ -79,10 +79,20 @@ def test_chunk_plan_covers_every_row_once_within_budget(c, mib):
         for r0, r1 in plan:
             width = c - r0 if triangle else c
             assert r1 - r0 == 1 or (r1 - r0) * width <= budget
-            # chunks are as tall as the budget allows (the last one may be shorter)
-            assert r1 == (c - 1 if triangle else c) or (r1 - r0 + 1) * width > budget
+            # chunks are as tall as the budget allows, in multiples of 16 rows when 16 fit (the last may be shorter)
+            fit = budget // width
+            assert r1 == (c - 1 if triangle else c) or r1 - r0 == (fit // 16 * 16 if fit >= 16 else max(1, fit))
     if c > 1:
         assert len(tk.chunk_plan(c, True, 1024.0)) == 1  # a bank that fits is ONE chunk
+
+
+def test_chunk_plan_keeps_one_alignment_at_the_target_shapes():
+    """At bank_stats' C=131072 and C=32768 every chunk starts at a multiple of 16 rows, so every chunk's width
+    (the epilogue's row stride) has C's alignment: one compile of each epilogue serves every chunk."""
+    tk = _tk()
+    for c in (131072, 32768, 131071):
+        plan = tk.chunk_plan(c, True, 1024.0)
+        assert len(plan) > 1 and all(r0 % 16 == 0 for r0, _ in plan)
 
 
 def test_chunk_budget_environment(monkeypatch):
