@@ -315,16 +315,24 @@ def sweep(device: str = "cuda", tiny: bool = False, emit: Callable[[dict], dict]
         if skipped:
             rows.append(emit(skipped))
             continue
-        if (c, d) not in bank_of:
-            bank_of = {(c, d): _unit_bank(c, d, device, seed=1 if kind == "stats" else 2)}  # one big bank at a time
-        w = bank_of[(c, d)]
-        if kind == "stats":
-            if (c, d) not in dense_of:
-                dense_row, dense_of[(c, d)] = _dense_stats_row(w, device)
-                rows.append(emit(dense_row))
-            rows.append(emit(_stats_row(w, variant, device, dense_of[(c, d)], acc_stats)))
-        else:
-            rows.append(emit(_dir_row(w, variant, device, acc_dir, timed)))
+        try:
+            if (c, d) not in bank_of:  # one big bank at a time
+                bank_of = {(c, d): _unit_bank(c, d, device, seed=1 if kind == "stats" else 2)}
+            w = bank_of[(c, d)]
+            if kind == "stats":
+                if (c, d) not in dense_of:
+                    dense_row, dense_of[(c, d)] = _dense_stats_row(w, device)
+                    rows.append(emit(dense_row))
+                rows.append(emit(_stats_row(w, variant, device, dense_of[(c, d)], acc_stats)))
+            else:
+                rows.append(emit(_dir_row(w, variant, device, acc_dir, timed)))
+        except Exception as exc:  # noqa: BLE001 - a variant that never ran on a GPU must not cost the others
+            print(f"  {kind} {variant} {shape} failed: {type(exc).__name__}: {exc}", flush=True)
+            rows.append(emit({"op": "bank_stats" if kind == "stats" else "ebv_dir", "shape": shape,
+                              "impl": variant if kind == "dir" else f"bank_stats {variant}", "variant": variant,
+                              "C": c, "d": d, "device": device, "error": f"{type(exc).__name__}: {exc}"[:500]}))
+            if device == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -373,3 +373,41 @@ def test_dispatch_from_accepts_only_a_full_gpu_run(tmp_path, monkeypatch):
     entries = json.loads(written.read_text())["entries"]
     assert [(e["op"], e["variant"]) for e in entries] == [("bank_pair_stats", "mm-ieee")]
     assert entries[0]["source"].endswith("run_all.json")
+
+
+def test_sweep_skips_what_the_time_box_leaves_no_time_for(monkeypatch):
+    """With 1 s left of the gpu_check box every job of the sweep is skipped with a row saying so (no kernel runs),
+    and the skipped rows give no dispatch entry."""
+    bench = _bench()
+    monkeypatch.setattr(bench, "seconds_left", lambda: 1.0)
+    emitted = []
+    rows = bench.sweep("cpu", tiny=True, emit=lambda r: emitted.append(r) or r)
+    assert rows == emitted and len(rows) == len(banks.PAIR_STATS_KERNELS) + len(banks.DIR_VARIANTS)
+    assert all("1 s left" in r["skipped"] and "ms" not in r for r in rows)
+    assert bench.dispatch_entries(rows, "x.json") == []
+
+
+def test_sweep_records_a_failing_variant_and_goes_on(monkeypatch):
+    """A variant that fails (a compile error on a GPU it never ran on, an OOM) leaves an "error" row, never a
+    dispatch entry, and the sweep measures the others."""
+    _tk("cpu")
+    bench = _bench()
+    real = bench._stats_row
+
+    def flaky(w, kernel, *args):
+        if kernel == "mm-ieee":
+            raise RuntimeError("ptxas died")
+        return real(w, kernel, *args)
+
+    monkeypatch.setattr(bench, "_stats_row", flaky)
+    monkeypatch.setattr(bench, "_dir_row", lambda *a: (_ for _ in ()).throw(MemoryError("no room")))
+    with etfkern.use_backend("triton"):
+        rows = bench.sweep("cpu", tiny=True, emit=lambda r: r)
+    failed = [r for r in rows if "error" in r]
+    assert [(r["op"], r["variant"]) for r in failed] == [("bank_stats", "mm-ieee")] + \
+        [("ebv_dir", v) for v in banks.DIR_VARIANTS]
+    assert failed[0]["error"] == "RuntimeError: ptxas died" and failed[1]["error"] == "MemoryError: no room"
+    measured = [r["variant"] for r in rows if r["op"] == "bank_stats" and "ms" in r and "variant" in r]
+    assert measured == [k for k in banks.PAIR_STATS_KERNELS if k != "mm-ieee"]
+    entries = bench.dispatch_entries(rows, "x.json")
+    assert [e["op"] for e in entries] == ["bank_pair_stats"] and entries[0]["variant"] != "mm-ieee"
