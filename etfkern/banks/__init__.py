@@ -560,14 +560,15 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
     renormalised, with eta annealed geometrically from lr * Welch to 0.01 lr * Welch (so a row first moves by up
     to ~lr * Welch / 0.1 radians, whatever the shape). The same schedule serves structured and Gaussian starts:
     on CPU it beat the former one (no momentum, angle lr -> 0.003 lr radians, beta 3 -> 300 / Welch) at every
-    shape measured, e.g. 300 steps from the chirp start at (1000, 60): 1.483 -> 1.428 x Welch (former 1.444),
-    padded Kerdock (1000, 100): 1.317 -> 1.283-1.294 (former: no gain), Gaussian (640, 64): 1.408 (former 1.431);
-    bench/results/ebv-warmstart-cpu-2026-12-04.md has the log. A start at its own optimum (the Kerdock bank at
-    (2000, 256), 1.07 x Welch) is not improved. Before the first step every row gets a seeded Gaussian kick of
-    ~0.1 Welch radians (``gen``; default seed 0): a zero-padded structured start spans only a subspace (64 of
-    100 dimensions for the padded Kerdock bank at (1000, 100)), which the gradient never leaves except through
-    rounding noise; with the kick, 100 steps take the chirp start at (400, 36) to 1.419-1.421 x Welch
-    (1.454-1.457 without), the padded Kerdock (140, 30) to 1.331 (no gain without).
+    shape measured, e.g. 300 steps from the chirp start at (1000, 60): 1.483 -> 1.427-1.428 x Welch (3 seeds;
+    former 1.443-1.444), padded Kerdock (1000, 100): 1.317 -> 1.268-1.284 (former: no gain), Gaussian (640, 64):
+    1.408 (former 1.431); bench/results/ebv-warmstart-cpu-2026-12-04.md has the log. A start at its own optimum
+    (the Kerdock bank at (2000, 256), 1.07 x Welch) is not improved. Before the first step every row gets a
+    seeded Gaussian kick of ~0.1 Welch radians (``gen``; default seed 0): a zero-padded structured start spans
+    only a subspace (64 of 100 dimensions for the padded Kerdock bank at (1000, 100)), which the gradient never
+    leaves except through rounding noise; with the kick, 100 steps take the chirp start at (400, 36) to
+    1.418-1.419 x Welch (1.454-1.457 without), the padded Kerdock (140, 30) to 1.328-1.338 (no gain without). It
+    costs at one measured shape: (140, 24) after 300 steps 1.265-1.273 with it, 1.209-1.232 without.
 
     ``time_budget_s`` counts from ``t_start`` (a ``time.perf_counter()`` value; default: now). From the second
     step on (the first may compile a kernel), the schedule is shortened to the steps that still fit at the last
@@ -672,13 +673,13 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
       ``optimize`` from it (also when only a Gaussian start exists, e.g. (10k, 64)). Measured on CPU, 300 steps
       from the start (log and commands: bench/results/ebv-warmstart-cpu-2026-12-04.md): kept starts gain
       nothing or next to nothing -- Kerdock (2000, 256) 1.07x; padded Kerdock (1000, 80) 1.165x,
-      (1500, 90) 1.223x; (140, 20) 1.203x -> 1.195x --; optimised: padded Kerdock (800, 90) 1.258x -> 1.248x,
-      (1000, 100) 1.317x -> 1.283-1.294x (3 seeds); chirp (400, 36) 1.524x -> 1.389x,
-      (1000, 60) 1.483x -> 1.428x, (2500, 90) 1.473x -> 1.457x, (5000, 128) 1.467x -> 1.460x. The chirp
-      starts' gain shrinks as C/d grows (11, 17, 28, 39 above): at
-      (100k, 1000) (C/d = 100, chirp start 1.423x) little is to be expected, and the result is never worse
-      than the start. ``auto`` thus spends the optimiser's budget on every start above 1.25x Welch; where one
-      step alone would overrun ``time_budget_s`` (e.g. (100k, 1000) on CPU) it returns the start with the
+      (1500, 90) 1.223x -> 1.218x --; optimised: padded Kerdock (800, 90) 1.258x -> 1.245-1.247x (3 seeds),
+      (1000, 100) 1.317x -> 1.268-1.284x (3 seeds); chirp (400, 36) 1.524x -> 1.389-1.390x, (1000, 60)
+      1.483x -> 1.427-1.428x, (2500, 90) 1.473x -> 1.457x, (5000, 128) 1.467x -> 1.461x (200 steps, the CPU
+      default: 73 s on one core). The chirp starts' gain shrinks as C/d grows (11, 17, 28, 39 above): at
+      (100k, 1000) (C/d = 100, chirp start 1.423x) little is to be expected, and the result is never worse than
+      the start. ``auto`` thus spends the optimiser's budget on every start above 1.25x Welch; where one step
+      alone would overrun ``time_budget_s`` (e.g. (100k, 1000) on CPU) it returns the start with the
       RuntimeWarning below.
 
     ``steps`` (optimiser) defaults to min(1000, max(20, budget / (C^2 d))), budget 6.4e11 on CPU (~100 steps
