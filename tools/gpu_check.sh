@@ -22,7 +22,8 @@
 #     report       the families merged into run_all.json + REPORT.md + charts/ (bench/run_all.py --merge)
 # Output: $GPU_CHECK_OUT (default $OUT, else bench/results/gpu-check) gets gpu_check.tar.gz (< 16 MiB: the
 # folder gpu_check/ with gpu_check.log, environment.txt, stages.tsv, junit_gpu.xml, bench/<family>.json,
-# run_all.json, REPORT.md, charts/, summary.txt) and summary.txt. Exit 0 only if every stage passed.
+# run_all.json, REPORT.md, charts/, summary.txt, dispatch/<family>-dispatch.json: the dispatch data a full GPU
+# sweep wrote, to commit under bench/results/) and summary.txt. Exit 0 only if every stage passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -73,6 +74,11 @@ finish() {  # report, summary, archive; exit with $1
       --no-tables >> "$LOG" 2>&1
     [[ -f $WORK/REPORT.md ]] || say "report: bench/run_all.py --merge wrote no report (see the log)"
   fi
+  # the dispatch data the sweeps wrote into the checkout (etfkern/_core/dispatch.py loads these files once committed)
+  mkdir -p "$WORK/dispatch"
+  for f in bench/results/*-dispatch.json; do
+    [[ -f $f && $f -nt "$WORK/stages.tsv" ]] && cp "$f" "$WORK/dispatch/"
+  done
   record total "$code" $(( $(date +%s) - START ))
   "$PY" tools/gpu_summary.py "$WORK" | tee -a "$LOG"
   tar -C "$WORK_PARENT" -czf "$DEST/gpu_check.tar.gz" gpu_check
