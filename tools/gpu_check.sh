@@ -38,6 +38,7 @@ LOG=$WORK/gpu_check.log
 START=$(date +%s)
 mkdir -p "$WORK/bench" "$DEST" || exit 2
 : > "$WORK/stages.tsv"
+touch "$WORK_PARENT/started"  # files newer than this were written by this run
 export PYTHONUNBUFFERED=1
 if [[ $DRY == 1 ]]; then
   DEVICE=cpu; SIZE=--quick; WORKERS=${GPU_CHECK_TEST_WORKERS:-2}
@@ -77,7 +78,7 @@ finish() {  # report, summary, archive; exit with $1
   # the dispatch data the sweeps wrote into the checkout (etfkern/_core/dispatch.py loads these files once committed)
   mkdir -p "$WORK/dispatch"
   for f in bench/results/*-dispatch.json; do
-    [[ -f $f && $f -nt "$WORK/stages.tsv" ]] && cp "$f" "$WORK/dispatch/"
+    [[ -f $f && $f -nt "$WORK_PARENT/started" ]] && cp "$f" "$WORK/dispatch/"
   done
   record total "$code" $(( $(date +%s) - START ))
   "$PY" tools/gpu_summary.py "$WORK" | tee -a "$LOG"
