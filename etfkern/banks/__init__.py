@@ -630,6 +630,7 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
             fit = math.floor((time_budget_s - (now - t0)) / max(now - t_step, 1e-9)) - 2
             if step > 0 or fit <= 0:
                 planned = max(step + 1, min(planned, step + 1 + fit))
+                bar.total = planned
         if step + 1 >= planned:
             break
     bar.close()
