@@ -56,7 +56,9 @@ def ebv_dir(bank: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor
         torch.abs(cos, out=p)
         m = p.amax(dim=1, keepdim=True)
         rowmax[i0:i1] = m[:, 0]
-        p.sub_(m).mul_(beta).exp_().mul_(cos.sign_())
+        # clamp: e^-87 ~ 1.6e-38 beside the max term e^0 = 1 changes no sum, and exp below ~-87 (float32 underflow)
+        # runs ~15x slower on x86 (the optimiser's high-beta steps: 17 -> 6 ms at C=1000, d=60)
+        p.sub_(m).mul_(beta).clamp_(min=-87.0).exp_().mul_(cos.sign_())
         torch.matmul(p, w, out=out[i0:i1])
     return out, rowmax
 
