@@ -561,8 +561,9 @@ def _optimize(bank: torch.Tensor, steps: int, lr: float, progress: bool | None, 
     to ~lr * Welch / 0.1 radians, whatever the shape). The same schedule serves structured and Gaussian starts:
     on CPU it beat the former one (no momentum, angle lr -> 0.003 lr radians, beta 3 -> 300 / Welch) at every
     shape measured, e.g. 300 steps from the chirp start at (1000, 60): 1.483 -> 1.427-1.428 x Welch (3 seeds;
-    former 1.443-1.444), padded Kerdock (1000, 100): 1.317 -> 1.268-1.284 (former: no gain), Gaussian (640, 64):
-    1.408 (former 1.431); bench/results/ebv-warmstart-cpu-2026-12-04.md has the log. A start at its own optimum
+    former 1.443-1.444), padded Kerdock (1000, 100): 1.317 -> 1.268-1.284 (former: no gain), Gaussian (640, 64)
+    with lr = 0.3 (``ebv_bank``'s default for Gaussian starts): 1.397 (former 1.431);
+    bench/results/ebv-warmstart-cpu-2026-12-04.md has the log. A start at its own optimum
     (the Kerdock bank at (2000, 256), 1.07 x Welch) is not improved. Before the first step every row gets a
     seeded Gaussian kick of ~0.1 Welch radians (``gen``; default seed 0): a zero-padded structured start spans
     only a subspace (64 of 100 dimensions for the padded Kerdock bank at (1000, 100)), which the gradient never
@@ -656,7 +657,7 @@ _MAX_STEPS = 1000
 
 
 def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto", steps: int | None = None,
-             lr: float = 0.1, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+             lr: float | None = None, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
              progress: bool | None = None, time_budget_s: float | None = 120.0) -> torch.Tensor:
     """Equiangular Basis Vectors: C unit vectors in R^d with the smallest max |cos| we can reach.
 
@@ -692,7 +693,11 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
     (100k, 1000) on a CPU, the optimiser does not start: a RuntimeWarning says so and the structured start is
     returned.
     ``lr``: initial step in units of the Welch bound (row -= lr * Welch * v, v the heavy-ball velocity, |v| < 10;
-    annealed to 0.01 lr). ``progress``: tqdm bar (default: when stderr is a tty).
+    annealed to 0.01 lr). Default: 0.1 from a structured start, 0.3 from a Gaussian one -- measured (CPU, seed 0):
+    Gaussian starts 0.3 beats 0.1 at every shape tried ((640, 64) 300 steps 1.397 vs 1.408 x Welch; (10k, 64)
+    100 steps 2.351 vs 2.410, the former schedule 2.374); structured starts 0.1 wins longer runs ((1000, 100)
+    1000 steps 1.232 vs 1.243) and 0.3 short ones ((1000, 60) 100 steps 1.437 vs 1.443).
+    ``progress``: tqdm bar (default: when stderr is a tty).
     Returns (C, d) ``dtype`` on ``device`` (CPU by default).
     """
     t_call = time.perf_counter()
@@ -704,7 +709,7 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
         on_gpu = device is not None and torch.device(device).type == "cuda"
         budget = _GPU_STEP_BUDGET if on_gpu else _CPU_STEP_BUDGET
         steps = int(min(_MAX_STEPS, max(20, budget / (float(num_classes) ** 2 * dim))))
-    _check_steps_lr(steps, lr)
+    _check_steps_lr(steps, 0.1 if lr is None else lr)
     if time_budget_s is not None and not (isinstance(time_budget_s, (int, float)) and
                                           not isinstance(time_budget_s, bool) and time_budget_s > 0):
         raise ValueError(f"time_budget_s must be a number > 0 or None, got {time_budget_s!r}")
@@ -727,6 +732,8 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
         start, _, start_max = _structured_start(num_classes, dim, gen, torch.float32, device)
     if method == "auto" and start_max is not None and start_max <= AUTO_KEEP_RATIO * welch_bound(num_classes, dim):
         return _unit_rows_as(start, dtype)  # see "auto" above: the optimiser does not improve such a start
+    if lr is None:  # see ``lr`` above
+        lr = 0.1 if start_max is not None else 0.3
     best, _ = _optimize(start, steps, lr, progress, start_max, time_budget_s, t_call, gen)
     return _unit_rows_as(best, dtype)
 
