@@ -678,7 +678,7 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
       (1500, 90) 1.223x -> 1.218x --; optimised: padded Kerdock (800, 90) 1.258x -> 1.245-1.247x (3 seeds),
       (1000, 100) 1.317x -> 1.268-1.284x (3 seeds); chirp (400, 36) 1.524x -> 1.389-1.390x, (1000, 60)
       1.483x -> 1.427-1.428x, (2500, 90) 1.473x -> 1.457x, (5000, 128) 1.467x -> 1.461x (200 steps, the CPU
-      default: 73 s on one core). The chirp starts' gain shrinks as C/d grows (11, 17, 28, 39 above): at
+      default: 44 s on one core). The chirp starts' gain shrinks as C/d grows (11, 17, 28, 39 above): at
       (100k, 1000) (C/d = 100, chirp start 1.423x) little is to be expected, and the result is never worse than
       the start. ``auto`` thus spends the optimiser's budget on every start above 1.25x Welch; where one step
       alone would overrun ``time_budget_s`` (e.g. (100k, 1000) on CPU) it returns the start with the

@@ -84,3 +84,21 @@ def test_time_budget_shortens_the_schedule_so_the_annealing_ends(monkeypatch):
     # compressed: 1.478-1.480x Welch from the 1.556x start; the same 38 steps cut from the 1000-step schedule end in
     # its low-beta phase (1.63-1.66x) and return the start
     assert _welch_ratio(budgeted) < 1.52
+
+
+def test_default_step_depends_on_the_start(monkeypatch):
+    """lr=None: 0.1 (Welch units) from a structured start, 0.3 from a Gaussian one (the measured better choices);
+    an explicit lr is passed through."""
+    seen = []
+
+    def record(bank, steps, lr, *args):
+        seen.append(lr)
+        return bank.to(torch.float32).contiguous(), float("nan")
+
+    monkeypatch.setattr(banks, "_optimize", record)
+    _optimized(300, 40, 5)  # chirp start
+    _optimized(200, 12, 5)  # no structured start: Gaussian
+    _optimized(300, 40, 5, lr=0.7)
+    assert seen == [0.1, 0.3, 0.7]
+    with pytest.raises(ValueError, match="lr"):
+        _optimized(300, 40, 5, lr=0.0)
