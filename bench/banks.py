@@ -423,7 +423,7 @@ def run(quick: bool, device: str, dispatch: bool = True) -> list[dict]:
     optimiser_s = 130.0  # rows whose optimiser runs its 120 s time budget
     steps: list[tuple[float, str, Callable[[], list[dict]]]] = [
         (10.0, "auto C=2000 d=64", lambda: [_target_row("auto", 2000, 64, device, quick, "<= 1.05 x Welch")]),
-        (10.0, "auto C=1000 d=100", lambda: [_vs_official(_target_row(
+        (40.0, "auto C=1000 d=100", lambda: [_vs_official(_target_row(
             "auto", 1000, 100, device, quick, f"< {OFFICIAL_EBV_C1000[100]} (official EBV) in 120 s"), 100)]),
         (45.0, "auto C=100000 d=1024", lambda: [_target_row(
             "auto", 100_000, 1024, device, quick, "<= 1.01 x Welch in seconds", random_peer=quick,
