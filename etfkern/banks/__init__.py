@@ -43,6 +43,9 @@ __all__ = ["simplex_etf", "ebv_bank", "sparse_etf", "bank_stats", "save_bank", "
            "kerdock_size", "chirp_size", "check_unit_bank"]
 
 AUTO_KEEP_RATIO = 1.25  # ebv_bank(method="auto") keeps a structured start within this factor of the Welch bound
+# ... and any structured start at C/d >= AUTO_KEEP_CLASSES_PER_DIM: there the optimiser's gain was measured at
+# 0.5% of the start or less (C/d = 39: 0.5% in 300 steps, 50: 0.14% in 150; bench/results/ebv-warmstart-cpu-*.md)
+AUTO_KEEP_CLASSES_PER_DIM = 36
 HIST_BINS = 2048  # bank_stats: coarse bins over [0, 1], then the same number of fine bins inside one coarse bin
 P999_RESOLUTION = 1.0 / HIST_BINS**2  # p99.9 is the upper edge of a fine bin: error in [0, 2.4e-7]
 GPU_HIST_BINS = 253  # the tiled Triton kernels: 3 passes of 253 bins (resolution 1/253^3 ~ 6.2e-8)
@@ -671,17 +674,19 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
       steps on the annealed soft-max of |cos| over all pairs (see ``_optimize``; one tiled ``ebv_dir`` pass per
       step, never a C x C matrix; float32, on ``device``); returns the iterate with the smallest max |cos|
       (never worse than the start). ``steps=0`` returns the structured start itself.
-    * ``method="auto"``: the structured start when it is within AUTO_KEEP_RATIO = 1.25x the Welch bound, else
-      ``optimize`` from it (also when only a Gaussian start exists, e.g. (10k, 64)). Measured on CPU, 300 steps
+    * ``method="auto"``: the structured start when it is within AUTO_KEEP_RATIO = 1.25x the Welch bound or
+      C >= AUTO_KEEP_CLASSES_PER_DIM = 36 d (where the optimiser gains under 0.5% of the start: at
+      (100k, 1000) auto returns the 1.423x chirp start in seconds instead of spending time_budget_s on a gain
+      expected well under 0.5%; ``method="optimize"`` still runs it), else ``optimize`` from it (also when
+      only a Gaussian start exists, e.g. (10k, 64)). Measured on CPU, 300 steps
       from the start (log and commands: bench/results/ebv-warmstart-cpu-2026-12-04.md): kept starts gain
       nothing or next to nothing -- Kerdock (2000, 256) 1.07x; padded Kerdock (1000, 80) 1.165x,
       (1500, 90) 1.223x -> 1.218x --; optimised: padded Kerdock (800, 90) 1.258x -> 1.245-1.247x (3 seeds),
       (1000, 100) 1.317x -> 1.268-1.284x (3 seeds); chirp (400, 36) 1.524x -> 1.389-1.390x, (1000, 60)
-      1.483x -> 1.427-1.428x, (2500, 90) 1.473x -> 1.457x, (5000, 128) 1.467x -> 1.461x (200 steps, the CPU
-      default: 44 s on one core). The chirp starts' gain shrinks as C/d grows (11, 17, 28, 39 above): at
-      (100k, 1000) (C/d = 100, chirp start 1.423x) little is to be expected, and the result is never worse than
-      the start. ``auto`` thus spends the optimiser's budget on every start above 1.25x Welch; where one step
-      alone would overrun ``time_budget_s`` (e.g. (100k, 1000) on CPU) it returns the start with the
+      1.483x -> 1.427-1.428x, (2500, 90) 1.473x -> 1.457x; kept (C/d >= 36): (5000, 128) 1.467x -> 1.461x
+      (200 steps, the CPU default: 44 s on one core, a 0.4% gain), (10000, 200) 1.4504x -> 1.4484x (150
+      steps, 437 s). The chirp starts' gain shrinks as C/d grows (11, 17, 28, 39, 50 above). Where ``auto``
+      optimises and one step alone would overrun ``time_budget_s``, it returns the start with the
       RuntimeWarning below.
 
     ``steps`` (optimiser) defaults to min(1000, max(20, budget / (C^2 d))), budget 6.4e11 on CPU (~100 steps
@@ -730,8 +735,10 @@ def ebv_bank(num_classes: int, dim: int, *, seed: int = 0, method: str = "auto",
         progress = sys.stderr.isatty()
     with _phase(progress, f"ebv_bank C={num_classes} d={dim}: structured start"):
         start, _, start_max = _structured_start(num_classes, dim, gen, torch.float32, device)
-    if method == "auto" and start_max is not None and start_max <= AUTO_KEEP_RATIO * welch_bound(num_classes, dim):
-        return _unit_rows_as(start, dtype)  # see "auto" above: the optimiser does not improve such a start
+    if method == "auto" and start_max is not None and (
+            start_max <= AUTO_KEEP_RATIO * welch_bound(num_classes, dim)
+            or num_classes >= AUTO_KEEP_CLASSES_PER_DIM * dim):
+        return _unit_rows_as(start, dtype)  # see "auto" above: the optimiser does not (measurably) improve it
     if lr is None:  # see ``lr`` above
         lr = 0.1 if start_max is not None else 0.3
     best, _ = _optimize(start, steps, lr, progress, start_max, time_budget_s, t_call, gen)
