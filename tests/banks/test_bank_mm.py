@@ -299,14 +299,17 @@ def _stats(c, d, variant, ms, accurate=True):
             "d": d, "dtype": "float32", "ms": ms, "accurate": accurate}
 
 
-def _dir(c, d, variant, ms, accurate=True, timed_on="all rows"):
+def _dir(c, d, variant, ms, accurate=True, timed_on="all rows", err=(1e-4, 1e-3)):
+    """An ebv_dir sweep row; ``err`` (rowmax error, relative direction error): TF32-sized by default."""
     return {"op": "ebv_dir", "shape": f"C={c} d={d}", "impl": variant, "variant": variant, "C": c, "d": d,
-            "dtype": "float32", "ms": ms, "accurate": accurate, "timed_on": timed_on}
+            "dtype": "float32", "ms": ms, "accurate": accurate, "timed_on": timed_on, "err_rowmax": err[0],
+            "rel_err_dir": err[1]}
 
 
 def test_dispatch_entries_pick_the_fastest_eligible_variant(tmp_path):
     """Synthetic sweep rows -> the dispatch file: bank_pair_stats takes the fastest ACCURATE kernel per shape;
-    ebv_dir the fastest accurate one of ieee / tf32x3 / mm-ieee; ebv_optimiser_dir the fastest of all. Dense
+    ebv_dir the fastest accurate one of ieee / tf32x3 / mm-ieee; ebv_optimiser_dir the fastest within TF32's
+    bounds. Dense
     peers, skipped and failed rows never count; etfkern/_core/dispatch.py reads what is written and applies each
     row within a factor sqrt(2) of its shape only."""
     import json
@@ -323,7 +326,10 @@ def test_dispatch_entries_pick_the_fastest_eligible_variant(tmp_path):
             _dir(100000, 1000, "mm", 110.0), _dir(100000, 1000, "tf32", 7000.0, timed_on="rows 0..20000, scaled"),
             _dir(100000, 1000, "mm-ieee", 900.0, accurate=False), _dir(100000, 1000, "tf32x3", 1500.0),
             _dir(100000, 1000, "ieee", 30000.0),
-            _dir(2000, 64, "mm", 1.0, accurate=False)]  # no accurate float32 variant at this shape: no ebv_dir row
+            _dir(2000, 64, "mm", 1.0, accurate=False),  # no accurate float32 variant at this shape: no ebv_dir row
+            # beyond TF32's bounds (a broken kernel): never the optimiser's, however fast
+            _dir(100000, 1000, "tf32-wide", 50.0, accurate=False, err=(1e-4, 0.5)),
+            _dir(2000, 64, "tf32-wide", 0.5, accurate=False, err=(0.01, 1e-3))]
     entries = bench.dispatch_entries(rows, "bench/results/banks-sweep-x.json")
     got = {(e["op"], e["when"]["C"][0]): e["variant"] for e in entries}
     assert got == {("bank_pair_stats", 2828): "mm-ieee", ("bank_pair_stats", 92681): "mm-tf32x3",
