@@ -116,6 +116,30 @@ def write_results(family: str, rows: list[dict[str, Any]], device: str | torch.d
     return path
 
 
+def repo_relative(path: str) -> str:
+    """``path`` relative to the repository root (how dispatch entries cite their result file)."""
+    return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_dispatch_file(path: str, written_by: str, source: str, entries: list[dict[str, Any]]) -> str:
+    """Write a dispatch JSON (the format etfkern/_core/dispatch.py ``load_measured`` reads) to ``path``; return it."""
+    with open(path, "w") as f:
+        json.dump({"written_by": written_by, "source": source, "entries": entries}, f, indent=2)
+    return path
+
+
+def gpu_run_rows(path: str, family: str) -> list[dict[str, Any]] | None:
+    """The rows of ``family`` in a saved full GPU run (the family's own result file, or run_all's merged one);
+    None, with a message saying why, when the file is not a full (non --quick) CUDA run."""
+    with open(path) as f:
+        data = json.load(f)
+    device = data.get("environment", {}).get("device_type", "")
+    if device != "cuda" or data.get("quick"):
+        print(f"{path}: not a full GPU run (device_type {device!r}, quick {data.get('quick')}): no dispatch data")
+        return None
+    return data.get("rows") or data.get("families", {}).get(family, {}).get("rows") or []
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns} if rows else {}
     print("  ".join(c.ljust(widths[c]) for c in columns))

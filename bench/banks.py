@@ -26,7 +26,6 @@ result file or run_all's). Without --sweep on cuda, the sweep runs before the qu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -38,8 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _common import (emit_row, env_var, peak_mib, print_table, seconds_left, sync, time_ms,  # noqa: E402
-                     write_results)
+from _common import (emit_row, env_var, gpu_run_rows, peak_mib, print_table, repo_relative,  # noqa: E402
+                     seconds_left, sync, time_ms, write_dispatch_file, write_results)
 
 import etfkern  # noqa: E402
 from etfkern import banks  # noqa: E402
@@ -376,27 +375,15 @@ def dispatch_entries(rows: list[dict], source: str) -> list[dict]:
 def write_dispatch(rows: list[dict], source: str, path: str | None = None) -> str:
     """Write the dispatch JSON (``dispatch_entries``) for ``rows`` measured in the result file ``source`` to
     ``path`` (default DISPATCH_JSON); returns the path."""
-    path = path or DISPATCH_JSON
-    with open(path, "w") as f:
-        json.dump({"written_by": "bench/banks.py", "source": source, "entries": dispatch_entries(rows, source)},
-                  f, indent=2)
-    return path
-
-
-def _repo_relative(path: str) -> str:
-    return os.path.relpath(os.path.abspath(path), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return write_dispatch_file(path or DISPATCH_JSON, "bench/banks.py", source, dispatch_entries(rows, source))
 
 
 def _dispatch_from(path: str) -> int:
     """The dispatch JSON from a saved full GPU run (this script's file, or run_all's with a "banks" family)."""
-    with open(path) as f:
-        data = json.load(f)
-    rows = data.get("rows") or data.get("families", {}).get("banks", {}).get("rows") or []
-    device = data.get("environment", {}).get("device_type", "")
-    if device != "cuda" or data.get("quick"):
-        print(f"{path}: not a full GPU run (device_type {device!r}, quick {data.get('quick')}): no dispatch data")
+    rows = gpu_run_rows(path, "banks")
+    if rows is None:
         return 1
-    print("wrote", write_dispatch(rows, _repo_relative(path)), "from", path)
+    print("wrote", write_dispatch(rows, repo_relative(path)), "from", path)
     return 0
 
 
@@ -404,7 +391,7 @@ def _write_sweep(rows: list[dict], device: str) -> str:
     """A full GPU sweep's rows to bench/results/banks-sweep-<device>-<date>.json and the dispatch JSON citing it;
     returns the former's path."""
     path = write_results("banks-sweep", rows, device, extra={"quick": False, "sweep": True})
-    print(f"wrote {path}\nwrote {write_dispatch(rows, _repo_relative(path))}", flush=True)
+    print(f"wrote {path}\nwrote {write_dispatch(rows, repo_relative(path))}", flush=True)
     return path
 
 

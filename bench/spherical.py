@@ -24,7 +24,6 @@ peak_over_logits (peak_mib / size of the fp32 N x C logits). Peers that cannot r
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -36,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import emit_row, env_var, peak_mib, print_table, seconds_left, time_ms, write_results  # noqa: E402
+from _common import (emit_row, env_var, gpu_run_rows, peak_mib, print_table, repo_relative,  # noqa: E402
+                     seconds_left, time_ms, write_dispatch_file, write_results)
 
 import etfkern  # noqa: E402
 from etfkern._core.measure import reset_peak_rss, proc_status_kib  # noqa: E402
@@ -513,18 +513,11 @@ def dispatch_entries(rows: list[dict[str, Any]], source: str) -> list[dict[str, 
 
 def _write_dispatch_from(path: str) -> int:
     """The dispatch JSON from a saved sweep (rows of this script's file, or of run_all's "spherical" family)."""
-    with open(path) as f:
-        data = json.load(f)
-    rows = data.get("rows") or data.get("families", {}).get("spherical", {}).get("rows") or []
-    device = data.get("environment", {}).get("device_type", "")
-    if device != "cuda" or data.get("quick"):
-        print(f"{path}: not a full GPU sweep (device_type {device!r}, quick {data.get('quick')}): no dispatch data")
+    rows = gpu_run_rows(path, "spherical")
+    if rows is None:
         return 1
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    source = os.path.relpath(os.path.abspath(path), root)
-    with open(DISPATCH_JSON, "w") as f:
-        json.dump({"written_by": "bench/spherical.py --dispatch-from", "source": source,
-                   "entries": dispatch_entries(rows, source)}, f, indent=2)
+    source = repo_relative(path)
+    write_dispatch_file(DISPATCH_JSON, "bench/spherical.py --dispatch-from", source, dispatch_entries(rows, source))
     print("wrote", DISPATCH_JSON, "from", source)
     return 0
 
@@ -541,10 +534,8 @@ def _main_sweep(args) -> int:
     print("wrote", path)
     gpu_evidence = args.device == "cuda" and not args.quick
     target = DISPATCH_JSON if gpu_evidence else DISPATCH_JSON.replace(".json", f"-{args.device}-quick.json")
-    source = os.path.relpath(path, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with open(target, "w") as f:
-        json.dump({"written_by": "bench/spherical.py", "source": source, "entries": dispatch_entries(rows, source)},
-                  f, indent=2)
+    source = repo_relative(path)
+    write_dispatch_file(target, "bench/spherical.py", source, dispatch_entries(rows, source))
     print("wrote", target, "" if gpu_evidence else "(not GPU evidence: etfkern/_core/dispatch.py does not load it)")
     return 0
 
